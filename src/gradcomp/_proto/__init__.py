@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC stubs (committed; regenerate with `make proto`)."""

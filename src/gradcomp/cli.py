@@ -1,0 +1,131 @@
+"""`gradcomp` command line. Each verb's work lives in its own module, imported on use so
+that `gradcomp --help` stays fast and a verb's dependencies load only when needed.
+
+Verb handlers: train -> worker.launch, serve -> server.app, client -> worker.fl_client,
+fedsim -> sim.run, sweep -> study.sweep, bench -> benchmarks/<name>.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import runpy
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gradcomp import __version__
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job-file key, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradcomp",
+        description="Distributed and federated training with gradient compression and privacy.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradcomp {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("train", help="data-parallel training on Ray with compressed all-reduce")
+    p.add_argument("job", help="job file (YAML), e.g. examples/digits-rtopk.yaml")
+    _add_overrides(p)
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="override scaling.num_workers")
+    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
+    p.add_argument("--check", action="store_true", help="validate the job file and exit")
+    p.set_defaults(handler="gradcomp.worker.launch:run_train")
+
+    p = verbs.add_parser("serve", help="federated-averaging coordinator (gRPC)")
+    p.add_argument("--config", required=True, help="federated job file (YAML)")
+    _add_overrides(p)
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 without TLS)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default from the job file)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory")
+    p.add_argument("--check", action="store_true", help="validate the job file and exit")
+    p.set_defaults(handler="gradcomp.server.app:run_serve")
+
+    p = verbs.add_parser("client", help="a federated participant")
+    p.add_argument("--server", required=True, help="coordinator HOST:PORT")
+    p.add_argument("--token", default=os.environ.get("GRADCOMP_TOKEN"), help="bearer token (default $GRADCOMP_TOKEN)")
+    p.add_argument("--client-id", default=None, help="stable client name (default: hostname-pid)")
+    p.add_argument("--shard", default=None, help="which data shard, I/N (e.g. 0/3)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate to verify the coordinator")
+    p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
+
+    p = verbs.add_parser("fedsim", help="simulate many federated clients on Ray")
+    p.add_argument("job", help="federated job file (YAML)")
+    _add_overrides(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
+    p.add_argument("--grpc", action="store_true", help="send updates over real gRPC on 127.0.0.1")
+    p.add_argument("--check", action="store_true", help="validate the job file and exit")
+    p.set_defaults(handler="gradcomp.sim.run:run_fedsim")
+
+    p = verbs.add_parser("sweep", help="run a grid of jobs; write a table, report and plots")
+    p.add_argument("sweep", help="sweep file (YAML)")
+    _add_overrides(p)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
+    p.add_argument("--check", action="store_true", help="validate the sweep file and exit")
+    p.set_defaults(handler="gradcomp.study.sweep:run_sweep")
+
+    p = verbs.add_parser("bench", help="run a benchmark from benchmarks/ (prints JSON + table)")
+    p.add_argument("name", help="benchmark name, e.g. compress, train_digits, bandwidth")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(handler=run_bench)
+    return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/<name>.py from the source tree (benchmarks are not installed)."""
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / f"{args.name}.py"
+    if not script.is_file():
+        known = sorted(p.stem for p in (root / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+        raise FileNotFoundError(f"no benchmark {args.name!r}; available: {', '.join(known) or 'none'}")
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _resolve(handler: str | Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    if callable(handler):
+        return handler
+    module, func = handler.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_resolve(args.handler)(args) or 0)
+    except USER_ERRORS as err:
+        print(f"gradcomp {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gradcomp {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

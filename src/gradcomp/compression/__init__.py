@@ -1,0 +1,34 @@
+"""Gradient compression: stages, pipelines, payloads and their wire encoding (pure torch).
+
+pipe = build("dp(clip=1.0, sigma=0.8) | rtopk(ratio=0.01, r=0.05) | ef")
+payload = pipe.compress(grad, key="layer3")
+restored = pipe.decompress(payload)
+payload.nbytes  # exact bytes on the wire
+"""
+
+from gradcomp.compression.payload import Dense, Payload, Sparse, dense_nbytes
+from gradcomp.compression.pipeline import Pipeline, build, check_order, parse_spec
+from gradcomp.compression.spec import PrivacyOrderError, SpecError
+from gradcomp.compression.stages import STAGES, Stage
+from gradcomp.compression.wire import Fields, WireError, decode, encode, from_fields, to_fields
+
+__all__ = [
+    "STAGES",
+    "Dense",
+    "Fields",
+    "Payload",
+    "Pipeline",
+    "PrivacyOrderError",
+    "Sparse",
+    "SpecError",
+    "Stage",
+    "WireError",
+    "build",
+    "check_order",
+    "decode",
+    "dense_nbytes",
+    "encode",
+    "from_fields",
+    "parse_spec",
+    "to_fields",
+]

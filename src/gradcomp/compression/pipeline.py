@@ -1,0 +1,219 @@
+"""`build(spec)` -> `Pipeline`: stages applied left to right, with error feedback and the
+privacy-order checks that make a spec refuse to build when it would void its guarantee.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradcomp.compression.payload import Dense, Payload, Sparse, index_dtype_for
+from gradcomp.compression.spec import PrivacyOrderError, SpecError, split_stages
+from gradcomp.compression.stages import (
+    DP,
+    ErrorFeedback,
+    NoneStage,
+    RandomK,
+    Stage,
+    StepContext,
+    Work,
+    make_stage,
+)
+
+SpecLike = str | Sequence[Any] | None
+
+
+def parse_spec(spec: SpecLike) -> list[Stage]:
+    """Parse and validate a spec (string or list form) into stages, order checks included."""
+    stages = [make_stage(name, args, kwargs) for name, args, kwargs in split_stages(spec)]
+    check_order(stages)
+    return stages
+
+
+def check_order(stages: list[Stage]) -> None:
+    names = [s.name for s in stages]
+    if any(isinstance(s, NoneStage) for s in stages) and len(stages) > 1:
+        raise SpecError(f"'none' means no compression and must stand alone, got {' | '.join(names)}")
+    for role, what in (
+        ("select", "selection stage (topk, randomk, rtopk)"),
+        ("privacy", "dp stage"),
+        ("cast", "precision stage (fp16, bf16)"),
+        ("feedback", "ef stage"),
+    ):
+        found = [s.name for s in stages if s.role == role]
+        if len(found) > 1:
+            raise SpecError(f"at most one {what} per pipeline, got {', '.join(found)}")
+    for i, s in enumerate(stages):
+        if isinstance(s, ErrorFeedback) and i != len(stages) - 1:
+            raise SpecError("'ef' must be the last stage: it keeps the residual of everything before it")
+    dp_at = next((i for i, s in enumerate(stages) if isinstance(s, DP)), None)
+    if dp_at is None:
+        return
+    for s in stages[:dp_at]:
+        if s.data_dependent:
+            rest = " | ".join(x.to_spec() for x in stages if x is not s and not isinstance(x, ErrorFeedback))
+            ef = " | ef" if any(isinstance(x, ErrorFeedback) for x in stages) else ""
+            raise PrivacyOrderError(
+                f"'{s.name}' before 'dp' chooses coordinates by the magnitude of the un-noised "
+                f"values, which leaks data outside the DP guarantee. Put the selection after "
+                f"the noise, e.g. '{rest} | {s.to_spec()}{ef}', or use randomk (data-independent, "
+                f"shared seed) before dp."
+            )
+
+
+class Pipeline:
+    """A built compression pipeline. Holds error-feedback memory and step counters per key.
+
+    `compress(tensor, key)` -> payload; `decompress(payload)` -> dense tensor of the input's
+    shape and dtype. Randomness comes from `seed`, so runs are reproducible; `randomk`
+    positions depend only on its own seed, the key and the key's step count, so every
+    worker that compresses the same keys in the same order picks the same positions.
+    """
+
+    def __init__(self, stages: list[Stage], seed: int = 0):
+        check_order(stages)
+        self.stages = stages
+        self.seed = seed
+        self.ef = any(isinstance(s, ErrorFeedback) for s in stages)
+        work_stages = [s for s in stages if not isinstance(s, ErrorFeedback | NoneStage)]
+        dp_at = max((i for i, s in enumerate(work_stages) if isinstance(s, DP)), default=-1)
+        # EF compensates every lossy stage after the privacy stage; memory is post-noise,
+        # so keeping it is post-processing and costs no privacy.
+        self._pre, self._post = work_stages[: dp_at + 1], work_stages[dp_at + 1 :]
+        self._memory: dict[str, torch.Tensor] = {}
+        self._steps: dict[str, int] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    # --- introspection used by collectives and accounting -------------------------------
+    @property
+    def spec(self) -> str:
+        return " | ".join(s.to_spec() for s in self.stages)
+
+    @property
+    def selection(self) -> Stage | None:
+        return next((s for s in self.stages if s.role == "select"), None)
+
+    @property
+    def shared_indices(self) -> bool:
+        """True when every worker picks the same positions in a step (seeded randomk)."""
+        return isinstance(self.selection, RandomK)
+
+    @property
+    def dp(self) -> DP | None:
+        return next((s for s in self.stages if isinstance(s, DP)), None)
+
+    @property
+    def is_identity(self) -> bool:
+        return all(isinstance(s, NoneStage | ErrorFeedback) for s in self.stages)
+
+    def kept(self, numel: int) -> int:
+        """Values a payload carries for a tensor of `numel` elements (fixed per size)."""
+        sel = self.selection
+        return sel.kept(numel) if sel is not None else numel
+
+    def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        cast = next((s for s in self.stages if s.role == "cast"), None)
+        return cast.target if cast is not None else dtype  # type: ignore[attr-defined]
+
+    # --- the work ---------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(str(device))
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[str(device)] = gen
+        return gen
+
+    def compress(self, tensor: torch.Tensor, key: str = "default") -> Payload:
+        """Compress `tensor` (not modified). `key` names the error-feedback memory to use."""
+        if not tensor.is_floating_point():
+            raise TypeError(f"compression needs a floating-point tensor, got {tensor.dtype}")
+        step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
+        ctx = StepContext(key, step, self._generator(tensor.device))
+        compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        flat = tensor.detach().reshape(-1)
+        work = Work(flat.to(compute), None, flat.numel(), tensor.dtype)
+        for stage in self._pre:
+            work = stage.apply(work, ctx)
+        if self.ef:
+            work = self._with_feedback(work, ctx, key)
+        else:
+            for stage in self._post:
+                work = stage.apply(work, ctx)
+        return self._payload(work, tuple(tensor.shape), tensor.dtype)
+
+    def _with_feedback(self, work: Work, ctx: StepContext, key: str) -> Work:
+        # Length of the EF space: the full tensor, or the positions chosen before dp.
+        space = work.values.numel()
+        memory = self._memory.get(key)
+        if memory is None or memory.numel() != space or memory.device != work.values.device:
+            memory = torch.zeros(space, dtype=work.values.dtype, device=work.values.device)
+        memory.add_(work.values)  # memory now holds input + old residual
+        corrected = Work(memory, None, space, work.wire_dtype)
+        out = corrected
+        for stage in self._post:
+            out = stage.apply(out, ctx)
+        sent = out.values.to(out.wire_dtype).to(memory.dtype)  # what the receiver will see
+        residual = memory.clone() if out.values is memory else memory
+        if out.indices is None:
+            residual.sub_(sent)
+        else:
+            residual.index_add_(0, out.indices, sent, alpha=-1)
+        self._memory[key] = residual
+        if work.indices is not None and out.indices is not None:
+            out = Work(out.values, work.indices[out.indices], work.numel, out.wire_dtype)
+        elif work.indices is not None:
+            out = Work(out.values, work.indices, work.numel, out.wire_dtype)
+        else:
+            out = Work(out.values, out.indices, work.numel, out.wire_dtype)
+        return out
+
+    @staticmethod
+    def _payload(work: Work, shape: tuple[int, ...], dtype: torch.dtype) -> Payload:
+        values = work.values.to(work.wire_dtype)
+        if work.indices is None:
+            return Dense(values, shape, dtype)
+        return Sparse(work.indices.to(index_dtype_for(work.numel)), values, shape, dtype)
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """Dense tensor of the original shape and dtype (zeros where nothing was sent)."""
+        return payload.to_dense()
+
+    # --- error-feedback memory ----------------------------------------------------------
+    def residual(self, key: str) -> torch.Tensor | None:
+        return self._memory.get(key)
+
+    def reset(self, key: str | None = None) -> None:
+        """Forget error-feedback memory (and step counters) for one key or for all."""
+        if key is None:
+            self._memory.clear()
+            self._steps.clear()
+        else:
+            self._memory.pop(key, None)
+            self._steps.pop(key, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "memory": {k: v.detach().cpu().clone() for k, v in self._memory.items()},
+            "steps": dict(self._steps),
+            "generators": {d: g.get_state() for d, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("spec") not in (None, self.spec):
+            raise ValueError(f"state was saved for spec {state['spec']!r}, not {self.spec!r}")
+        self._memory = {k: v.clone() for k, v in state.get("memory", {}).items()}
+        self._steps = dict(state.get("steps", {}))
+        for device, gen_state in state.get("generators", {}).items():
+            self._generator(torch.device(device)).set_state(gen_state)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.spec!r}, seed={self.seed})"
+
+
+def build(spec: SpecLike, seed: int = 0) -> Pipeline:
+    """Build a pipeline from a spec string (`"topk(ratio=0.01) | ef"`) or its YAML-list form."""
+    return Pipeline(parse_spec(spec), seed=seed)

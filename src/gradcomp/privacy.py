@@ -1,0 +1,100 @@
+"""Privacy accounting on top of Opacus' accountants.
+
+One `PrivacyLedger` per run: record each mechanism application (noise multiplier,
+sampling rate, steps), ask epsilon at the run's delta, ask before a step whether it
+would exceed a budget, and checkpoint the ledger with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from opacus.accountants import create_accountant
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+class BudgetExceeded(RuntimeError):
+    """Taking another step would spend more epsilon than the configured budget."""
+
+
+class PrivacyLedger:
+    """Epsilon bookkeeping for the (sub)sampled Gaussian mechanism.
+
+    `noise_multiplier` is sigma / sensitivity (the noise std divided by the clip norm);
+    `sample_rate` is the probability that one example (or one client) takes part in a step.
+    """
+
+    def __init__(self, delta: float, accountant: str = "rdp", budget: float | None = None):
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if budget is not None and budget <= 0:
+            raise ValueError(f"epsilon budget must be > 0, got {budget}")
+        self.delta = delta
+        self.kind = accountant
+        self.budget = budget
+        self._acc = create_accountant(accountant)
+
+    @property
+    def steps(self) -> int:
+        return sum(int(n) for _, _, n in self._acc.history)
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at this ledger's delta (0 before any step)."""
+        if not self._acc.history:
+            return 0.0
+        return float(self._acc.get_epsilon(delta=self.delta))
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
+        """Epsilon if `steps` more steps were taken, without taking them."""
+        _check(noise_multiplier, sample_rate)
+        if noise_multiplier == 0:
+            return math.inf
+        probe = create_accountant(self.kind)
+        probe.history = [*list(self._acc.history), (noise_multiplier, sample_rate, steps)]
+        return float(probe.get_epsilon(delta=self.delta))
+
+    def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
+        if self.budget is None:
+            return False
+        return self.epsilon_after(noise_multiplier, sample_rate, steps) > self.budget
+
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
+        """Record `steps` applications; raises `BudgetExceeded` (recording nothing) past budget."""
+        _check(noise_multiplier, sample_rate)
+        if self.would_exceed(noise_multiplier, sample_rate, steps):
+            raise BudgetExceeded(
+                f"{steps} more step(s) at noise multiplier {noise_multiplier} and sampling rate "
+                f"{sample_rate:g} would spend epsilon "
+                f"{self.epsilon_after(noise_multiplier, sample_rate, steps):.3f} > budget "
+                f"{self.budget} (delta={self.delta:g})"
+            )
+        hist = self._acc.history
+        if hist and hist[-1][0] == noise_multiplier and hist[-1][1] == sample_rate:
+            hist[-1] = (noise_multiplier, sample_rate, hist[-1][2] + steps)
+        else:
+            hist.append((noise_multiplier, sample_rate, steps))
+        return self.epsilon()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "delta": self.delta,
+            "budget": self.budget,
+            "history": [list(h) for h in self._acc.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind", self.kind) != self.kind:
+            raise ValueError(f"ledger was kept with {state['kind']!r}, not {self.kind!r}")
+        self._acc.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+
+def _check(noise_multiplier: float, sample_rate: float) -> None:
+    if noise_multiplier < 0:
+        raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sampling rate must be in (0, 1], got {sample_rate}")

@@ -1,0 +1,144 @@
+"""The `runs/<name>/results.json` contract shared by every entry point, and its terminal summary.
+
+Layout of results.json (keys other parts rely on):
+  name, kind ("train" | "fed" | "fedsim" | "sweep"), config (the validated job),
+  final (last metrics), history (one dict per epoch or round), bytes_sent,
+  dense_bytes (what the same run would send uncompressed), epsilon and delta
+  (null without DP), wall_seconds, started_at, finished_at, gradcomp_version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gradcomp import __version__
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file + rename, so readers and crash recovery never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode())
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class RunRecord:
+    """Accumulates one run's history and writes results.json after every update.
+
+    Writing after each epoch/round means a crashed run still leaves its history behind.
+    """
+
+    def __init__(self, run_dir: str | Path, name: str, kind: str, config: Mapping[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "results.json"
+        self.started = time.time()
+        self.data: dict[str, Any] = {
+            "name": name,
+            "kind": kind,
+            "config": dict(config),
+            "final": {},
+            "history": [],
+            "bytes_sent": 0,
+            "dense_bytes": 0,
+            "epsilon": None,
+            "delta": None,
+            "wall_seconds": 0.0,
+            "started_at": _iso(self.started),
+            "finished_at": None,
+            "gradcomp_version": __version__,
+        }
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, name: str, kind: str, config: Mapping[str, Any]) -> RunRecord:
+        """Continue a record from an earlier (crashed or finished) run in the same directory."""
+        rec = cls(run_dir, name, kind, config)
+        if rec.path.is_file():
+            old = json.loads(rec.path.read_text())
+            rec.data["history"] = old.get("history", [])
+            rec.data["bytes_sent"] = old.get("bytes_sent", 0)
+            rec.data["dense_bytes"] = old.get("dense_bytes", 0)
+            rec.started -= float(old.get("wall_seconds", 0.0))
+        return rec
+
+    def log(self, entry: Mapping[str, Any], *, bytes_sent: int = 0, dense_bytes: int = 0) -> None:
+        """Append one epoch/round entry, add its bytes, and persist."""
+        self.data["history"].append(dict(entry))
+        self.data["bytes_sent"] += int(bytes_sent)
+        self.data["dense_bytes"] += int(dense_bytes)
+        self.data["final"] = dict(entry)
+        self.save()
+
+    def set_privacy(self, epsilon: float | None, delta: float | None) -> None:
+        self.data["epsilon"] = epsilon
+        self.data["delta"] = delta
+
+    def finish(self, **final: Any) -> dict[str, Any]:
+        self.data["final"].update(final)
+        self.data["finished_at"] = _iso(time.time())
+        self.save()
+        return self.data
+
+    def save(self) -> None:
+        self.data["wall_seconds"] = round(time.time() - self.started, 3)
+        atomic_write_json(self.path, self.data)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def print_summary(results: Mapping[str, Any]) -> None:
+    """A short human table of a finished run on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"gradcomp {results['kind']}: {results['name']}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for key, value in results.get("final", {}).items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    sent, dense = results.get("bytes_sent", 0), results.get("dense_bytes", 0)
+    table.add_row("bytes sent", human_bytes(sent))
+    if dense:
+        table.add_row("dense-equivalent bytes", human_bytes(dense))
+        table.add_row("compression", f"{dense / max(sent, 1):.1f}x")
+    if results.get("epsilon") is not None:
+        table.add_row("epsilon", f"{results['epsilon']:.3f} (delta={results['delta']:g})")
+    table.add_row("wall seconds", f"{results.get('wall_seconds', 0.0):.1f}")
+    Console().print(table)

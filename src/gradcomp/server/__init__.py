@@ -1,0 +1,1 @@
+"""Federated coordinator: gRPC service, rounds, strategies, validation, persistence."""

@@ -1,0 +1,1 @@
+"""Federated simulation of many clients on Ray, and data partitioners."""

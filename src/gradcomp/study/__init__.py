@@ -1,0 +1,1 @@
+"""Sweeps over compression x privacy settings: tables, reports and plots."""

@@ -1,0 +1,1 @@
+"""Data-parallel training (DDP hook, collectives, Ray Train loop) and the federated client."""

@@ -102,7 +102,7 @@ class TopK(Stage):
 
     def apply(self, work: Work, ctx: StepContext) -> Work:
         _dense_only(self, work)
-        idx = top_magnitude(work.values, self.kept(work.numel), ctx.generator).sort().values
+        idx = top_magnitude(work.values, self.kept(work.numel), ctx.generator)
         return Work(work.values[idx], idx, work.numel, work.wire_dtype)
 
 
@@ -157,7 +157,7 @@ class RTopK(Stage):
         k = self.kept(n)
         top = top_magnitude(work.values, max(k, keep_count(self.r, n)), ctx.generator)
         pick = random_subset(top.numel(), k, ctx.generator, top.device)
-        idx = top[pick].sort().values
+        idx = top[pick]
         return Work(work.values[idx], idx, n, work.wire_dtype)
 
 

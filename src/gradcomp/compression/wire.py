@@ -150,6 +150,8 @@ def decode(data: bytes | bytearray | memoryview, *, max_numel: int | None = None
     magic, kind, dtype, vdtype, idtype, ndim, count = _HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}; not a gradcomp payload (expected {MAGIC!r})")
+    if kind not in (KIND_DENSE, KIND_SPARSE):
+        raise WireError(f"unknown payload kind {kind}; expected 0 (dense) or 1 (sparse)")
     if ndim > MAX_NDIM:
         raise WireError(f"tensor has {ndim} dimensions; at most {MAX_NDIM} are allowed")
     pos = _HEADER.size

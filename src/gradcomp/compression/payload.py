@@ -38,9 +38,8 @@ def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int32 if numel <= INT32_MAX else torch.int64
 
 
-@dataclass(frozen=True, eq=False)
-class Dense:
-    """All values, flattened. `values` is 1-D; `shape`/`dtype` describe the restored tensor."""
+class _Sized:
+    """What both payload kinds share: the restored tensor's size and the exact wire size."""
 
     values: torch.Tensor
     shape: tuple[int, ...]
@@ -53,14 +52,26 @@ class Dense:
     @property
     def nbytes(self) -> int:
         """Exact size of this payload on the wire, header included."""
-        return HEADER_BYTES + DIM_BYTES * len(self.shape) + self.values.numel() * self.values.element_size()
+        return HEADER_BYTES + DIM_BYTES * len(self.shape) + self.values.numel() * self._bytes_per_value()
+
+    def _bytes_per_value(self) -> int:
+        return self.values.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class Dense(_Sized):
+    """All values, flattened. `values` is 1-D; `shape`/`dtype` describe the restored tensor."""
+
+    values: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
     def to_dense(self) -> torch.Tensor:
         return self.values.to(self.dtype).reshape(self.shape)
 
 
 @dataclass(frozen=True, eq=False)
-class Sparse:
+class Sparse(_Sized):
     """Selected positions (flat, unique) and their values; every other entry is zero."""
 
     indices: torch.Tensor
@@ -68,14 +79,8 @@ class Sparse:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
-    def numel(self) -> int:
-        return numel_of(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        per = self.values.element_size() + self.indices.element_size()
-        return HEADER_BYTES + DIM_BYTES * len(self.shape) + self.values.numel() * per
+    def _bytes_per_value(self) -> int:
+        return self.values.element_size() + self.indices.element_size()
 
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.numel, dtype=self.dtype, device=self.values.device)

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="override scaling.num_workers")
     p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
     p.add_argument("--check", action="store_true", help="validate the job file and exit")
+    p.add_argument("--fresh", action="store_true", help="discard runs/<name>/ (checkpoints, results) and start over")
     p.set_defaults(handler="gradcomp.worker.launch:run_train")
 
     p = verbs.add_parser("serve", help="federated-averaging coordinator (gRPC)")
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
+    p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
+    p.add_argument("--quiet", action="store_true", help="no per-round log lines")
     p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
 
     p = verbs.add_parser("fedsim", help="simulate many federated clients on Ray")

@@ -1,0 +1,245 @@
+"""The federated job file (`gradcomp serve --config FED.yaml`, reused by `gradcomp fedsim`).
+
+Everything a coordinator and its clients need is validated here, before any work starts:
+round sizes that cannot be met, an unsound privacy set-up or a compression spec that does
+not build fail at load time with the key path named.
+
+`FedJob.client_spec()` is the compression spec every client actually runs: the job's spec,
+with `dp(clip, sigma)` prepended for local DP, or a clip-only `dp(clip, sigma=0)` for central DP.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from gradcomp.config.common import StrictModel, compression_spec, load_job
+
+Spec = Annotated[str, BeforeValidator(compression_spec)]
+
+
+class TaskSection(StrictModel):
+    """Which task (built-in name or `module:function`) and its keyword arguments."""
+
+    name: str = "digits-mlp"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClientsSection(StrictModel):
+    expected: int = Field(3, ge=1, description="clients in the population (N); the DP sampling rate is m / N")
+    min: int = Field(1, ge=1, description="clients that must be connected before the first round starts")
+
+
+class RoundSection(StrictModel):
+    fraction: float = Field(1.0, gt=0, le=1, description="fraction of the expected clients asked per round")
+    min_clients: int = Field(1, ge=1, description="fewest updates that make a round; fewer means retry")
+    deadline_seconds: float = Field(60.0, gt=0, description="how long a round waits for its clients")
+    max_retries: int = Field(3, ge=0, description="retries of a round that missed min_clients, then the job fails")
+    join_timeout_seconds: float = Field(600.0, gt=0, description="how long to wait for clients.min to connect")
+
+
+class LocalSection(StrictModel):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class StrategySection(StrictModel):
+    """Server optimiser applied to the averaged update (Reddi et al. 2021, 'Adaptive Federated Optimization')."""
+
+    name: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam")
+    tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
+
+
+class PrivacySection(StrictModel):
+    """Client-level DP (McMahan et al. 2018). local: each client clips and noises its own update;
+    central: clients clip, the coordinator clips again and adds Gaussian noise to the sum."""
+
+    mode: Literal["none", "local", "central"] = "none"
+    clip: float | None = Field(None, gt=0, description="L2 bound on one client's update")
+    noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+
+class LimitsSection(StrictModel):
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC send/receive limit, both ends")
+    max_update_bytes: int = Field(32 * 1024 * 1024, ge=64, description="largest compressed update accepted")
+    chunk_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="global model is sent in chunks of this size")
+    rpc_timeout_seconds: float = Field(30.0, gt=0, description="deadline of every RPC a client makes")
+
+
+class ServerSection(StrictModel):
+    host: str | None = Field(None, description="bind address; default 127.0.0.1 (0.0.0.0 needs TLS or a flag)")
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (off if unset)")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
+    tokens_file: Path | None = Field(None, description="lines 'client-name token'")
+    tokens_env: str = Field("GRADCOMP_TOKENS", description="env var 'name=token,name=token' (used if no file)")
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    linger_seconds: float = Field(10.0, ge=0, description="keep answering 'done' this long after the last round")
+    metrics_linger_seconds: float = Field(
+        0.0, ge=0, description="keep /metrics up this long after the job ends, so the last values get scraped"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("server.tls_client_ca (mutual TLS) needs server.tls_cert and server.tls_key")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class StragglerSection(StrictModel):
+    """Slow clients in `gradcomp fedsim`: a fixed, seeded subset whose updates arrive late."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of the clients that are stragglers")
+    delay: Literal["fixed", "uniform", "exponential"] = Field(
+        "exponential", description="distribution of a straggler's extra delay per round (mean: mean_seconds)"
+    )
+    mean_seconds: float = Field(0.0, ge=0, description="mean extra delay of a straggler's update")
+
+
+class SimulationConfig(StrictModel):
+    """`gradcomp fedsim` only (ignored by `gradcomp serve`): many virtual clients on a Ray actor pool."""
+
+    clients: int | None = Field(None, ge=1, description="virtual clients; sets clients.expected (default: it)")
+    partition: str = Field("iid", description="iid | dirichlet(alpha=A) | shards(k=K labels per client)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability a selected client drops out of a round")
+    stragglers: StragglerSection = Field(default_factory=StragglerSection)
+    actors: int | None = Field(None, ge=0, description="Ray actors (default one per CPU); 0 runs in the driver")
+    grpc: bool = Field(False, description="send updates over real gRPC on 127.0.0.1 to the coordinator service")
+    eval_every: int = Field(1, ge=1, description="evaluate the global model every this many rounds")
+
+    @model_validator(mode="after")
+    def _partition(self) -> SimulationConfig:
+        from gradcomp.sim.partition import parse_partition
+
+        self.__dict__["partition"] = str(parse_partition(self.partition))
+        return self
+
+
+class FedJob(StrictModel):
+    name: str = Field("fed", pattern=r"^[A-Za-z0-9._-]+$")
+    task: TaskSection = Field(default_factory=TaskSection)
+    rounds: int = Field(10, ge=1)
+    clients: ClientsSection = Field(default_factory=ClientsSection)
+    round: RoundSection = Field(default_factory=RoundSection)
+    local: LocalSection = Field(default_factory=LocalSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    compression: Spec = "none"
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    seed: int = 0
+    simulation: SimulationConfig | None = Field(None, description="gradcomp fedsim only")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FedJob:
+        if self.clients.min > self.clients.expected:
+            raise ValueError(f"clients.min ({self.clients.min}) exceeds clients.expected ({self.clients.expected})")
+        if self.round.min_clients > self.clients_per_round:
+            raise ValueError(
+                f"round.min_clients ({self.round.min_clients}) exceeds the clients asked per round "
+                f"({self.clients_per_round} = max(1, ceil(round.fraction * clients.expected)))"
+            )
+        if self.limits.max_update_bytes > self.limits.max_message_bytes:
+            raise ValueError("limits.max_update_bytes must not exceed limits.max_message_bytes")
+        if self.limits.chunk_bytes > self.limits.max_message_bytes // 2:
+            raise ValueError("limits.chunk_bytes must be at most half of limits.max_message_bytes")
+        self._check_privacy()
+        return self
+
+    def _check_privacy(self) -> None:
+        from gradcomp.compression import build
+
+        p = self.privacy
+        has_dp = build(self.compression).dp is not None
+        if p.mode == "none":
+            if has_dp:
+                raise ValueError(
+                    "compression has a dp stage but privacy.mode is none: set privacy.mode: local "
+                    "so epsilon is accounted, or remove the dp stage"
+                )
+            return
+        if p.mode == "central":
+            if has_dp:
+                raise ValueError("privacy.mode central adds noise at the coordinator; remove the dp stage")
+            if p.clip is None or p.noise_multiplier is None:
+                raise ValueError("privacy.mode central needs privacy.clip and privacy.noise_multiplier")
+        if p.mode == "local" and not has_dp and (p.clip is None or p.noise_multiplier is None):
+            raise ValueError(
+                "privacy.mode local needs a dp(clip, sigma) stage in compression, or privacy.clip and "
+                "privacy.noise_multiplier (then dp is prepended to the spec)"
+            )
+        if p.mode == "local" and has_dp and (p.clip is not None or p.noise_multiplier is not None):
+            dp = build(self.compression).dp
+            assert dp is not None
+            if (p.clip not in (None, dp.clip)) or (p.noise_multiplier not in (None, dp.sigma)):
+                raise ValueError(
+                    f"privacy.clip/noise_multiplier ({p.clip}, {p.noise_multiplier}) disagree with the "
+                    f"compression dp stage (clip={dp.clip}, sigma={dp.sigma}); give them in one place"
+                )
+            if dp.mechanism != "gaussian":
+                raise ValueError("client-level DP accounting needs dp(mechanism=gaussian)")
+
+    # --- derived values used by coordinator, clients and simulation ---------------------------
+    @property
+    def clients_per_round(self) -> int:
+        """m: clients asked per round."""
+        return max(1, math.ceil(self.round.fraction * self.clients.expected))
+
+    @property
+    def sample_rate(self) -> float:
+        """q = m / N, the client sampling rate the accountant uses."""
+        return min(1.0, self.clients_per_round / self.clients.expected)
+
+    def client_spec(self) -> str:
+        """The compression spec clients run (see module docstring)."""
+        from gradcomp.compression import build
+
+        p = self.privacy
+        base = self.compression
+        if p.mode == "local" and build(base).dp is None:
+            return _prepend(f"dp(clip={p.clip}, sigma={p.noise_multiplier})", base)
+        if p.mode == "central":
+            return _prepend(f"dp(clip={p.clip}, sigma=0.0)", base)
+        return base
+
+    def dp_params(self) -> tuple[float, float] | None:
+        """(clip, noise multiplier) of the client-level mechanism, None without DP."""
+        from gradcomp.compression import build
+
+        if self.privacy.mode == "none":
+            return None
+        if self.privacy.mode == "central":
+            assert self.privacy.clip is not None and self.privacy.noise_multiplier is not None
+            return self.privacy.clip, self.privacy.noise_multiplier
+        dp = build(self.client_spec()).dp
+        assert dp is not None
+        return dp.clip, dp.sigma
+
+
+def _prepend(stage: str, spec: str) -> str:
+    return stage if spec.strip() == "none" else f"{stage} | {spec}"
+
+
+def load_fed_job(path: str | Path, overrides: list[str] | None = None) -> FedJob:
+    """Load and validate a federated job file (raises ConfigError naming every problem)."""
+    return load_job(FedJob, path, overrides)

@@ -1,0 +1,130 @@
+"""Every Prometheus metric of gradcomp, defined once, on one module-level registry.
+
+Conventions: prefix `gradcomp_`, base units, counters end in `_total`, bytes in `_bytes`,
+durations in `_seconds`, labels only with a small fixed set of values (never a client name).
+
+`REGISTRY` is a dedicated `CollectorRegistry` (not prometheus_client's global one), so
+importing gradcomp never collides with an application's own metrics and tests can read a
+value with `value("gradcomp_fed_updates_accepted_total")`. `serve(port, host)` exposes it
+over HTTP at /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Why an update was refused (label `reason` of gradcomp_fed_updates_rejected_total).
+REJECT_REASONS = (
+    "unauthenticated",
+    "stale_round",
+    "not_selected",
+    "duplicate",
+    "too_large",
+    "malformed",
+    "bad_shape",
+    "bad_dtype",
+    "non_finite",
+    "job_done",
+)
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# --- federated coordinator (server/) and simulation (sim/) -----------------------------------
+FED_ROUND = Gauge("gradcomp_fed_round", "Rounds completed so far (version of the global model)", registry=REGISTRY)
+FED_ROUNDS_COMPLETED = Counter(
+    "gradcomp_fed_rounds_completed", "Rounds aggregated into the global model", registry=REGISTRY
+)
+FED_ROUND_RETRIES = Counter(
+    "gradcomp_fed_round_retries", "Rounds retried because fewer than round.min_clients reported", registry=REGISTRY
+)
+FED_CLIENTS_CONNECTED = Gauge(
+    "gradcomp_fed_clients_connected", "Clients seen within the heartbeat timeout", registry=REGISTRY
+)
+FED_CLIENTS_SELECTED = Gauge(
+    "gradcomp_fed_clients_selected", "Clients selected for the current round", registry=REGISTRY
+)
+FED_CLIENTS_REPORTED = Gauge(
+    "gradcomp_fed_clients_reported", "Accepted updates in the current round so far", registry=REGISTRY
+)
+FED_UPDATES_ACCEPTED = Counter(
+    "gradcomp_fed_updates_accepted", "Client updates accepted into a round", registry=REGISTRY
+)
+FED_UPDATES_REJECTED = Counter(
+    "gradcomp_fed_updates_rejected", "Client updates refused, by reason", ["reason"], registry=REGISTRY
+)
+FED_UPLINK_BYTES = Counter(
+    "gradcomp_fed_uplink_bytes", "Compressed update bytes received from clients (accepted)", registry=REGISTRY
+)
+FED_UPLINK_DENSE_BYTES = Counter(
+    "gradcomp_fed_uplink_dense_bytes",
+    "What the accepted updates would have cost uncompressed (dense float)",
+    registry=REGISTRY,
+)
+FED_DOWNLINK_BYTES = Counter(
+    "gradcomp_fed_downlink_bytes", "Global-model bytes sent to clients (chunks served)", registry=REGISTRY
+)
+FED_DOWNLINK_DENSE_BYTES = Counter(
+    "gradcomp_fed_downlink_dense_bytes",
+    "Dense-equivalent global-model bytes sent to clients (the model is sent dense)",
+    registry=REGISTRY,
+)
+FED_AGGREGATE_SECONDS = Histogram(
+    "gradcomp_fed_aggregate_duration_seconds",
+    "Time to aggregate a round's updates and apply the server strategy",
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+FED_ROUND_SECONDS = Histogram(
+    "gradcomp_fed_round_duration_seconds",
+    "Time from a round's start to its aggregation",
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+FED_TEST_LOSS = Gauge("gradcomp_fed_global_test_loss", "Test loss of the global model", registry=REGISTRY)
+FED_TEST_ACCURACY = Gauge(
+    "gradcomp_fed_global_test_accuracy", "Test accuracy of the global model (0..1)", registry=REGISTRY
+)
+FED_EPSILON = Gauge(
+    "gradcomp_fed_privacy_epsilon", "Client-level epsilon spent (at the job's delta)", registry=REGISTRY
+)
+FED_RPCS = Counter(
+    "gradcomp_fed_rpcs", "Coordinator RPCs handled, by method and gRPC status code", ["method", "code"],
+    registry=REGISTRY,
+)  # fmt: skip
+
+# --- data-parallel training (worker/) ---------------------------------------------------------
+TRAIN_STEPS = Counter("gradcomp_train_steps", "Optimiser steps taken", registry=REGISTRY)
+TRAIN_COMM_BYTES = Counter(
+    "gradcomp_train_comm_bytes", "Compressed gradient bytes sent by this worker", registry=REGISTRY
+)
+TRAIN_COMM_DENSE_BYTES = Counter(
+    "gradcomp_train_comm_dense_bytes", "Dense-equivalent gradient bytes of this worker", registry=REGISTRY
+)
+TRAIN_COMPRESS_SECONDS = Histogram(
+    "gradcomp_train_compress_duration_seconds",
+    "Time to compress one gradient bucket",
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+
+for _reason in REJECT_REASONS:  # export every reason at 0 so dashboards and rate() see them from the start
+    FED_UPDATES_REJECTED.labels(reason=_reason)
+
+
+def value(name: str, labels: dict[str, str] | None = None) -> float:
+    """Current value of a sample (e.g. `gradcomp_fed_updates_accepted_total`), 0.0 if absent."""
+    got = REGISTRY.get_sample_value(name, labels or {})
+    return 0.0 if got is None else float(got)
+
+
+def metric_names() -> list[str]:
+    """Names of every metric family gradcomp exports (for docs and tests)."""
+    return sorted(m.name + "_total" if m.type == "counter" else m.name for m in REGISTRY.collect())
+
+
+def serve(port: int, host: str = "127.0.0.1") -> int:
+    """Expose REGISTRY at http://host:port/metrics in a daemon thread; returns the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    return int(server.server_address[1])

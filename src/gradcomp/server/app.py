@@ -1,0 +1,218 @@
+"""`gradcomp serve`: load the job, build the coordinator, start gRPC + health + /metrics, run rounds.
+
+The round loop is a thread that calls `Coordinator.tick()` whenever something changes (or
+every 50 ms); gRPC handler threads only validate and store updates. After the last round
+the server keeps answering `DONE` for `server.linger_seconds` (or until every client left),
+then stops. Exit status: 0 finished or budget spent, 1 failed (a round could not be filled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import warnings
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gradcomp import metrics
+from gradcomp._proto import fed_pb2_grpc
+from gradcomp.config.fed import FedJob, load_fed_job
+from gradcomp.results import RunRecord, atomic_write_json, human_bytes, print_summary
+from gradcomp.server import store
+from gradcomp.server.core import FAILED, Coordinator
+from gradcomp.server.service import CoordinatorService
+from gradcomp.server.tls import load_tokens, server_credentials
+from gradcomp.tasks import evaluate, load_task
+
+log = logging.getLogger("gradcomp.server")
+SERVICE_NAME = "gradcomp.v1.Coordinator"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def grpc_options(job: FedJob) -> list[tuple[str, int]]:
+    """Message limits raised on both ends (the client uses the same list)."""
+    n = job.limits.max_message_bytes
+    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+
+
+def initial_params(job: FedJob) -> tuple[dict[str, torch.Tensor], Any]:
+    """Seeded initial global model (float tensors of the state dict) and the task."""
+    task = load_task(job.task.name, **job.task.args)
+    torch.manual_seed(job.seed)
+    model = task.make_model()
+    params = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    return params, (task, model)
+
+
+def make_evaluator(task: Any, model: torch.nn.Module) -> Any:
+    if task.test_set is None:
+        return None
+
+    def run(params: dict[str, torch.Tensor]) -> dict[str, float]:
+        model.load_state_dict(params, strict=False)
+        return evaluate(model, task.test_set)
+
+    return run
+
+
+@dataclass
+class Running:
+    """A started coordinator: what tests and `run_serve` hold on to."""
+
+    coord: Coordinator
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    metrics_port: int | None
+    run_dir: Path
+    record: RunRecord
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def resolve_host(job: FedJob, cli_host: str | None) -> str:
+    host = cli_host or job.server.host
+    if host is None:
+        return "0.0.0.0" if job.server.tls else "127.0.0.1"
+    return host
+
+
+def insecure_warning(host: str) -> str:
+    where = "loopback only" if host in LOOPBACK else f"{host} -- REACHABLE FROM THE NETWORK"
+    bar = "!" * 78
+    return (
+        f"{bar}\n!! WARNING: gradcomp serve is running WITHOUT TLS ({where}).\n"
+        f"!! Tokens and model updates travel in clear text. Set server.tls_cert/tls_key\n"
+        f"!! (python -m gradcomp.server.tls --out certs --host HOST) before leaving a trusted network.\n{bar}"
+    )
+
+
+def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None = None) -> Running:
+    """Build and start everything (no round loop); used by run_serve and in-process tests."""
+    tokens = load_tokens(job.server)
+    host = resolve_host(job, host)
+    creds = server_credentials(job.server)
+    ckpt = run_dir / store.FILENAME
+    if ckpt.exists() and not resume:
+        raise ValueError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
+    params, (task, model) = initial_params(job)
+    config = json.loads(job.model_dump_json())
+    record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, "fed", config)
+
+    def checkpoint(c: Coordinator) -> None:
+        state = c.state_dict()
+        store.save_state(run_dir, state)  # the round becomes durable here
+        record.data["history"] = [dict(e) for e in state["log"]]
+        record.data["bytes_sent"] = state["totals"]["uplink_bytes"]
+        record.data["dense_bytes"] = state["totals"]["dense_bytes"]
+        record.data["final"] = dict(state["log"][-1]) if state["log"] else {}
+        record.set_privacy(c.epsilon, job.privacy.delta if c.ledger else None)
+        record.save()
+
+    coord = Coordinator(
+        job, params, evaluate=make_evaluator(task, model), checkpoint=checkpoint, client_names=sorted(tokens.values())
+    )
+    if resume:
+        coord.load_state_dict(store.load_state(run_dir))
+        checkpoint(coord)  # results.json from the checkpoint's log (no round lost or doubled)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=grpc_options(job))
+    service = CoordinatorService(coord, job, tokens)
+    fed_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{host}:{job.server.port}"
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise ValueError(f"cannot bind gRPC to {address} (in use or not a local address)")
+    metrics_port = metrics.serve(job.server.metrics_port, host) if job.server.metrics_port is not None else None
+    if creds is None:
+        print(insecure_warning(host), file=sys.stderr, flush=True)
+    server.start()
+    for svc in ("", SERVICE_NAME):
+        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    atomic_write_json(
+        run_dir / "endpoint.json", {"host": host, "port": port, "metrics_port": metrics_port, "tls": creds is not None}
+    )
+    return Running(coord, server, health_servicer, port, metrics_port, run_dir, record)
+
+
+def round_loop(run: Running, stop: threading.Event, verbose: bool = True) -> None:
+    """Drive rounds until the job ends or `stop` is set."""
+    coord = run.coord
+    while not coord.done and not stop.is_set():
+        result = coord.tick()
+        if result is not None and verbose:
+            e = result.entry
+            acc = f" acc {e['test_accuracy']:.3f}" if "test_accuracy" in e else ""
+            eps = f" eps {e['epsilon']:.3f}" if "epsilon" in e else ""
+            print(
+                f"round {e['round']}/{coord.job.rounds}: {e['clients']} clients{acc}{eps} "
+                f"up {human_bytes(e['uplink_bytes'])} (dense {human_bytes(e['dense_bytes'])})",
+                flush=True,
+            )
+        if result is None:
+            coord.wait(0.05)
+
+
+def linger(run: Running, stop: threading.Event) -> None:
+    """Keep answering DONE so clients exit cleanly, until every client that joined left or linger_seconds pass."""
+    for svc in ("", SERVICE_NAME):
+        run.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    end = time.monotonic() + run.coord.job.server.linger_seconds
+    coord = run.coord
+    while time.monotonic() < end and not stop.is_set() and any(not c.left for c in coord.clients.values()):
+        time.sleep(0.1)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Handler of `gradcomp serve`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", message="Optimal order is the (smallest|largest) alpha")
+    job = load_fed_job(args.config, args.overrides)
+    if args.port is not None:
+        job.server.port = args.port
+    if args.metrics_port is not None:
+        job.server.metrics_port = args.metrics_port
+    if args.check:
+        print(f"{args.config}: ok (client spec: {job.client_spec()})")
+        return 0
+    torch.set_num_threads(1)
+    run_dir = Path(args.runs_dir) / job.name
+    run = start(job, run_dir, resume=args.resume, host=args.host)
+    print(
+        f"gradcomp serve: job {job.name!r} on {resolve_host(job, args.host)}:{run.port}"
+        + (f", metrics on :{run.metrics_port}/metrics" if run.metrics_port else "")
+        + f", run dir {run_dir}",
+        flush=True,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        round_loop(run, stop)
+        linger(run, stop)
+    finally:
+        run.stop()
+    coord = run.coord
+    results = run.record.finish(status=coord.status, reason=coord.reason, rounds=coord.version)
+    print_summary(results)
+    wait = job.server.metrics_linger_seconds
+    if run.metrics_port is not None and wait > 0 and not stop.is_set():
+        print(f"gradcomp serve: /metrics stays up {wait:g} s (SIGTERM ends it)", flush=True)
+        stop.wait(wait)
+    if coord.status == FAILED:
+        print(f"gradcomp serve: job failed: {coord.reason}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,500 @@
+"""The federated round core: membership, client selection, update validation, aggregation,
+privacy accounting and the round log, as plain thread-safe Python (no gRPC, no files).
+
+`server/service.py` is a thin gRPC servicer over it and `gradcomp fedsim` drives it
+in-process. Public interface (kept stable):
+
+    coord = Coordinator(job, params, evaluate=fn, checkpoint=fn, clock=time.monotonic)
+    coord.register(name) -> ClientInfo            # join; also implied by touch()
+    coord.touch(name) / coord.leave(name)         # heartbeat / goodbye
+    coord.select_clients() -> list[str] | None    # open a round if none is open and enough clients are connected
+    coord.task_for(name) -> Task                  # Task.action: "wait" | "train" | "done"
+    coord.accept_update(name, round_id, num_examples, update, metrics=None) -> int
+        # update: {tensor name: compression.Fields | Payload}; raises updates.Rejected(reason, msg)
+        # before anything touches the model; returns the number of updates the round holds
+    coord.reject(reason, msg) -> Rejected          # count a refusal made outside the core (bad token)
+    coord.finish_round(force=False) -> RoundResult | None
+        # aggregate when every selected client reported (or left), or at the deadline with
+        # >= round.min_clients; retry the round (keeping what arrived) with fewer; fail after
+        # round.max_retries. force=True aggregates whatever arrived (>= 1 update).
+    coord.tick() -> RoundResult | None            # select_clients + finish_round + join timeout
+    coord.wait(timeout)                           # block until an update arrives or the state changes
+    coord.snapshot() -> (version, params)          # a consistent pair, for serving the model
+    coord.params, coord.version, coord.round, coord.done, coord.status, coord.log, coord.epsilon
+    coord.state_dict() / coord.load_state_dict(state)   # everything --resume needs
+
+Round numbers: `version` = rounds completed (the global model's version); the open round
+has number version + 1. Each round is appended to `log` exactly once, and `checkpoint`
+(if given) is called inside `finish_round` before the next round can open, so a persisted
+state never holds half a round.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gradcomp import metrics
+from gradcomp.compression import Fields, Payload
+from gradcomp.config.fed import FedJob
+from gradcomp.privacy import PrivacyLedger
+from gradcomp.server.strategy import Strategy, make_strategy
+from gradcomp.server.updates import (
+    Params,
+    Rejected,
+    central_dp_average,
+    decode_update,
+    dense_update_nbytes,
+    model_spec,
+    update_nbytes,
+    weighted_average,
+)
+
+RUNNING, FINISHED, BUDGET_EXHAUSTED, FAILED = "running", "finished", "budget_exhausted", "failed"
+
+
+@dataclass
+class ClientInfo:
+    name: str
+    shard_index: int
+    num_shards: int
+    last_seen: float
+    left: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a client should do now."""
+
+    action: str  # "wait" | "train" | "done"
+    round: int = 0
+    model_version: int = 0
+    retry_after: float = 0.5
+    deadline_in: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class RoundState:
+    number: int
+    attempt: int
+    selected: set[str]
+    started_at: float
+    deadline: float
+    received: dict[str, tuple[int, Params]] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    uplink_bytes: int = 0
+    dense_bytes: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    entry: dict[str, Any]  # the round-log entry (also in coord.log)
+
+
+class Coordinator:
+    """Thread-safe round bookkeeping for one federated job (see module docstring)."""
+
+    def __init__(
+        self,
+        job: FedJob,
+        params: Mapping[str, torch.Tensor],
+        *,
+        evaluate: Callable[[Params], dict[str, float]] | None = None,
+        checkpoint: Callable[[Coordinator], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        client_names: list[str] | None = None,
+    ):
+        self.job = job
+        self.params: Params = {k: v.detach().clone().float() for k, v in params.items()}
+        self.spec = model_spec(self.params)
+        self.dense_update_bytes = dense_update_nbytes(self.spec)
+        self.strategy: Strategy = make_strategy(job.strategy.name, **job.strategy.model_dump(exclude={"name"}))
+        self.dp = job.dp_params()
+        self.ledger = (
+            PrivacyLedger(job.privacy.delta, job.privacy.accountant, job.privacy.epsilon_budget) if self.dp else None
+        )
+        self.evaluate = evaluate
+        self.checkpoint = checkpoint
+        self.clock = clock
+        self.version = 0
+        self.status = RUNNING
+        self.reason = ""
+        self.log: list[dict[str, Any]] = []
+        self.clients: dict[str, ClientInfo] = {}
+        self.current: RoundState | None = None
+        self.totals = {"uplink_bytes": 0, "dense_bytes": 0, "accepted": 0, "rejected": 0}
+        self._names = sorted(client_names or [])
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._idle_since = clock()
+        self._noise = torch.Generator().manual_seed(job.seed + 7919)
+        self._check_budget(starting=True)
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        """Rounds completed (alias of version)."""
+        return self.version
+
+    @property
+    def done(self) -> bool:
+        return self.status != RUNNING
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.ledger.epsilon() if self.ledger else None
+
+    def snapshot(self) -> tuple[int, Params]:
+        """(version, params) read together; params dicts are replaced, never mutated, per round."""
+        with self._lock:
+            return self.version, self.params
+
+    def _now(self, now: float | None) -> float:
+        return self.clock() if now is None else now
+
+    # --- membership ------------------------------------------------------------------------
+    def register(self, name: str, now: float | None = None) -> ClientInfo:
+        """Join (idempotent). Shards follow the order of the known client names, so a client
+        gets the same shard after a coordinator restart."""
+        with self._lock:
+            now = self._now(now)
+            info = self.clients.get(name)
+            if info is None:
+                if name in self._names:
+                    index = self._names.index(name)
+                else:
+                    index = len(self._names) + sum(1 for c in self.clients if c not in self._names)
+                shards = max(self.job.clients.expected, len(self._names), index + 1)
+                info = self.clients[name] = ClientInfo(name, index % shards, shards, now)
+            info.last_seen, info.left = now, False
+            self._publish_membership(now)
+            self._changed.notify_all()
+            return info
+
+    def touch(self, name: str, now: float | None = None) -> None:
+        with self._lock:
+            info = self.clients.get(name)
+            if info is None:
+                self.register(name, now)
+            else:
+                info.last_seen, info.left = self._now(now), False
+
+    def leave(self, name: str, now: float | None = None) -> None:
+        with self._lock:
+            if name in self.clients:
+                self.clients[name].left = True
+            self._publish_membership(self._now(now))
+            self._changed.notify_all()
+
+    def connected(self, now: float | None = None) -> list[str]:
+        with self._lock:
+            now = self._now(now)
+            timeout = 3 * self.job.server.heartbeat_seconds
+            return sorted(n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
+
+    def _publish_membership(self, now: float) -> None:
+        metrics.FED_CLIENTS_CONNECTED.set(len(self.connected(now)))
+
+    # --- rounds ----------------------------------------------------------------------------
+    def _check_budget(self, starting: bool = False) -> bool:
+        if self.ledger is None or self.dp is None or self.ledger.budget is None:
+            return True
+        z = self.dp[1]
+        if not self.ledger.would_exceed(z, self.job.sample_rate):
+            return True
+        spent = self.ledger.epsilon()
+        nxt = self.ledger.epsilon_after(z, self.job.sample_rate)
+        msg = (
+            f"privacy budget: one more round at noise multiplier {z} and sampling rate "
+            f"{self.job.sample_rate:g} would reach epsilon {nxt:.3f} > budget {self.ledger.budget} "
+            f"(spent {spent:.3f}, delta={self.ledger.delta:g})"
+        )
+        if starting and not self.log:
+            raise ValueError(f"refusing to start: {msg}")
+        self._stop(BUDGET_EXHAUSTED, msg)
+        return False
+
+    def _stop(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+        self.current = None
+        metrics.FED_CLIENTS_SELECTED.set(0)
+        self._changed.notify_all()
+
+    def _sample(self, pool: list[str], k: int, number: int, attempt: int) -> list[str]:
+        rng = random.Random(self.job.seed * 1_000_003 + number * 1_009 + attempt)
+        return sorted(rng.sample(sorted(pool), min(k, len(pool))))
+
+    def select_clients(self, now: float | None = None) -> list[str] | None:
+        """Open the next round if none is open and enough clients are connected."""
+        with self._lock:
+            now = self._now(now)
+            if self.done or self.current is not None:
+                return None
+            if self.version >= self.job.rounds:
+                self._stop(FINISHED, f"all {self.job.rounds} rounds done")
+                return None
+            if not self._check_budget():
+                return None
+            pool = self.connected(now)
+            need = max(self.job.round.min_clients, self.job.clients.min if self.version == 0 else 1)
+            if len(pool) < need:
+                return None
+            number = self.version + 1
+            chosen = self._sample(pool, self.job.clients_per_round, number, 0)
+            self.current = RoundState(number, 0, set(chosen), now, now + self.job.round.deadline_seconds)
+            metrics.FED_CLIENTS_SELECTED.set(len(chosen))
+            metrics.FED_CLIENTS_REPORTED.set(0)
+            self._changed.notify_all()
+            return chosen
+
+    def task_for(self, name: str, now: float | None = None) -> Task:
+        with self._lock:
+            now = self._now(now)
+            self.touch(name, now)
+            if self.done:
+                return Task("done", self.version, self.version, message=self.reason)
+            r = self.current
+            if r is None or name not in r.selected or name in r.received or name in r.pending:
+                return Task("wait", r.number if r else self.version + 1, self.version, retry_after=0.2)
+            return Task("train", r.number, self.version, deadline_in=max(0.0, r.deadline - now))
+
+    def _reject(self, reason: str, message: str, r: RoundState | None = None) -> Rejected:
+        metrics.FED_UPDATES_REJECTED.labels(reason=reason).inc()
+        self.totals["rejected"] += 1
+        if r is not None:
+            r.rejected[reason] += 1
+        return Rejected(reason, message)
+
+    def reject(self, reason: str, message: str) -> Rejected:
+        """Count an update refused before it reached the core (e.g. a bad token) and return the error."""
+        with self._lock:
+            return self._reject(reason, message, self.current)
+
+    def accept_update(
+        self,
+        name: str,
+        round_id: int,
+        num_examples: int,
+        update: Mapping[str, Fields | Payload],
+        metrics_: Mapping[str, float] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Validate and store one client's update for the open round (see module docstring)."""
+        with self._lock:
+            now = self._now(now)
+            self.touch(name, now)
+            r = self.current
+            if self.done:
+                raise self._reject("job_done", f"the job is over ({self.status}); no more updates")
+            if r is None or round_id != r.number:
+                open_ = f"round {r.number} is open" if r else f"no round is open (next is {self.version + 1})"
+                raise self._reject("stale_round", f"update for round {round_id} but {open_}", r)
+            if name not in r.selected:
+                raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
+            if name in r.received or name in r.pending:
+                raise self._reject("duplicate", f"client {name!r} already submitted for round {r.number}", r)
+            if num_examples < 1:
+                raise self._reject("malformed", f"num_examples must be >= 1, got {num_examples}", r)
+            r.pending.add(name)
+        # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
+        try:
+            dense = decode_update(update, self.spec, max_bytes=self.job.limits.max_update_bytes)
+        except Rejected as err:
+            with self._lock:
+                r.pending.discard(name)
+                raise self._reject(err.reason, str(err), r) from None
+        nbytes = update_nbytes(update)
+        with self._lock:
+            r.pending.discard(name)
+            if self.current is not r:  # the round closed while we decoded
+                raise self._reject("stale_round", f"round {round_id} closed before the update was decoded")
+            r.received[name] = (int(num_examples), dense)
+            r.client_metrics[name] = {k: float(v) for k, v in (metrics_ or {}).items()}
+            r.uplink_bytes += nbytes
+            r.dense_bytes += self.dense_update_bytes
+            self.totals["accepted"] += 1
+            metrics.FED_UPDATES_ACCEPTED.inc()
+            metrics.FED_UPLINK_BYTES.inc(nbytes)
+            metrics.FED_UPLINK_DENSE_BYTES.inc(self.dense_update_bytes)
+            metrics.FED_CLIENTS_REPORTED.set(len(r.received))
+            self._changed.notify_all()
+            return len(r.received)
+
+    def _all_in(self, r: RoundState) -> bool:
+        gone = {n for n in r.selected if self.clients.get(n) is not None and self.clients[n].left}
+        return not r.pending and set(r.received) | gone >= r.selected and bool(r.received)
+
+    def finish_round(self, now: float | None = None, force: bool = False) -> RoundResult | None:
+        """Aggregate, retry or fail the open round as its state and deadline dictate."""
+        with self._lock:
+            now = self._now(now)
+            r = self.current
+            if r is None or self.done:
+                return None
+            enough = len(r.received) >= self.job.round.min_clients
+            if force and r.received:
+                return self._aggregate(r, now)
+            if self._all_in(r) and enough:
+                return self._aggregate(r, now)
+            if now < r.deadline:
+                return None
+            if enough:
+                return self._aggregate(r, now)
+            if r.attempt >= self.job.round.max_retries:
+                self._stop(
+                    FAILED,
+                    f"round {r.number}: only {len(r.received)} of the required {self.job.round.min_clients} "
+                    f"updates after {r.attempt + 1} attempts of {self.job.round.deadline_seconds:g} s",
+                )
+                return None
+            self._retry(r, now)
+            return None
+
+    def _retry(self, r: RoundState, now: float) -> None:
+        """Keep what arrived (it was computed on the same global model) and ask more clients."""
+        r.attempt += 1
+        metrics.FED_ROUND_RETRIES.inc()
+        pool = [n for n in self.connected(now) if n not in r.received]
+        want = max(self.job.clients_per_round - len(r.received), self.job.round.min_clients - len(r.received))
+        r.selected = set(r.received) | set(self._sample(pool, want, r.number, r.attempt))
+        r.deadline = now + self.job.round.deadline_seconds
+        metrics.FED_CLIENTS_SELECTED.set(len(r.selected))
+        self._changed.notify_all()
+
+    def _aggregate(self, r: RoundState, now: float) -> RoundResult:
+        t0 = time.perf_counter()
+        names = sorted(r.received)
+        if self.job.privacy.mode == "central":
+            assert self.dp is not None
+            delta = central_dp_average(
+                [r.received[n][1] for n in names], self.dp[0], self.dp[1], self.job.clients_per_round, self._noise
+            )
+        else:
+            delta = weighted_average([(float(r.received[n][0]), r.received[n][1]) for n in names])
+        self.params = self.strategy.apply(self.params, delta)
+        agg_seconds = time.perf_counter() - t0
+        metrics.FED_AGGREGATE_SECONDS.observe(agg_seconds)
+        self.version = r.number
+        epsilon = None
+        if self.ledger is not None and self.dp is not None:
+            # cannot raise BudgetExceeded: the same step was checked when the round opened
+            epsilon = self.ledger.step(self.dp[1], self.job.sample_rate)
+            metrics.FED_EPSILON.set(epsilon)
+        entry: dict[str, Any] = {
+            "round": r.number,
+            "clients": len(names),
+            "selected": len(r.selected),
+            "attempts": r.attempt + 1,
+            "examples": sum(r.received[n][0] for n in names),
+            "uplink_bytes": r.uplink_bytes,
+            "dense_bytes": r.dense_bytes,
+            "rejected": dict(r.rejected),
+            "aggregate_seconds": round(agg_seconds, 6),
+            "round_seconds": round(now - r.started_at, 3),
+        }
+        losses = [m["train_loss"] for m in r.client_metrics.values() if "train_loss" in m]
+        if losses:
+            entry["train_loss"] = sum(losses) / len(losses)
+        if self.evaluate is not None:
+            ev = self.evaluate(self.params)
+            entry.update({f"test_{k}": float(v) for k, v in ev.items()})
+            if "loss" in ev:
+                metrics.FED_TEST_LOSS.set(ev["loss"])
+            if "accuracy" in ev:
+                metrics.FED_TEST_ACCURACY.set(ev["accuracy"])
+        if epsilon is not None:
+            entry["epsilon"] = epsilon
+        self.log.append(entry)
+        self.totals["uplink_bytes"] += r.uplink_bytes
+        self.totals["dense_bytes"] += r.dense_bytes
+        self.current = None
+        self._idle_since = now
+        metrics.FED_ROUND.set(self.version)
+        metrics.FED_ROUNDS_COMPLETED.inc()
+        metrics.FED_ROUND_SECONDS.observe(now - r.started_at)
+        metrics.FED_CLIENTS_SELECTED.set(0)
+        if self.version >= self.job.rounds:
+            self.status, self.reason = FINISHED, f"all {self.job.rounds} rounds done"
+        else:
+            self._check_budget()
+        if self.checkpoint is not None:
+            self.checkpoint(self)
+        self._changed.notify_all()
+        return RoundResult(r.number, entry)
+
+    def tick(self, now: float | None = None) -> RoundResult | None:
+        """One step of the round loop: open a round when possible, close it when due."""
+        with self._lock:
+            now = self._now(now)
+            if self.done:
+                return None
+            if self.current is None:
+                self.select_clients(now)
+                if (
+                    self.current is None
+                    and not self.done
+                    and now - self._idle_since > self.job.round.join_timeout_seconds
+                ):
+                    self._stop(
+                        FAILED,
+                        f"only {len(self.connected(now))} clients connected after "
+                        f"{self.job.round.join_timeout_seconds:g} s; need {max(self.job.clients.min, 1)}",
+                    )
+                return None
+            return self.finish_round(now)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until something changes (an update, a join, a leave) or `timeout` passes."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    # --- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume after the last completed round (tensors are cloned)."""
+        with self._lock:
+            return {
+                "version": self.version,
+                "status": self.status,
+                "reason": self.reason,
+                "params": {k: v.clone() for k, v in self.params.items()},
+                "strategy": self.strategy.state_dict(),
+                "ledger": self.ledger.state_dict() if self.ledger else None,
+                "log": [dict(e) for e in self.log],
+                "totals": dict(self.totals),
+                "noise_rng": self._noise.get_state(),
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            spec = model_spec(state["params"])
+            if spec != self.spec:
+                raise ValueError("checkpoint does not match the job's model (different tensors or shapes)")
+            self.version = int(state["version"])
+            self.status = state.get("status", RUNNING)
+            self.reason = state.get("reason", "")
+            self.params = {k: v.clone().float() for k, v in state["params"].items()}
+            self.strategy.load_state_dict(state["strategy"])
+            if self.ledger is not None and state.get("ledger"):
+                self.ledger.load_state_dict(state["ledger"])
+            self.log = [dict(e) for e in state.get("log", [])]
+            self.totals.update(state.get("totals", {}))
+            if state.get("noise_rng") is not None:
+                self._noise.set_state(state["noise_rng"])
+            self.current = None
+            self._idle_since = self.clock()
+            metrics.FED_ROUND.set(self.version)
+            if self.epsilon is not None:
+                metrics.FED_EPSILON.set(self.epsilon)
+            if self.status == RUNNING and self.version >= self.job.rounds:
+                self.status = FINISHED

@@ -1,0 +1,212 @@
+"""The gRPC servicer: authentication, protobuf <-> core types, status codes, RPC metrics.
+
+All round logic lives in `server.core.Coordinator`; this module only translates. Every
+refusal carries a precise status code and a message that says what was wrong:
+
+  bad/missing token           UNAUTHENTICATED
+  stale round, not selected   FAILED_PRECONDITION (the client should pull a new task)
+  job over                    FAILED_PRECONDITION
+  duplicate submit            ALREADY_EXISTS
+  update over the size limit  RESOURCE_EXHAUSTED
+  malformed / wrong shape / wrong dtype / NaN or Inf   INVALID_ARGUMENT
+  unknown model version       NOT_FOUND;  chunk index out of range  OUT_OF_RANGE
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+
+from gradcomp import metrics
+from gradcomp._proto import fed_pb2, fed_pb2_grpc
+from gradcomp.config.fed import FedJob
+from gradcomp.server.codec import ModelCache, pb_to_fields
+from gradcomp.server.core import Coordinator
+from gradcomp.server.updates import Rejected
+
+log = logging.getLogger("gradcomp.server")
+PROTOCOL_VERSION = 1
+
+REASON_CODES: dict[str, grpc.StatusCode] = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "stale_round": grpc.StatusCode.FAILED_PRECONDITION,
+    "not_selected": grpc.StatusCode.FAILED_PRECONDITION,
+    "job_done": grpc.StatusCode.FAILED_PRECONDITION,
+    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "malformed": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_shape": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_dtype": grpc.StatusCode.INVALID_ARGUMENT,
+    "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class RpcError(Exception):
+    """Raised inside a handler; the wrapper turns it into `context.abort(code, message)`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(self: CoordinatorService, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                out = fn(self, request, context)
+            except RpcError as err:
+                metrics.FED_RPCS.labels(method=method, code=err.code.name).inc()
+                context.abort(err.code, str(err))
+            except Exception as err:
+                log.exception("%s failed", method)
+                metrics.FED_RPCS.labels(method=method, code="INTERNAL").inc()
+                context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(err).__name__}")
+            metrics.FED_RPCS.labels(method=method, code="OK").inc()
+            return out
+
+        return wrapper
+
+    return deco
+
+
+class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
+    """gRPC face of a `Coordinator`. `tokens` maps bearer token -> client name."""
+
+    def __init__(self, coord: Coordinator, job: FedJob, tokens: Mapping[str, str], cache: ModelCache | None = None):
+        self.coord = coord
+        self.job = job
+        self._tokens = [(t.encode(), n) for t, n in tokens.items()]
+        self.cache = cache or ModelCache(job.limits.chunk_bytes)
+        self._config = fed_pb2.TrainingConfig(
+            task=job.task.name,
+            task_args_json=json.dumps(job.task.args),
+            local_epochs=job.local.epochs,
+            batch_size=job.local.batch_size,
+            lr=job.local.lr,
+            momentum=job.local.momentum,
+            compression=job.client_spec(),
+            seed=job.seed,
+        )
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _client(self, context: grpc.ServicerContext) -> str | None:
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        if not header.startswith("Bearer "):
+            return None
+        given = header[len("Bearer ") :].strip().encode()
+        name = None
+        for token, who in self._tokens:  # compare against every token: no early exit on a match
+            if hmac.compare_digest(token, given):
+                name = who
+        return name
+
+    def _auth(self, context: grpc.ServicerContext) -> str:
+        name = self._client(context)
+        if name is None:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        return name
+
+    # --- RPCs -------------------------------------------------------------------------------
+    @_rpc("Join")
+    def Join(self, request: fed_pb2.JoinRequest, context: grpc.ServicerContext) -> fed_pb2.JoinResponse:
+        name = self._auth(context)
+        if request.protocol_version not in (0, PROTOCOL_VERSION):
+            raise RpcError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"client speaks protocol {request.protocol_version}; this coordinator speaks {PROTOCOL_VERSION}",
+            )
+        info = self.coord.register(name)
+        return fed_pb2.JoinResponse(
+            client_name=name,
+            job_name=self.job.name,
+            shard_index=info.shard_index,
+            num_shards=info.num_shards,
+            heartbeat_seconds=self.job.server.heartbeat_seconds,
+        )
+
+    @_rpc("PullTask")
+    def PullTask(self, request: fed_pb2.PullTaskRequest, context: grpc.ServicerContext) -> fed_pb2.PullTaskResponse:
+        name = self._auth(context)
+        task = self.coord.task_for(name)
+        action = {"wait": 0, "train": 1, "done": 2}[task.action]
+        resp = fed_pb2.PullTaskResponse(
+            action=action,
+            round=task.round,
+            model_version=task.model_version,
+            retry_after_seconds=task.retry_after,
+            deadline_seconds=task.deadline_in,
+            message=task.message,
+        )
+        if task.action == "train":
+            version, params = self.coord.snapshot()
+            if version != task.model_version:  # a round closed in between; ask again shortly
+                return fed_pb2.PullTaskResponse(action=0, round=version + 1, retry_after_seconds=0.05)
+            data = self.cache.get(version, params)
+            assert data is not None
+            resp.model_bytes = len(data)
+            resp.num_chunks = self.cache.num_chunks(len(data))
+            resp.config.CopyFrom(self._config)
+        return resp
+
+    @_rpc("GetModel")
+    def GetModel(self, request: fed_pb2.GetModelRequest, context: grpc.ServicerContext) -> fed_pb2.ModelChunk:
+        self._auth(context)
+        data = self.cache.get(request.version)
+        if data is None:
+            version, params = self.coord.snapshot()
+            if version != request.version:
+                raise RpcError(
+                    grpc.StatusCode.NOT_FOUND, f"model version {request.version} unknown (current {version})"
+                )
+            data = self.cache.get(version, params)
+            assert data is not None
+        n = self.cache.num_chunks(len(data))
+        if request.chunk >= n:
+            raise RpcError(grpc.StatusCode.OUT_OF_RANGE, f"chunk {request.chunk} of a {n}-chunk model")
+        piece = self.cache.chunk(data, request.chunk)
+        metrics.FED_DOWNLINK_BYTES.inc(len(piece))
+        metrics.FED_DOWNLINK_DENSE_BYTES.inc(len(piece))
+        return fed_pb2.ModelChunk(
+            version=request.version, chunk=request.chunk, num_chunks=n, total_bytes=len(data), data=piece
+        )
+
+    @_rpc("SubmitUpdate")
+    def SubmitUpdate(
+        self, request: fed_pb2.SubmitUpdateRequest, context: grpc.ServicerContext
+    ) -> fed_pb2.SubmitUpdateResponse:
+        name = self._client(context)
+        if name is None:
+            err = self.coord.reject("unauthenticated", "missing or unknown bearer token")
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        update: dict[str, Any] = {}
+        for nt in request.update:
+            if nt.name in update:
+                err = self.coord.reject("malformed", f"tensor {nt.name!r} appears twice in the update")
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            update[nt.name] = pb_to_fields(nt.tensor)
+        try:
+            received = self.coord.accept_update(
+                name, request.round, request.num_examples, update, dict(request.metrics)
+            )
+        except Rejected as err:
+            raise RpcError(REASON_CODES[err.reason], f"{err.reason}: {err}") from None
+        return fed_pb2.SubmitUpdateResponse(accepted=True, round=request.round, received=received)
+
+    @_rpc("Heartbeat")
+    def Heartbeat(self, request: fed_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> fed_pb2.HeartbeatResponse:
+        name = self._auth(context)
+        self.coord.touch(name)
+        return fed_pb2.HeartbeatResponse(round=self.coord.version, done=self.coord.done)
+
+    @_rpc("Leave")
+    def Leave(self, request: fed_pb2.LeaveRequest, context: grpc.ServicerContext) -> fed_pb2.LeaveResponse:
+        name = self._auth(context)
+        self.coord.leave(name)
+        return fed_pb2.LeaveResponse()

@@ -1,0 +1,270 @@
+"""The round core without gRPC: pure update functions, strategies, rounds, privacy, persistence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradcomp import metrics
+from gradcomp.compression import Dense, build, to_fields
+from gradcomp.compression.wire import Fields
+from gradcomp.config.common import ConfigError, validate
+from gradcomp.config.fed import FedJob
+from gradcomp.server import store
+from gradcomp.server.core import BUDGET_EXHAUSTED, FAILED, FINISHED, Coordinator
+from gradcomp.server.strategy import FedAdam, FedAvg, FedAvgM, make_strategy
+from gradcomp.server.updates import (
+    Rejected,
+    central_dp_average,
+    clip_update,
+    decode_update,
+    model_spec,
+    weighted_average,
+)
+
+PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def job(**kw: object) -> FedJob:
+    base: dict[str, object] = {"rounds": 3, "clients": {"expected": 3, "min": 3}, "round": {"min_clients": 2}}
+    base.update(kw)
+    return FedJob.model_validate(base)
+
+
+def dense_update(value: float, params: dict[str, torch.Tensor] = PARAMS) -> dict[str, Dense]:
+    return {k: Dense(torch.full((v.numel(),), value), tuple(v.shape), v.dtype) for k, v in params.items()}
+
+
+# --- pure functions -------------------------------------------------------------------------
+def test_weighted_average_weights_by_examples() -> None:
+    a, b = {"x": torch.ones(2)}, {"x": torch.full((2,), 4.0)}
+    out = weighted_average([(1.0, a), (3.0, b)])
+    torch.testing.assert_close(out["x"], torch.full((2,), 3.25))
+    with pytest.raises(ValueError):
+        weighted_average([])
+
+
+def test_clip_update_bounds_global_norm() -> None:
+    u = {"a": torch.full((4,), 3.0), "b": torch.full((9,), 4.0)}
+    clipped, norm = clip_update(u, 1.0)
+    assert norm == pytest.approx(math.sqrt(4 * 9 + 9 * 16))
+    total = math.sqrt(sum(float((v**2).sum()) for v in clipped.values()))
+    assert total == pytest.approx(1.0, rel=1e-5)
+    same, _ = clip_update({"a": torch.full((1,), 0.5)}, 1.0)
+    assert float(same["a"]) == 0.5
+
+
+def test_central_dp_average_fixed_denominator_and_noise() -> None:
+    ups = [{"x": torch.full((1000,), 10.0)}] * 2
+    no_noise = central_dp_average(ups, clip=1.0, noise_multiplier=0.0, expected_clients=4)
+    # each update clipped to norm 1 (0.0316 per coord), summed (2x), divided by m=4
+    torch.testing.assert_close(no_noise["x"], torch.full((1000,), 2 * (1 / math.sqrt(1000)) / 4))
+    noisy = central_dp_average(ups, 1.0, 2.0, 4, torch.Generator().manual_seed(0))
+    std = float((noisy["x"] - no_noise["x"]).std())
+    assert std == pytest.approx(2.0 / 4, rel=0.1)
+
+
+def test_decode_update_validates_each_rule() -> None:
+    spec = model_spec(PARAMS)
+    good = dense_update(0.5)
+    out = decode_update(good, spec)
+    assert out["w"].shape == (4, 3)
+    with pytest.raises(Rejected) as e:
+        decode_update(good, spec, max_bytes=10)
+    assert e.value.reason == "too_large"
+    with pytest.raises(Rejected) as e:
+        decode_update({"w": good["w"]}, spec)
+    assert e.value.reason == "malformed"
+    bad_shape = dict(good, w=Dense(torch.zeros(12), (3, 4), torch.float32))
+    with pytest.raises(Rejected) as e:
+        decode_update(bad_shape, spec)
+    assert e.value.reason == "bad_shape"
+    bad_dtype = dict(good, b=Dense(torch.zeros(3, dtype=torch.float64), (3,), torch.float64))
+    with pytest.raises(Rejected) as e:
+        decode_update(bad_dtype, spec)
+    assert e.value.reason == "bad_dtype"
+    nan = dict(good, b=Dense(torch.tensor([0.0, float("nan"), 1.0]), (3,), torch.float32))
+    with pytest.raises(Rejected) as e:
+        decode_update(nan, spec)
+    assert e.value.reason == "non_finite"
+    f = to_fields(good["b"])
+    short = Fields(f.kind, f.dtype, f.value_dtype, f.index_dtype, f.shape, f.values[:-2], f.indices)
+    with pytest.raises(Rejected) as e:
+        decode_update(dict(good, b=short), spec)
+    assert e.value.reason == "malformed"
+
+
+def test_decode_sparse_update_restores_dense() -> None:
+    pipe = build("topk(ratio=0.25)")
+    x = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    upd = {k: pipe.compress(v, key=k) for k, v in x.items()}
+    out = decode_update(upd, model_spec(PARAMS))
+    assert int((out["w"] != 0).sum()) == 3
+
+
+# --- strategies -------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", [FedAvg(1.0), FedAvgM(1.0, 0.9), FedAdam(0.1)])
+def test_strategies_move_towards_delta_and_round_trip_state(strategy: object) -> None:
+    params = {"x": torch.zeros(3)}
+    delta = {"x": torch.tensor([1.0, -1.0, 0.5])}
+    p1 = strategy.apply(params, delta)  # type: ignore[attr-defined]
+    assert torch.all(torch.sign(p1["x"]) == torch.sign(delta["x"]))
+    state = strategy.state_dict()  # type: ignore[attr-defined]
+    twin = make_strategy(strategy.name, server_lr=strategy.server_lr)  # type: ignore[attr-defined]
+    twin.load_state_dict(state)
+    torch.testing.assert_close(twin.apply(p1, delta)["x"], strategy.apply(p1, delta)["x"])  # type: ignore[attr-defined]
+
+
+def test_fedavgm_accumulates_momentum() -> None:
+    s = FedAvgM(1.0, 0.5)
+    p = s.apply({"x": torch.zeros(1)}, {"x": torch.ones(1)})
+    p = s.apply(p, {"x": torch.ones(1)})
+    assert float(p["x"]) == pytest.approx(1 + 1.5)
+
+
+# --- config ------------------------------------------------------------------------------------
+def test_config_rejects_impossible_jobs() -> None:
+    with pytest.raises(ConfigError, match="min_clients"):
+        validate(FedJob, {"clients": {"expected": 2}, "round": {"fraction": 0.5, "min_clients": 2}})
+    with pytest.raises(ConfigError, match="central"):
+        validate(FedJob, {"privacy": {"mode": "central"}})
+    with pytest.raises(ConfigError, match="dp stage"):
+        validate(FedJob, {"compression": "dp(clip=1.0, sigma=1.0) | ef"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate(FedJob, {"roundz": 3})
+    j = validate(
+        FedJob,
+        {
+            "compression": "rtopk(ratio=0.1, r=0.2) | ef",
+            "privacy": {"mode": "central", "clip": 1.0, "noise_multiplier": 1.0},
+        },
+    )
+    assert j.client_spec().startswith("dp(clip=1.0, sigma=0.0) | rtopk")
+
+
+# --- coordinator rounds -------------------------------------------------------------------------
+def test_round_aggregates_when_all_report() -> None:
+    clock = Clock()
+    c = Coordinator(job(), PARAMS, clock=clock)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    assert c.select_clients() == ["a", "b", "c"]
+    assert c.task_for("a").action == "train"
+    c.accept_update("a", 1, 10, dense_update(1.0))
+    c.accept_update("b", 1, 30, dense_update(2.0))
+    assert c.finish_round() is None  # c still missing, deadline not reached
+    c.accept_update("c", 1, 60, dense_update(0.0))
+    res = c.finish_round()
+    assert res is not None and res.round == 1 and c.version == 1
+    torch.testing.assert_close(c.params["b"], torch.full((3,), (10 * 1 + 30 * 2) / 100))
+    assert c.task_for("a").action == "wait"
+
+
+def test_rejections_do_not_disturb_round() -> None:
+    clock = Clock()
+    c = Coordinator(job(), PARAMS, clock=clock)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    c.select_clients()
+    before = metrics.value("gradcomp_fed_updates_rejected_total", {"reason": "duplicate"})
+    c.accept_update("a", 1, 10, dense_update(1.0))
+    for name, rnd, upd, reason in [
+        ("a", 1, dense_update(1.0), "duplicate"),
+        ("b", 2, dense_update(1.0), "stale_round"),
+        ("zz", 1, dense_update(1.0), "not_selected"),
+        ("b", 1, {"w": dense_update(1.0)["w"]}, "malformed"),
+    ]:
+        with pytest.raises(Rejected) as e:
+            c.accept_update(name, rnd, 10, upd)
+        assert e.value.reason == reason
+    assert metrics.value("gradcomp_fed_updates_rejected_total", {"reason": "duplicate"}) == before + 1
+    c.accept_update("b", 1, 10, dense_update(3.0))  # b's bad attempt did not block its good one
+    clock.t = 1000.0
+    res = c.finish_round()
+    assert res is not None and res.entry["clients"] == 2
+    assert res.entry["rejected"] == {"duplicate": 1, "stale_round": 1, "not_selected": 1, "malformed": 1}
+
+
+def test_deadline_retry_then_fail() -> None:
+    clock = Clock()
+    j = job(round={"min_clients": 2, "deadline_seconds": 10, "max_retries": 1})
+    c = Coordinator(j, PARAMS, clock=clock)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    c.select_clients()
+    c.accept_update("a", 1, 10, dense_update(1.0))
+    clock.t = 11
+    for n in ("a", "b", "c"):
+        c.touch(n)
+    assert c.finish_round() is None and c.current is not None and c.current.attempt == 1
+    assert "a" in c.current.received  # kept across the retry
+    clock.t = 22
+    assert c.finish_round() is None
+    assert c.status == FAILED and "round 1" in c.reason
+    assert c.task_for("b").action == "done"
+
+
+def test_force_and_finish_all_rounds() -> None:
+    c = Coordinator(job(rounds=2), PARAMS)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    for r in (1, 2):
+        c.select_clients()
+        c.accept_update("a", r, 5, dense_update(1.0))
+        assert c.finish_round(force=True) is not None
+    assert c.status == FINISHED and [e["round"] for e in c.log] == [1, 2]
+
+
+def test_budget_refuses_to_start_and_stops() -> None:
+    priv = {"mode": "central", "clip": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 0.01}
+    with pytest.raises(ValueError, match="refusing to start"):
+        Coordinator(job(privacy=priv), PARAMS)
+    priv["epsilon_budget"] = 7.0  # enough for a few rounds at q=1, not for 50
+    c = Coordinator(job(rounds=50, privacy=priv), PARAMS)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    rounds = 0
+    while c.select_clients():
+        for n in ("a", "b"):
+            c.accept_update(n, c.version + 1, 5, dense_update(1.0))
+        c.finish_round(force=True)
+        rounds += 1
+    assert c.status == BUDGET_EXHAUSTED and 0 < rounds < 50
+    assert c.epsilon is not None and c.epsilon <= 7.0
+    assert all("epsilon" in e for e in c.log)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    j = job(
+        strategy={"name": "fedadam", "server_lr": 0.1},
+        privacy={"mode": "central", "clip": 1.0, "noise_multiplier": 0.5},
+    )
+    c = Coordinator(j, PARAMS, checkpoint=lambda co: store.save_state(tmp_path, co.state_dict()))
+    for n in ("a", "b", "c"):
+        c.register(n)
+    c.select_clients()
+    for n in ("a", "b", "c"):
+        c.accept_update(n, 1, 5, dense_update(0.3))
+    c.finish_round()
+    d = Coordinator(j, PARAMS)
+    d.load_state_dict(store.load_state(tmp_path))
+    assert d.version == 1 and d.log == c.log and d.epsilon == pytest.approx(c.epsilon)
+    torch.testing.assert_close(d.params["w"], c.params["w"])
+    for co in (c, d):
+        for n in ("a", "b", "c"):
+            co.register(n)
+        co.select_clients()
+        for n in ("a", "b", "c"):
+            co.accept_update(n, 2, 5, dense_update(0.3))
+        co.finish_round()
+    torch.testing.assert_close(d.params["w"], c.params["w"])  # same strategy state and noise stream

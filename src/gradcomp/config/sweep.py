@@ -1,0 +1,156 @@
+"""`SWEEP.yaml`: a base job and a grid (compression specs x DP settings x seeds x other keys).
+
+Example:
+
+    name: fed-digits-study
+    base: fedsim-digits.yaml          # a federated (fedsim) or data-parallel (train) job file
+    runner: fedsim                    # fedsim | train
+    set: {rounds: 200}                # fixed overrides for every cell (dotted keys)
+    specs:                            # names are the labels in tables and plots
+      - none
+      - {name: rtopk+ef, spec: "rtopk(ratio=0.01, r=0.05) | ef"}
+    privacy:
+      - {name: non-private}
+      - {name: dp, stage: "dp(clip=1.0, sigma=0.8)"}   # prepended to every spec (local DP)
+    seeds: [0, 1]
+    grid: {simulation.partition: ["dirichlet(alpha=0.5)", iid]}
+    target_accuracy: 0.92
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from gradcomp.config.common import StrictModel, compression_spec
+
+RUNNERS = ("fedsim", "train")
+# Where each runner's job file keeps the compression spec and the seed (overridable per sweep).
+DEFAULT_SPEC_KEY = {"fedsim": "compression", "train": "compression"}
+DEFAULT_SEED_KEY = {"fedsim": "seed", "train": "seed"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+
+Spec = Annotated[str, BeforeValidator(compression_spec)]
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"name {value!r} may use letters, digits and _ . + = - only (it names a directory)")
+    return value
+
+
+class SpecEntry(StrictModel):
+    """One compression setting. A bare string in the YAML becomes {name: <string>, spec: <string>}."""
+
+    name: str
+    spec: Spec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": _short(value), "spec": value}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _name(value)
+
+
+def _short(spec: str) -> str:
+    """A directory-safe label for a spec string: 'rtopk(ratio=0.01, r=0.05) | ef' -> 'rtopk0.01+ef'."""
+    parts = []
+    for stage in spec.split("|"):
+        stage = stage.strip()
+        head = stage.split("(")[0].strip()
+        nums = re.findall(r"=\s*([0-9.eE-]+)", stage)
+        parts.append(head + (nums[0] if nums else ""))
+    return "+".join(parts)
+
+
+class PrivacyEntry(StrictModel):
+    """One DP setting: a `dp(...)` stage put in front of each spec (local DP), and/or key overrides
+    (e.g. central DP keys of the federated job). `name: non-private` with neither is plain training."""
+
+    name: str = "non-private"
+    stage: Spec | None = None
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _name(value)
+
+    @field_validator("stage")
+    @classmethod
+    def _one_dp_stage(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("dp("):
+            raise ValueError(f"privacy stage must be a single dp(...) stage, got {value!r}")
+        return value
+
+    @property
+    def private(self) -> bool:
+        return self.stage is not None or bool(self.set)
+
+
+class SweepJob(StrictModel):
+    name: str
+    base: str = Field(description="base job file, relative to the sweep file")
+    runner: Literal["fedsim", "train"] = "fedsim"
+    spec_key: str | None = None
+    seed_key: str | None = None
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted-key overrides for every cell")
+    specs: list[SpecEntry] = Field(min_length=1)
+    privacy: list[PrivacyEntry] = Field(default_factory=lambda: [PrivacyEntry()], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values")
+    target_accuracy: float | None = Field(default=None, gt=0, le=1)
+    baseline: str | None = Field(default=None, description="spec name of the dense baseline (default: spec 'none')")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _name(value)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_axes(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in value.items():
+            if not values:
+                raise ValueError(f"grid axis {key!r} has no values")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_and_baseline(self) -> SweepJob:
+        for what, names in (("specs", [s.name for s in self.specs]), ("privacy", [p.name for p in self.privacy])):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{what}: duplicate names {dup}; give each entry a distinct name")
+        if self.baseline is not None and self.baseline not in [s.name for s in self.specs]:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the spec names {[s.name for s in self.specs]}")
+        for key in (self.spec_key_or_default, self.seed_key_or_default):
+            if key in self.grid:
+                raise ValueError(f"grid key {key!r} is set by specs/seeds; do not put it in the grid")
+        return self
+
+    @property
+    def spec_key_or_default(self) -> str:
+        return self.spec_key or DEFAULT_SPEC_KEY[self.runner]
+
+    @property
+    def seed_key_or_default(self) -> str:
+        return self.seed_key or DEFAULT_SEED_KEY[self.runner]
+
+    @property
+    def baseline_name(self) -> str | None:
+        if self.baseline is not None:
+            return self.baseline
+        return next((s.name for s in self.specs if s.spec == "none"), None)
+
+    def base_path(self, sweep_file: str | Path) -> Path:
+        p = Path(self.base)
+        return p if p.is_absolute() else Path(sweep_file).resolve().parent / p

@@ -1,0 +1,194 @@
+"""The in-process simulation loop: the real `Coordinator` driven on a virtual clock.
+
+Per round: every virtual client heartbeats; the coordinator samples the round (its own
+seeded sampler); each selected client drops out with its probability or trains on the pool.
+An update "arrives" at round start + its straggler delay, and is handed, parsed from its
+protobuf bytes, to `Coordinator.accept_update` at that virtual time. Between arrivals the
+coordinator's own `finish_round` decides: aggregate when all selected clients reported,
+at the deadline aggregate with >= round.min_clients or retry (new clients are then trained),
+or fail after round.max_retries. Updates that arrive after their round closed are refused
+by the coordinator as `stale_round`, exactly as over gRPC.
+
+Virtual time makes a 200-round study with minute-long deadlines run as fast as the training
+itself, and makes which updates are late reproducible (it does not depend on machine load).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gradcomp.config.fed import FedJob, SimulationConfig
+from gradcomp.server.codec import ModelCache
+from gradcomp.server.core import Coordinator
+from gradcomp.server.updates import Rejected
+from gradcomp.sim.client import ClientJob, ClientResult
+from gradcomp.sim.pool import ClientPool
+from gradcomp.sim.state import ClientState, ClientTable, client_seed
+from gradcomp.sim.wire import parse_request
+
+
+def straggler_delay(sim: SimulationConfig, client: ClientState, rng: np.random.Generator) -> float:
+    """Extra seconds before a straggler's update arrives (0 for everyone else)."""
+    st = sim.stragglers
+    if not client.straggler or st.mean_seconds == 0:
+        return 0.0
+    if st.delay == "fixed":
+        return st.mean_seconds
+    if st.delay == "uniform":
+        return float(rng.uniform(0, 2 * st.mean_seconds))
+    return float(rng.exponential(st.mean_seconds))
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def client_name(cid: int) -> str:
+    return f"sim-{cid}"
+
+
+def client_id(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+@dataclass
+class RoundStats:
+    """What the coordinator does not see: dropouts, late updates, real message sizes."""
+
+    trained: int = 0
+    dropped: int = 0
+    late: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    payload_bytes_sent: int = 0  # every update a client sent, accepted or not (compression wire format)
+    message_bytes_sent: int = 0  # the same updates as serialised SubmitUpdateRequest messages
+    downlink_bytes: int = 0  # serialised global model, once per client that trained
+    train_seconds: float = 0.0
+
+
+class Simulation:
+    def __init__(
+        self,
+        job: FedJob,
+        sim: SimulationConfig,
+        coord: Coordinator,
+        clock: VirtualClock,
+        pool: ClientPool,
+        clients: ClientTable,
+    ):
+        self.job, self.sim, self.coord, self.clock, self.pool, self.clients = job, sim, coord, clock, pool, clients
+        self.cache = ModelCache(job.limits.chunk_bytes)
+        self.names = [client_name(i) for i in range(len(clients))]
+        self.updates_trained = 0
+        self.payload_sizes: list[int] = []  # per accepted update, for checks against the coordinator's counters
+
+    # --- heterogeneity ------------------------------------------------------------------------
+    def _rng(self, number: int, attempt: int) -> np.random.Generator:
+        return np.random.default_rng([self.job.seed, number, attempt, 11])
+
+    def _delay(self, cid: int, rng: np.random.Generator) -> float:
+        return straggler_delay(self.sim, self.clients[cid], rng)
+
+    def _heartbeat(self) -> None:
+        for name in self.names:
+            self.coord.touch(name, self.clock.now)
+
+    # --- one round ----------------------------------------------------------------------------
+    def _train(
+        self, names: list[str], number: int, attempt: int, stats: RoundStats
+    ) -> list[tuple[float, ClientResult]]:
+        """Train the selected clients that do not drop out; (virtual arrival time, result) each."""
+        rng = self._rng(number, attempt)
+        start = self.clock.now
+        jobs, arrivals = [], []
+        for name in names:
+            cid = client_id(name)
+            c = self.clients[cid]
+            if rng.random() < c.dropout:
+                stats.dropped += 1
+                continue
+            arrivals.append(start + self._delay(cid, rng))
+            jobs.append(
+                ClientJob(
+                    cid, number, self.coord.version, c.indices, client_seed(self.job.seed, cid, c.participations), c.ef
+                )
+            )
+        if not jobs:
+            return []
+        model = self.cache.get(self.coord.version, self.coord.params)
+        assert model is not None
+        t0 = time.perf_counter()
+        results = self.pool.run(jobs, model, self.coord.version)
+        stats.train_seconds += time.perf_counter() - t0
+        for res in results:
+            c = self.clients[res.cid]
+            c.participations += 1
+            c.ef = res.ef  # the client keeps its residual whether or not the update is accepted
+            stats.trained += 1
+            stats.downlink_bytes += len(model)
+            stats.payload_bytes_sent += res.payload_bytes
+            stats.message_bytes_sent += len(res.request)
+        self.updates_trained += len(results)
+        return sorted(zip(arrivals, results, strict=True), key=lambda ar: (ar[0], ar[1].cid))
+
+    def _submit(self, at: float, res: ClientResult, stats: RoundStats) -> None:
+        self.clock.now = max(self.clock.now, at)
+        upd = parse_request(res.request)
+        try:
+            self.coord.accept_update(upd.client_id, upd.round, upd.num_examples, upd.update, upd.metrics, now=at)
+            self.payload_sizes.append(res.payload_bytes)
+        except Rejected as err:
+            stats.rejected[err.reason] += 1
+            if err.reason in ("stale_round", "job_done"):  # arrived after its round closed
+                stats.late += 1
+
+    def run_round(self) -> tuple[dict[str, Any] | None, RoundStats]:
+        """Open, run and close one round; returns the coordinator's log entry (None: job over)."""
+        stats = RoundStats()
+        self._heartbeat()
+        chosen = self.coord.select_clients(self.clock.now)
+        if chosen is None:
+            return None, stats
+        r = self.coord.current
+        assert r is not None
+        number, tried = r.number, set(chosen)
+        inflight = self._train(chosen, number, 0, stats)
+        result = None
+        while result is None and not self.coord.done:
+            r = self.coord.current
+            assert r is not None and r.number == number
+            if inflight and inflight[0][0] <= r.deadline:
+                at, res = inflight.pop(0)
+                self._submit(at, res, stats)
+                result = self.coord.finish_round(at)
+                continue
+            # nothing more arrives before the deadline: let the coordinator decide
+            self.clock.now = max(self.clock.now, r.deadline)
+            self._heartbeat()
+            attempt = r.attempt
+            result = self.coord.finish_round(self.clock.now)
+            cur = self.coord.current
+            if result is None and cur is not None and cur.attempt > attempt:  # retried: train the new picks
+                fresh = sorted(set(cur.selected) - tried)
+                tried |= set(fresh)
+                inflight = sorted(inflight + self._train(fresh, number, cur.attempt, stats), key=lambda ar: ar[0])
+        for at, res in inflight:  # arrive after their round closed
+            self._submit(at, res, stats)
+        return (result.entry if result is not None else None), stats
+
+    def run(self, on_round: Callable[[dict[str, Any], RoundStats], None] | None = None) -> None:
+        while not self.coord.done:
+            entry, stats = self.run_round()
+            if entry is None and not self.coord.done and self.coord.current is None:
+                raise RuntimeError(f"the coordinator opened no round ({self.coord.status}: {self.coord.reason})")
+            if entry is not None and on_round is not None:
+                on_round(entry, stats)

@@ -1,0 +1,63 @@
+"""Per-client state of a simulation, kept in the driver, compact, and only as big as it must be.
+
+A virtual client is: its shard (int32 example indices), its dropout probability and
+straggler flag, how often it has trained (which seeds its RNG), and, once it has trained
+with an error-feedback spec, its residual as one flat float32 vector. Actors hold none of
+it between calls, so a thousand clients cost a thousand of these records, not a thousand
+models, and any actor can serve any client.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ClientState:
+    cid: int
+    indices: np.ndarray  # int32 example indices of this client's shard
+    dropout: float = 0.0
+    straggler: bool = False
+    participations: int = 0
+    ef: np.ndarray | None = None  # flat float32 residual (model order), None until needed
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.indices.size)
+
+    def nbytes(self) -> int:
+        return int(self.indices.nbytes + (self.ef.nbytes if self.ef is not None else 0) + 64)
+
+
+def client_seed(job_seed: int, cid: int, participation: int) -> int:
+    """A reproducible seed for one client's one participation (its RNG 'state' is this counter)."""
+    return zlib.crc32(f"{job_seed}/{cid}/{participation}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class ClientTable:
+    """All clients of one simulation."""
+
+    clients: list[ClientState] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def __getitem__(self, cid: int) -> ClientState:
+        return self.clients[cid]
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.clients)
+
+    @classmethod
+    def build(cls, parts: list[np.ndarray], *, dropout: float, straggler_fraction: float, seed: int) -> ClientTable:
+        rng = np.random.default_rng([seed, 7])
+        n = len(parts)
+        slow = np.zeros(n, dtype=bool)
+        n_slow = round(straggler_fraction * n)
+        if n_slow:
+            slow[rng.choice(n, size=n_slow, replace=False)] = True
+        return cls([ClientState(i, p, dropout, bool(slow[i])) for i, p in enumerate(parts)])

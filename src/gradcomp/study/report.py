@@ -1,0 +1,226 @@
+"""results.csv (one row per cell) and report.md (one row per setting, seeds aggregated)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradcomp.results import atomic_write_bytes, human_bytes
+from gradcomp.study.analysis import CellSummary, mean_std
+
+CSV_COLUMNS = [
+    "cell",
+    "spec_name",
+    "spec",
+    "privacy",
+    "seed",
+    "grid",
+    "status",
+    "final_accuracy",
+    "best_accuracy",
+    "rounds",
+    "uplink_bytes",
+    "dense_bytes",
+    "compression",
+    "epsilon",
+    "delta",
+    "target_accuracy",
+    "rounds_to_target",
+    "bytes_to_target",
+    "wall_seconds",
+]
+
+
+@dataclass
+class Row:
+    cell: str
+    spec_name: str
+    spec: str
+    privacy: str
+    seed: int
+    grid: dict[str, Any]
+    status: str
+    summary: CellSummary | None = None
+
+    @property
+    def setting(self) -> str:
+        extra = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.grid.items())
+        return f"{self.spec_name} / {self.privacy}" + (f" [{extra}]" if extra else "")
+
+    def csv_row(self, target: float | None) -> dict[str, Any]:
+        s = self.summary
+        row: dict[str, Any] = {
+            "cell": self.cell,
+            "spec_name": self.spec_name,
+            "spec": self.spec,
+            "privacy": self.privacy,
+            "seed": self.seed,
+            "grid": ";".join(f"{k}={v}" for k, v in self.grid.items()),
+            "status": self.status,
+            "target_accuracy": target if target is not None else "",
+        }
+        if s is not None:
+            row.update(
+                final_accuracy=_num(s.final_accuracy),
+                best_accuracy=_num(s.best_accuracy),
+                rounds=s.steps,
+                uplink_bytes=s.uplink_bytes,
+                dense_bytes=s.dense_bytes,
+                compression=_num(s.dense_bytes / s.uplink_bytes if s.uplink_bytes and s.dense_bytes else None, 2),
+                epsilon=_num(s.epsilon),
+                delta=s.delta if s.delta is not None else "",
+                rounds_to_target=s.steps_to_target if s.steps_to_target is not None else "",
+                bytes_to_target=s.bytes_to_target if s.bytes_to_target is not None else "",
+                wall_seconds=_num(s.wall_seconds, 1),
+            )
+        return row
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def write_csv(rows: Sequence[Row], path: Path, target: float | None) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r.csv_row(target))
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+@dataclass
+class SettingStats:
+    setting: str
+    spec: str
+    rows: list[Row] = field(default_factory=list)
+
+    def done(self) -> list[CellSummary]:
+        return [r.summary for r in self.rows if r.summary is not None]
+
+
+def settings(rows: Sequence[Row]) -> list[SettingStats]:
+    out: dict[str, SettingStats] = {}
+    for r in rows:
+        out.setdefault(r.setting, SettingStats(r.setting, r.spec)).rows.append(r)
+    return list(out.values())
+
+
+def _code(spec: str) -> str:
+    """A spec in a Markdown table cell: '|' would end the cell, so it is escaped."""
+    return "`" + spec.replace("|", "\\|") + "`"
+
+
+def _fmt_acc(values: list[float | None]) -> str:
+    m, s = mean_std(values)
+    if m is None:
+        return "-"
+    return f"{m:.4f}" + (f" ± {s:.4f}" if s else "")
+
+
+def settings_table(
+    rows: Sequence[Row], target: float | None, baseline_setting: str | None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-setting Markdown table (also used for the README)."""
+    stats = settings(rows)
+    base_bytes = None
+    if baseline_setting is not None and target is not None:
+        base = next((s for s in stats if s.setting == baseline_setting), None)
+        reached = [d.bytes_to_target for d in base.done()] if base else []
+        if reached and all(b is not None for b in reached):
+            base_bytes = sum(reached) / len(reached)
+    tgt = f"{target:g}" if target is not None else "target"
+    header = [
+        "setting",
+        "spec",
+        "seeds",
+        "final acc",
+        "best acc",
+        f"rounds to {tgt}",
+        f"uplink bytes to {tgt}",
+        f"bytes saved vs baseline at {tgt}",
+        "total uplink",
+        "compression",
+        "epsilon",
+    ]
+    table = []
+    for st in stats:
+        done = st.done()
+        n = len(st.rows)
+        if not done:
+            table.append([st.setting, _code(st.spec), f"0/{n}", *["-"] * 8])
+            continue
+        reached = [d for d in done if d.steps_to_target is not None]
+        if target is None:
+            rounds = bytes_ = saved = "-"
+        elif len(reached) < len(done):
+            rounds = f"not reached ({len(reached)}/{len(done)} seeds)"
+            bytes_ = saved = "-"
+        else:
+            mean_r = sum(d.steps_to_target for d in reached) / len(reached)  # type: ignore[misc]
+            mean_b = sum(d.bytes_to_target for d in reached) / len(reached)  # type: ignore[misc]
+            rounds = f"{mean_r:.1f}" if len(reached) > 1 else f"{mean_r:.0f}"
+            bytes_ = human_bytes(mean_b)
+            saved = f"{base_bytes / mean_b:.1f}x" if base_bytes and mean_b else "-"
+        up = sum(d.uplink_bytes for d in done) / len(done)
+        dense = sum(d.dense_bytes for d in done) / len(done)
+        eps = [d.epsilon for d in done if d.epsilon is not None]
+        table.append(
+            [
+                st.setting + (" **(baseline)**" if st.setting == baseline_setting else ""),
+                _code(st.spec),
+                f"{len(done)}/{n}",
+                _fmt_acc([d.final_accuracy for d in done]),
+                _fmt_acc([d.best_accuracy for d in done]),
+                rounds,
+                bytes_,
+                saved,
+                human_bytes(up),
+                f"{dense / up:.1f}x" if up and dense else "-",
+                f"{sum(eps) / len(eps):.2f}" if eps else "-",
+            ]
+        )
+    return header, table
+
+
+def markdown_table(header: list[str], table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in table]
+    return "\n".join(lines)
+
+
+def write_report(
+    path: Path,
+    *,
+    title: str,
+    command: str,
+    rows: Sequence[Row],
+    target: float | None,
+    baseline_setting: str | None,
+    plots: Sequence[Path],
+    notes: Sequence[str] = (),
+) -> Path:
+    header, table = settings_table(rows, target, baseline_setting)
+    done = sum(1 for r in rows if r.summary is not None)
+    parts = [
+        f"# Sweep report: {title}",
+        "",
+        f"Command: `{command}`  ",
+        f"Cells finished: {done}/{len(rows)}.  ",
+        f"Baseline (dense, non-private): {baseline_setting or 'none in this sweep'}.",
+        "",
+        "Accuracy is test accuracy (mean ± std over seeds). 'bytes saved' is the baseline's uplink bytes to the "
+        "target divided by this setting's. 'compression' is dense-equivalent bytes / bytes actually sent.",
+        "",
+        markdown_table(header, table),
+        "",
+    ]
+    parts += [f"- {n}" for n in notes]
+    parts += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    atomic_write_bytes(path, "\n".join(parts).encode())
+    return path

@@ -1,0 +1,232 @@
+"""`gradcomp sweep SWEEP.yaml`: run every cell of a grid, resumably, then write results.csv,
+report.md and the plots under `<runs-dir>/<sweep name>/`.
+
+Every cell's job file is checked (with the runner's own `--check`) before the first cell
+runs, so a typo in the grid fails in seconds rather than hours in. Finished cells are
+skipped when the same command is run again; a cell that failed is reported and retried
+on the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import shlex
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradcomp.config.common import ConfigError, load_job
+from gradcomp.config.sweep import SweepJob
+from gradcomp.results import atomic_write_json, human_bytes
+from gradcomp.study import plots
+from gradcomp.study.analysis import curve, summarize
+from gradcomp.study.cells import Cell, CellStore, expand, load_base
+from gradcomp.study.report import Row, write_csv, write_report
+
+HANDLERS = {"fedsim": "gradcomp.sim.run:run_fedsim", "train": "gradcomp.worker.launch:run_train"}
+
+
+def _handler(runner: str) -> Callable[[argparse.Namespace], int]:
+    module, func = HANDLERS[runner].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _cell_args(runner: str, job: Path, runs_dir: Path, address: str | None, check: bool) -> argparse.Namespace:
+    common = {"job": str(job), "overrides": [], "address": address, "runs_dir": str(runs_dir), "check": check}
+    if runner == "fedsim":
+        return argparse.Namespace(**common, grpc=False, progress=False)
+    return argparse.Namespace(**common, workers=None)
+
+
+def check_cells(sweep: SweepJob, cells: list[Cell]) -> None:
+    """Validate every cell's job with its runner's `--check`, quietly; one error lists every bad cell."""
+    handler = _handler(sweep.runner)
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="gradcomp-sweep-check-") as tmp:
+        for cell in cells:
+            path = Path(tmp) / f"{cell.cell_id}.yaml"
+            path.write_text(yaml.safe_dump(cell.job, sort_keys=False))
+            sink = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                    rc = handler(_cell_args(sweep.runner, path, Path(tmp) / "runs", None, check=True))
+            except ValueError as err:
+                problems.append(f"cell {cell.cell_id}: {err}")
+                continue
+            if rc:
+                problems.append(f"cell {cell.cell_id}: check failed: {sink.getvalue().strip()[-500:]}")
+    if problems:
+        raise ConfigError(f"sweep {sweep.name!r}: {len(problems)} cell(s) are not valid jobs:\n" + "\n".join(problems))
+
+
+def _row(store: CellStore, cell: Cell, sweep: SweepJob, status: str | None = None) -> Row:
+    results = store.load_results(cell)
+    failed = store.cell_dir(cell) / "failed.json"
+    if status is None:
+        status = "done" if results is not None else ("failed" if failed.is_file() else "pending")
+    summary = summarize(results, sweep.target_accuracy) if results is not None else None
+    return Row(cell.cell_id, cell.spec.name, cell.full_spec, cell.privacy.name, cell.seed, cell.grid, status, summary)
+
+
+def _baseline_setting(sweep: SweepJob, rows: list[Row]) -> str | None:
+    name = sweep.baseline_name
+    public = [p.name for p in sweep.privacy if not p.private]
+    if name is None or not public:
+        return None
+    return next((r.setting for r in rows if r.spec_name == name and r.privacy == public[0]), None)
+
+
+def write_outputs(
+    sweep: SweepJob, store: CellStore, cells: list[Cell], command: str, with_plots: bool = True
+) -> dict[str, Path]:
+    """results.csv, the three plots and report.md from whatever cells have finished (plots are the slow
+    part, so progress updates between cells skip them)."""
+    rows = [_row(store, c, sweep) for c in cells]
+    baseline = _baseline_setting(sweep, rows)
+    groups: dict[str, plots.Group] = {}
+    for cell, row in zip(cells, rows, strict=True):
+        results = store.load_results(cell)
+        if results is None:
+            continue
+        g = groups.setdefault(row.setting, plots.Group(row.setting, [], row.setting == baseline, cell.privacy.private))
+        g.curves.append(curve(results))
+    group_list = list(groups.values())
+    out = store.root
+    step = "round" if sweep.runner == "fedsim" else "epoch"
+    target = sweep.target_accuracy
+    paths = {"csv": write_csv(rows, out / "results.csv", target)}
+    names = {
+        "bytes": "accuracy_vs_bytes.png",
+        "epsilon": "accuracy_vs_epsilon.png",
+        "rounds": f"accuracy_over_{step}s.png",
+    }
+    if with_plots:
+        paths["bytes"] = plots.accuracy_vs_bytes(group_list, out / names["bytes"], target)
+        paths["epsilon"] = plots.accuracy_vs_epsilon(group_list, out / names["epsilon"], target)
+        paths["rounds"] = plots.accuracy_over_rounds(group_list, out / names["rounds"], target, step)
+    notes = []
+    failed = [r.cell for r in rows if r.status == "failed"]
+    if failed:
+        notes.append(f"failed cells (see cells/<id>/failed.json; rerun the command to retry): {', '.join(failed)}")
+    paths["report"] = write_report(
+        out / "report.md",
+        title=sweep.name,
+        command=command,
+        rows=rows,
+        target=target,
+        baseline_setting=baseline,
+        plots=[out / names[k] for k in ("bytes", "epsilon", "rounds") if (out / names[k]).is_file()],
+        notes=notes,
+    )
+    return paths
+
+
+def _ensure_ray(sweep: SweepJob, cells: list[Cell], address: str | None) -> bool:
+    """Start (or join) Ray once for all cells instead of once per cell; True when we started it.
+    Not needed when every cell trains its clients in the driver (simulation.actors: 0)."""
+    if sweep.runner != "fedsim":
+        return False
+    if all((c.job.get("simulation") or {}).get("actors") == 0 for c in cells):
+        return False
+    from gradcomp.sim.runtime import init_ray
+
+    return init_ray(address)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    sweep = load_job(SweepJob, args.sweep, getattr(args, "overrides", []))
+    cells = expand(sweep, load_base(sweep, args.sweep))
+    check_cells(sweep, cells)
+    console = Console(stderr=False)
+    if args.check:
+        console.print(f"sweep {sweep.name!r}: {len(cells)} cells ({sweep.runner}), all valid")
+        return 0
+    store = CellStore(Path(args.runs_dir) / sweep.name)
+    store.root.mkdir(parents=True, exist_ok=True)
+    (store.root / "sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    sets = [f"--set {shlex.quote(o)}" for o in getattr(args, "overrides", [])]
+    command = " ".join(
+        ["gradcomp sweep", shlex.quote(str(args.sweep)), *sets, "--runs-dir", shlex.quote(str(args.runs_dir))]
+    )
+    todo = [c for c in cells if not store.is_done(c)]
+    stale = [c.cell_id for c in todo if store.is_stale(c)]
+    if stale:
+        console.print(f"[yellow]{len(stale)} finished cell(s) ran a different job and will run again:[/yellow] {stale}")
+    console.print(
+        f"sweep {sweep.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
+        f"-> {store.root}"
+    )
+    started_ray = _ensure_ray(sweep, todo, args.address) if todo else False
+    handler = _handler(sweep.runner) if todo else None
+    failures = 0
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
+            for cell in todo:
+                progress.update(task, description=f"cell {cell.cell_id}")
+                t0 = time.time()
+                job_path = store.prepare(cell)
+                try:
+                    rc = handler(_cell_args(sweep.runner, job_path, store.runs_dir(cell), args.address, check=False))
+                    if rc:
+                        raise RuntimeError(f"runner exited with status {rc}")
+                    store.mark_done(cell)
+                except Exception as err:  # one bad cell must not lose the others
+                    failures += 1
+                    atomic_write_json(
+                        store.cell_dir(cell) / "failed.json", {"error": repr(err), "traceback": traceback.format_exc()}
+                    )
+                    progress.console.print(f"[red]cell {cell.cell_id} failed:[/red] {err}")
+                else:
+                    s = _row(store, cell, sweep).summary
+                    acc = f"{s.final_accuracy:.4f}" if s and s.final_accuracy is not None else "-"
+                    eps = f", eps {s.epsilon:.2f}" if s and s.epsilon is not None else ""
+                    sent = human_bytes(s.uplink_bytes) if s else "-"
+                    progress.console.print(
+                        f"cell {cell.cell_id}: accuracy {acc}, uplink {sent}{eps} ({time.time() - t0:.0f} s)"
+                    )
+                progress.advance(task)
+                write_outputs(sweep, store, cells, command, with_plots=False)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    paths = write_outputs(sweep, store, cells, command)
+    console.print(f"wrote {paths['csv']}, {paths['report']} and plots in {store.root}")
+    console.print(_tail_table(paths["report"]))
+    return 1 if failures else 0
+
+
+def _tail_table(report: Path) -> str:
+    lines = report.read_text().splitlines()
+    return "\n".join(line for line in lines if line.startswith("|"))
+
+
+def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a finished sweep's results.csv (for notebooks and tests)."""
+    import csv
+
+    with open(Path(sweep_dir) / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+__all__ = ["check_cells", "load_rows", "run_sweep", "write_outputs"]

@@ -1,0 +1,189 @@
+"""The sweep tool: grid expansion, resumability, results.csv, report and valid PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gradcomp.config.common import ConfigError
+from gradcomp.config.sweep import SweepJob
+from gradcomp.study import sweep as sweep_mod
+from gradcomp.study.cells import expand
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+BASE = {
+    "name": "base",
+    "task": {"name": "digits-mlp"},
+    "rounds": 2,
+    "clients": {"expected": 10},
+    "round": {"fraction": 0.5, "min_clients": 3, "deadline_seconds": 10},
+    "local": {"epochs": 1, "batch_size": 32, "lr": 0.1},
+    "compression": "none",
+    "seed": 0,
+    "simulation": {"partition": "iid", "actors": 0},
+}
+
+SWEEP = {
+    "name": "tiny",
+    "base": "base.yaml",
+    "runner": "fedsim",
+    "set": {"rounds": 3},
+    "specs": ["none", {"name": "topk+ef", "spec": "topk(ratio=0.1) | ef"}],
+    "privacy": [
+        {"name": "non-private"},
+        {"name": "dp", "set": {"privacy": {"mode": "central", "clip": 1.0, "noise_multiplier": 0.5}}},
+    ],
+    "seeds": [0],
+    "target_accuracy": 0.3,
+}
+
+
+def _write(tmp_path: Path, **changes: Any) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    data = {**SWEEP, **changes}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _args(path: Path, tmp_path: Path, *overrides: str, check: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(
+        sweep=str(path), overrides=list(overrides), address=None, runs_dir=str(tmp_path / "runs"), check=check
+    )
+
+
+class CountingHandler:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.ran: list[str] = []
+        real = sweep_mod._handler
+
+        def handler(runner: str) -> Any:
+            inner = real(runner)
+
+            def run(args: argparse.Namespace) -> int:
+                if not args.check:
+                    self.ran.append(Path(args.job).parent.name)
+                return inner(args)
+
+            return run
+
+        monkeypatch.setattr(sweep_mod, "_handler", handler)
+
+
+def _png_ok(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    import matplotlib.image as mpimg
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    assert mpimg.imread(str(path)).ndim == 3
+
+
+def test_expand_grid_specs_privacy_seeds(tmp_path: Path) -> None:
+    sweep = SweepJob.model_validate(
+        {**SWEEP, "seeds": [0, 1], "grid": {"simulation.partition": ["iid", "dirichlet(alpha=0.5)"]}}
+    )
+    cells = expand(sweep, BASE)
+    assert len(cells) == 2 * 2 * 2 * 2
+    assert cells[0].spec.name == "none" and cells[0].privacy.name == "non-private"  # baseline first
+    ids = {c.cell_id for c in cells}
+    assert len(ids) == len(cells)
+    dp = next(c for c in cells if c.privacy.name == "dp" and c.spec.name == "topk+ef")
+    assert dp.job["privacy"] == {"mode": "central", "clip": 1.0, "noise_multiplier": 0.5}
+    assert dp.job["compression"] == "topk(ratio=0.1) | ef"
+    assert dp.job["simulation"] == {"partition": dp.grid["simulation.partition"], "actors": 0}  # merged, not replaced
+    assert dp.job["rounds"] == 3 and dp.job["name"] == dp.cell_id
+
+
+def test_local_dp_stage_goes_first() -> None:
+    sweep = SweepJob.model_validate(
+        {**SWEEP, "privacy": [{"name": "ldp", "stage": "dp(clip=1.0, sigma=0.5)", "set": {"privacy.mode": "local"}}]}
+    )
+    specs = {c.spec.name: c.full_spec for c in expand(sweep, BASE)}
+    assert specs["none"].startswith("dp(clip=1.0, sigma=0.5")
+    assert specs["topk+ef"].startswith("dp(") and specs["topk+ef"].endswith("topk(ratio=0.1) | ef")
+
+
+def test_bad_sweeps_fail_before_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid jobs"):
+        sweep_mod.run_sweep(_args(_write(tmp_path, grid={"round.fraction": [0.5, 7]}), tmp_path))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match="unknown stage"):
+        sweep_mod.run_sweep(_args(_write(tmp_path, specs=["nosuch(1)"]), tmp_path))
+    with pytest.raises(ConfigError, match="duplicate"):
+        sweep_mod.run_sweep(_args(_write(tmp_path, specs=["none", "none"]), tmp_path))
+    assert sweep_mod.run_sweep(_args(_write(tmp_path), tmp_path, check=True)) == 0
+
+
+def test_sweep_runs_resumes_and_writes_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path)
+    counter = CountingHandler(monkeypatch)
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
+    assert len(counter.ran) == 4
+    out = tmp_path / "runs" / "tiny"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    for r in rows:
+        assert 0 <= float(r["final_accuracy"]) <= 1 and int(r["uplink_bytes"]) > 0
+        assert (r["epsilon"] != "") == (r["privacy"] == "dp")
+    dense = next(r for r in rows if r["spec_name"] == "none" and r["privacy"] == "non-private")
+    topk = next(r for r in rows if r["spec_name"] == "topk+ef" and r["privacy"] == "non-private")
+    assert int(dense["uplink_bytes"]) > 3 * int(topk["uplink_bytes"])
+    report = (out / "report.md").read_text()
+    assert "none / non-private **(baseline)**" in report and "rounds to 0.3" in report
+    for name in ("accuracy_vs_bytes.png", "accuracy_vs_epsilon.png", "accuracy_over_rounds.png"):
+        _png_ok(out / name)
+        assert f"]({name})" in report
+
+    # Run again: every cell is finished, nothing runs.
+    counter.ran.clear()
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
+    assert counter.ran == []
+    # A cell that did not finish (no done.json, half-written run dir) is the only one that runs again.
+    victim = out / "cells" / rows[2]["cell"]
+    (victim / "done.json").unlink()
+    (victim / "runs" / "junk.txt").write_text("half a run")
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
+    assert counter.ran == [rows[2]["cell"]]
+    assert not (victim / "runs" / "junk.txt").exists()
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
+    # Changing a setting of the study reruns the cells it changes, not the others.
+    counter.ran.clear()
+    assert sweep_mod.run_sweep(_args(path, tmp_path, "privacy=[{name: non-private}]", "set.rounds=2")) == 0
+    assert sorted(counter.ran) == sorted(r["cell"] for r in rows if r["privacy"] == "non-private")
+
+
+def test_failed_cell_is_reported_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, privacy=[{"name": "non-private"}])
+    real = sweep_mod._handler
+
+    def flaky(runner: str) -> Any:
+        inner = real(runner)
+
+        def run(args: argparse.Namespace) -> int:
+            if not args.check and "topk" in args.job:
+                raise RuntimeError("boom")
+            return inner(args)
+
+        return run
+
+    monkeypatch.setattr(sweep_mod, "_handler", flaky)
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 1
+    out = tmp_path / "runs" / "tiny"
+    rows = {r["spec_name"]: r["status"] for r in csv.DictReader((out / "results.csv").open())}
+    assert rows == {"none": "done", "topk+ef": "failed"}
+    assert "failed cells" in (out / "report.md").read_text()
+    monkeypatch.setattr(sweep_mod, "_handler", real)
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
+    rows = {r["spec_name"]: r["status"] for r in csv.DictReader((out / "results.csv").open())}
+    assert rows == {"none": "done", "topk+ef": "done"}

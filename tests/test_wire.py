@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradcomp.compression import WireError, build, decode, encode, from_fields, to_fields
+from gradcomp.compression import Fields, Sparse, WireError, build, decode, encode, from_fields, to_fields
 
 SPECS = [
     "none",
@@ -44,9 +44,35 @@ def test_sparse_payload_costs_what_it_carries() -> None:
     x = torch.randn(100_000)
     sparse = build("topk(0.01)").compress(x)
     dense = build("none").compress(x)
-    assert sparse.nbytes == 17 + 8 + 1000 * (4 + 4)  # header, one dim, int32 index + fp32 value
+    # header, one dim, then per kept value: an int16 gap (1% density: gaps ~100) + an fp32 value
+    assert sparse.nbytes == 17 + 8 + 1000 * (2 + 4) == len(encode(sparse))
     assert dense.nbytes == 17 + 8 + 100_000 * 4
-    assert sparse.nbytes * 40 < dense.nbytes
+    assert sparse.nbytes * 60 < dense.nbytes
+
+
+@pytest.mark.parametrize(
+    "positions,width", [([0, 5, 200, 455], 1), ([3, 300, 30_000], 2), ([0, 70_000], 4), ([2**31 + 5], 8)]
+)
+def test_gaps_use_the_narrowest_width_that_fits(positions: list[int], width: int) -> None:
+    numel = max(positions) + 1
+    payload = Sparse(torch.tensor(positions), torch.ones(len(positions)), (numel,), torch.float32)
+    assert payload.nbytes == 17 + 8 + len(positions) * (4 + width)
+    fields = to_fields(payload)
+    assert len(fields.indices) == len(positions) * width
+    assert from_fields(fields).indices.tolist() == positions
+
+
+@given(st.sets(st.integers(0, 9_999), max_size=300), st.integers(0, 2**16))
+@settings(max_examples=100, deadline=None)
+def test_any_index_set_in_any_order_round_trips(positions: set[int], seed: int) -> None:
+    order = torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))
+    idx = torch.tensor(sorted(positions), dtype=torch.long)[order]
+    values = torch.randn(len(positions), generator=torch.Generator().manual_seed(seed))
+    payload = Sparse(idx.to(torch.int32), values, (100, 100), torch.float32)
+    back = decode(encode(payload))
+    assert len(encode(payload)) == payload.nbytes
+    assert torch.equal(back.to_dense(), payload.to_dense())
+    assert torch.all(back.indices[1:] > back.indices[:-1]), "the wire carries ascending positions"
 
 
 @given(data=st.binary(max_size=200))
@@ -82,16 +108,27 @@ def test_malformed_bytes_name_the_problem(mutate, fragment: str) -> None:
         decode(mutate(_valid()))
 
 
-def test_out_of_range_and_repeated_indices_are_refused() -> None:
-    payload = build("topk(0.25)").compress(torch.randn(16), "k")
-    data = bytearray(encode(payload))
-    tail = len(data) - 4 * 4  # last four int32 indices
-    data[tail : tail + 4] = struct.pack("<i", 16)
-    with pytest.raises(WireError, match="out of range"):
-        decode(bytes(data))
-    data[tail : tail + 4] = data[tail + 4 : tail + 8]
-    with pytest.raises(WireError, match="repeats an index"):
-        decode(bytes(data))
+def _sparse_fields(index_code: int, index_bytes: bytes, count: int, numel: int = 16) -> Fields:
+    return Fields(1, 1, 1, index_code, (numel,), bytes(4 * count), index_bytes)
+
+
+@pytest.mark.parametrize("fields,fragment", [
+    (_sparse_fields(16, bytes([3, 1, 12]), 3), "out of range"),  # gaps 3,1,12 -> 3,4,16 (numel 16)
+    (_sparse_fields(16, bytes([3, 0, 1]), 3), "repeats an index"),  # a zero gap
+    (_sparse_fields(17, struct.pack("<hh", -2, 1), 2), "out of range"),  # negative first position
+    (_sparse_fields(17, struct.pack("<hh", 4, -1), 2), "repeats an index"),  # descending
+    (_sparse_fields(5, struct.pack("<ii", 1, 16), 2), "out of range"),  # absolute int32 positions
+    (_sparse_fields(5, struct.pack("<ii", 7, 7), 2), "repeats an index"),
+    (_sparse_fields(9, bytes(2), 2), "unknown index dtype code 9"),
+])  # fmt: skip
+def test_bad_positions_are_refused(fields: Fields, fragment: str) -> None:
+    with pytest.raises(WireError, match=fragment):
+        from_fields(fields)
+
+
+def test_absolute_positions_in_any_order_are_still_read() -> None:
+    payload = from_fields(_sparse_fields(5, struct.pack("<iii", 9, 2, 5), 3))
+    assert payload.indices.tolist() == [9, 2, 5]
 
 
 def test_size_limit_is_enforced_before_allocating() -> None:

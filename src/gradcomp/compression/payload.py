@@ -80,7 +80,9 @@ class Sparse(_Sized):
     dtype: torch.dtype
 
     def _bytes_per_value(self) -> int:
-        return self.values.element_size() + self.indices.element_size()
+        from gradcomp.compression.indices import gap_width
+
+        return self.values.element_size() + gap_width(self.indices)
 
     def to_dense(self) -> torch.Tensor:
         out = torch.zeros(self.numel, dtype=self.dtype, device=self.values.device)

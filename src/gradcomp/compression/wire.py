@@ -3,8 +3,9 @@
 
 Layout (little-endian):
   magic "GCP1" | kind u8 (0 dense, 1 sparse) | dtype u8 | value dtype u8 |
-  index dtype u8 (0 for dense) | ndim u8 | count u64 | ndim x u64 dims |
-  count values | count indices (sparse only)
+  index code u8 (0 for dense) | ndim u8 | count u64 | ndim x u64 dims |
+  count values | count indices (sparse only: ascending gaps, see indices.py; codes 5/6,
+  absolute int32/int64 positions in any order, are still read)
 
 Decoding checks everything a peer could get wrong or forge: magic, codes, sizes,
 index range and uniqueness, so bad bytes raise `WireError` and never yield a wrong tensor.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradcomp.compression.indices import CODE_GAPS, GapError, canonical_order, decode_gaps, encode_gaps
 from gradcomp.compression.payload import (
     CODE_DTYPES,
     DTYPE_CODES,
@@ -24,6 +26,7 @@ from gradcomp.compression.payload import (
     Dense,
     Payload,
     Sparse,
+    index_dtype_for,
     numel_of,
 )
 
@@ -58,14 +61,19 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def to_fields(payload: Payload) -> Fields:
     if isinstance(payload, Sparse):
+        indices, values = payload.indices, payload.values
+        order = canonical_order(indices)
+        if order is not None:  # the wire carries positions in ascending order
+            indices, values = indices.long()[order], values[order]
+        code, gaps = encode_gaps(indices)
         return Fields(
             KIND_SPARSE,
             DTYPE_CODES[payload.dtype],
-            DTYPE_CODES[payload.values.dtype],
-            DTYPE_CODES[payload.indices.dtype],
+            DTYPE_CODES[values.dtype],
+            code,
             tuple(payload.shape),
-            _tensor_bytes(payload.values),
-            _tensor_bytes(payload.indices),
+            _tensor_bytes(values),
+            _tensor_bytes(gaps),
         )
     return Fields(
         KIND_DENSE,
@@ -119,16 +127,32 @@ def from_fields(f: Fields, *, max_numel: int | None = None) -> Payload:
         return Dense(values, tuple(f.shape), dtype)
     if f.kind != KIND_SPARSE:
         raise WireError(f"unknown payload kind {f.kind}; expected 0 (dense) or 1 (sparse)")
-    idtype = _dtype(f.index_dtype, "index dtype", (torch.int32, torch.int64))
+    idtype, gapped = _index_coding(f.index_dtype)
     if count > numel:
         raise WireError(f"sparse payload has {count} values but the tensor has only {numel} elements")
-    indices = _from_bytes(f.indices, idtype, count, "indices")
-    if count:
-        if int(indices.min()) < 0 or int(indices.max()) >= numel:
+    raw = _from_bytes(f.indices, idtype, count, "indices")
+    if gapped:
+        try:
+            indices = decode_gaps(raw, numel).to(index_dtype_for(numel))
+        except GapError as err:
+            raise WireError(str(err)) from None
+    else:  # absolute positions (codes 5 / 6): any order, so check range and repeats
+        indices = raw
+        if count and (int(indices.min()) < 0 or int(indices.max()) >= numel):
             raise WireError(f"sparse index out of range [0, {numel})")
-        if torch.unique(indices).numel() != count:
+        if count and torch.unique(indices).numel() != count:
             raise WireError("sparse payload repeats an index")
     return Sparse(indices, values, tuple(f.shape), dtype)
+
+
+def _index_coding(code: int) -> tuple[torch.dtype, bool]:
+    """(dtype of the index bytes, whether they are gaps) for an index code."""
+    if code in CODE_GAPS:
+        return CODE_GAPS[code], True
+    if CODE_DTYPES.get(code) in (torch.int32, torch.int64):
+        return CODE_DTYPES[code], False
+    known = sorted([*CODE_GAPS, DTYPE_CODES[torch.int32], DTYPE_CODES[torch.int64]])
+    raise WireError(f"unknown index dtype code {code}; expected one of {known}")
 
 
 def encode(payload: Payload) -> bytes:
@@ -161,11 +185,9 @@ def decode(data: bytes | bytearray | memoryview, *, max_numel: int | None = None
     pos += ndim * _DIM.size
     vdt = _dtype(vdtype, "value dtype", FLOAT_DTYPES)
     vbytes = count * torch.empty((), dtype=vdt).element_size()
+    ibytes = 0
     if kind == KIND_SPARSE:
-        idt = _dtype(idtype, "index dtype", (torch.int32, torch.int64))
-        ibytes = count * torch.empty((), dtype=idt).element_size()
-    else:
-        ibytes = 0
+        ibytes = count * torch.empty((), dtype=_index_coding(idtype)[0]).element_size()
     if len(view) != pos + vbytes + ibytes:
         raise WireError(f"payload is {len(view)} bytes; its header announces {pos + vbytes + ibytes}")
     fields = Fields(

@@ -42,11 +42,11 @@ def job_data(clients: int, spec: str, rounds: int, actors: int) -> dict:
 
 def one(job_path: str, address: str) -> dict:
     """Run one configuration in this process (connected to `address`) and measure it."""
+    from gradcomp.raycluster import connect
     from gradcomp.sim.pool import peak_rss_bytes
     from gradcomp.sim.run import build_simulation, load_fedsim_job
-    from gradcomp.sim.runtime import init_ray
 
-    init_ray(address)
+    connect(address)
     job = load_fedsim_job(job_path)
     sim, _ = build_simulation(job, quiet=True)
     # warm-up round: actors import torch and load the task once; not counted
@@ -96,7 +96,9 @@ def main() -> int:
 
     import ray
 
-    ray.init(num_cpus=args.actors, include_dashboard=False, object_store_memory=200 * 1024**2)
+    from gradcomp.raycluster import connect
+
+    connect(num_cpus=args.actors)
     address = ray.get_runtime_context().gcs_address
     rows = []
     try:

@@ -13,6 +13,7 @@ import yaml
 from gradcomp import metrics
 from gradcomp.cli import main
 from gradcomp.compression import encode, from_fields
+from gradcomp.raycluster import connect
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.pool import ClientPool
 from gradcomp.sim.run import build_simulation, load_fedsim_job, make_pool
@@ -71,7 +72,7 @@ def _encoded_size(res: ClientResult) -> int:
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2)
+    connect(num_cpus=2)
     yield ray
     ray.shutdown()
 

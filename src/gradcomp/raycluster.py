@@ -21,7 +21,11 @@ def cluster_address(address: str | None) -> str | None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> bool:
-    """Initialise Ray once per process; returns True when a local cluster was started."""
+    """Join `address` (or $RAY_ADDRESS), else start a local Ray on loopback.
+
+    Returns True when this call initialised Ray (the caller then shuts it down), False when
+    Ray was already up in this process.
+    """
     import ray
 
     if ray.is_initialized():
@@ -29,7 +33,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs: A
     target = cluster_address(address)
     if target:
         ray.init(address=target, log_to_driver=kwargs.pop("log_to_driver", True), **kwargs)
-        return False
+        return True
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # inherited by the local raylet's workers
     ray.init(
         num_cpus=num_cpus,
@@ -39,3 +43,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs: A
         **kwargs,
     )
     return True
+
+
+def cluster_cpus() -> int:
+    """CPUs of the connected cluster (at least 1): the default number of actors or workers."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

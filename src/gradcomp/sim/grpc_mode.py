@@ -105,9 +105,9 @@ class GrpcClients:
 
 
 def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
+    from gradcomp.raycluster import connect
     from gradcomp.server import app, store
     from gradcomp.sim.run import make_clients, make_pool
-    from gradcomp.sim.runtime import init_ray
 
     sim = job.simulation or SimulationConfig()
     show = getattr(args, "progress", True)
@@ -122,7 +122,7 @@ def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
     job.clients.min = n  # every virtual client is online: round 1 waits until all have joined (as in-process)
     os.environ[job.server.tokens_env] = ",".join(f"{name}={tok}" for name, tok in tokens.items())
     table, _task = make_clients(job, quiet=not show)
-    started_ray = init_ray(getattr(args, "address", None)) if sim.actors != 0 else False
+    started_ray = connect(getattr(args, "address", None)) if sim.actors != 0 else False
     run_dir = Path(args.runs_dir) / job.name
     stale = run_dir / store.FILENAME
     if stale.exists():  # a simulation always starts afresh (there is no fedsim --resume)

@@ -66,7 +66,7 @@ def make_pool(job: FedJob, actors: int | None) -> ClientPool:
     """`actors` 0: in the driver; None: one Ray actor per CPU of the cluster (at most one per client)."""
     if actors == 0:
         return LocalPool(local_config(job))
-    from gradcomp.sim.runtime import cluster_cpus
+    from gradcomp.raycluster import cluster_cpus
 
     n = actors if actors is not None else cluster_cpus()
     return RayPool(local_config(job), max(1, min(n, job.clients.expected)))
@@ -143,11 +143,11 @@ def _run_in_process(job: FedJob, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from gradcomp.sim.runtime import init_ray
+    from gradcomp.raycluster import connect
 
     show = getattr(args, "progress", True)
     sim_cfg = job.simulation or SimulationConfig()
-    started_ray = init_ray(getattr(args, "address", None)) if sim_cfg.actors != 0 else False
+    started_ray = connect(getattr(args, "address", None)) if sim_cfg.actors != 0 else False
     run_dir = Path(args.runs_dir) / job.name
     record = RunRecord(run_dir, job.name, "fedsim", job.model_dump(mode="json"))
     t0 = time.time()

@@ -136,9 +136,9 @@ def _ensure_ray(sweep: SweepJob, cells: list[Cell], address: str | None) -> bool
         return False
     if all((c.job.get("simulation") or {}).get("actors") == 0 for c in cells):
         return False
-    from gradcomp.sim.runtime import init_ray
+    from gradcomp.raycluster import connect
 
-    return init_ray(address)
+    return connect(address)
 
 
 def run_sweep(args: argparse.Namespace) -> int:

@@ -1,0 +1,147 @@
+"""`TrainJob`: the job file of `gradcomp train` (data-parallel training on Ray Train).
+
+Everything a run needs is validated here, before Ray starts, so a typo or an impossible
+value fails with the key path and the allowed values instead of a worker traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from gradcomp.config.common import StrictModel, compression_spec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+CompressionSpec = Annotated[str, BeforeValidator(compression_spec)]
+
+
+class TaskConfig(StrictModel):
+    """Which task to train: a built-in name or a user `module:function`, with its arguments."""
+
+    name: str = "digits-mlp"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from gradcomp.tasks import task_names
+
+        if value not in task_names() and ":" not in value:
+            raise ValueError(f"unknown task {value!r}: use one of {task_names()} or a 'module:function' entry point")
+        return value
+
+
+class OptimizerConfig(StrictModel):
+    """sgd (plain), momentum (heavy ball), nesterov, or adam."""
+
+    name: Literal["sgd", "momentum", "nesterov", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must both be in [0, 1), got {list(value)}")
+        return value
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule, stepped once per optimizer step.
+
+    `warmup_steps` ramps the rate linearly from ~0 to `lr` first (combines with any schedule).
+    `step`: multiply by `gamma` every `step_epochs` epochs. `cosine`: decay to `min_lr` at the end.
+    """
+
+    name: Literal["none", "step", "cosine"] = "none"
+    warmup_steps: int = Field(0, ge=0)
+    step_epochs: int = Field(1, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class DPConfig(StrictModel):
+    """Example-level differential privacy (DP-SGD): per-example clipping, Gaussian noise, accountant."""
+
+    clip: float = Field(1.0, gt=0, description="L2 bound on each example's gradient")
+    noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip of the summed gradient")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    epsilon_budget: float | None = Field(None, gt=0, description="stop before spending more than this")
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(2, ge=1, le=1024)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class CheckpointConfig(StrictModel):
+    """Checkpoint every N epochs and/or every N steps (0 = off); keep the newest `keep`."""
+
+    every_epochs: int = Field(1, ge=0)
+    every_steps: int = Field(0, ge=0)
+    keep: int = Field(2, ge=1)
+
+
+class EvalConfig(StrictModel):
+    every_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(512, ge=1)
+
+
+class TrainJob(StrictModel):
+    """A `gradcomp train` job file."""
+
+    name: str = Field(description="run name: runs/<name>/ holds results and checkpoints")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    seed: int = 0
+    epochs: int = Field(5, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, description="examples per worker per step")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    compression: CompressionSpec = "none"
+    warmup_dense_steps: int = Field(0, ge=0, description="uncompressed all-reduce for the first N steps")
+    bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
+    dp: DPConfig | None = None
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                "must be 1-100 characters of letters, digits, '.', '_' or '-', starting with a letter/digit"
+            )
+        return value
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_privacy_mechanism(self) -> TrainJob:
+        if self.dp is not None and "dp(" in self.compression:
+            raise ValueError(
+                "the job has both a 'dp' section (example-level DP-SGD) and a dp stage in 'compression'; "
+                "use the 'dp' section for data-parallel training and drop the dp stage from the spec"
+            )
+        return self
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp is not None
+
+    def resume_key(self) -> dict[str, Any]:
+        """The parts of the job a resumed run must share with the run it continues."""
+        data = self.model_dump(mode="json")
+        for key in ("epochs", "scaling", "max_failures", "eval", "checkpoint"):
+            data.pop(key, None)
+        return data

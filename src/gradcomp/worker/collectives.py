@@ -1,0 +1,105 @@
+"""The three collectives a compressed gradient needs, each asynchronous and averaging over ranks.
+
+- dense all-reduce: every rank sends all values (`Dense` payloads, warm-up, no compression);
+- sparse all-gather: ranks pick different positions (topk, rtopk), so each rank gathers
+  every rank's fixed-size (indices, values) and scatter-adds them;
+- shared-index all-reduce: every rank picks the same positions (seeded randomk), so only
+  the k values are all-reduced.
+
+Each function starts the collective and returns a `torch.futures.Future` resolving to the
+dense *average* (flat, compute dtype), so the caller can chain work on it and let the
+communication overlap with the rest of the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from gradcomp.compression import Dense, Payload, Sparse
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group)
+
+
+def _then(work: dist.Work, fn):  # type: ignore[no-untyped-def]
+    return work.get_future().then(lambda fut: (fut.value(), fn())[1])
+
+
+def allreduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.futures.Future[torch.Tensor]:
+    """Average `values` (flat) across ranks. Divides before summing so fp16 does not overflow.
+
+    `values` is reduced in place; the future resolves to it, holding the mean.
+    """
+    values.div_(world_size(group))
+    work = dist.all_reduce(values, group=group, async_op=True)
+    return _then(work, lambda: values)
+
+
+def _pack(payload: Sparse) -> torch.Tensor:
+    """Indices then values of one payload as one flat byte tensor (one collective, not two)."""
+    idx = payload.indices.contiguous().view(torch.uint8)
+    val = payload.values.contiguous().view(torch.uint8)
+    return torch.cat([idx, val])
+
+
+def allgather_sparse_mean(
+    payload: Sparse, out_dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> torch.futures.Future[torch.Tensor]:
+    """Gather every rank's (indices, values) and return the mean of their dense forms.
+
+    All ranks must send the same number of values with the same index/value dtypes (true
+    for a pipeline's payloads of equally sized tensors: `pipe.kept(n)` is fixed).
+    """
+    world = world_size(group)
+    packed = _pack(payload)
+    gathered = torch.empty(world * packed.numel(), dtype=torch.uint8, device=packed.device)
+    work = _all_gather_single(gathered, packed, group=group, async_op=True)
+    k = payload.values.numel()
+    idx_bytes = k * payload.indices.element_size()
+    numel = payload.numel
+
+    def decode() -> torch.Tensor:
+        rows = gathered.view(world, -1)
+        idx = rows[:, :idx_bytes].contiguous().view(payload.indices.dtype).reshape(-1)
+        val = rows[:, idx_bytes:].contiguous().view(payload.values.dtype).reshape(-1)
+        out = torch.zeros(numel, dtype=out_dtype, device=packed.device)
+        out.index_add_(0, idx.long(), val.to(out_dtype))
+        return out.div_(world)
+
+    return _then(work, decode)
+
+
+def allreduce_shared_mean(
+    payload: Sparse, out_dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce only the k values of a payload whose indices are the same on every rank."""
+    values = payload.values.clone()
+    summed = allreduce_mean(values, group)
+    idx = payload.indices.long()
+    numel = payload.numel
+
+    def scatter(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(numel, dtype=out_dtype, device=idx.device)
+        out[idx] = fut.value().to(out_dtype)
+        return out
+
+    return summed.then(scatter)
+
+
+def reduce_payload(
+    payload: Payload,
+    out_dtype: torch.dtype,
+    shared_indices: bool,
+    group: dist.ProcessGroup | None = None,
+) -> torch.futures.Future[torch.Tensor]:
+    """Pick the collective a payload needs; the future resolves to the flat dense mean."""
+    if isinstance(payload, Dense):
+        values = payload.values.clone()
+        return allreduce_mean(values, group).then(lambda fut: fut.value().to(out_dtype))
+    if shared_indices:
+        return allreduce_shared_mean(payload, out_dtype, group)
+    return allgather_sparse_mean(payload, out_dtype, group)

@@ -1,0 +1,211 @@
+"""The DDP communication hook: compress each gradient bucket, run the right collective,
+return the average as a future so communication overlaps the rest of the backward pass.
+
+One `CompressionState` per model. Error-feedback memory is keyed by the *parameters* in a
+bucket, not by the bucket's index, because DDP rebuilds its buckets after the first step
+(in gradient-ready order): when a new layout appears, each parameter's residual is carried
+over from the bucket it used to live in, so no feedback is lost or misapplied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradcomp.compression import Pipeline, Sparse, build, dense_nbytes
+from gradcomp.worker.collectives import allreduce_mean, reduce_payload
+
+
+@dataclass
+class StepTraffic:
+    """What one rank put on the wire since the last `take_traffic()`."""
+
+    bytes_sent: int = 0
+    dense_bytes: int = 0
+    buckets: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.bytes_sent if self.bytes_sent else 1.0
+
+
+@dataclass
+class _Layout:
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        out, at = {}, 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            out[name] = (at, size)
+            at += size
+        return out
+
+
+@dataclass
+class CompressionState:
+    """Per-model hook state: the pipeline (with its EF memory), warm-up, traffic counters.
+
+    `step` counts completed all-reduce rounds (one per backward through DDP) and decides
+    when the dense warm-up ends; `take_traffic()` hands the loop this step's bytes.
+    """
+
+    pipeline: Pipeline
+    names: dict[int, str]
+    group: dist.ProcessGroup | None = None
+    warmup_steps: int = 0
+    step: int = 0
+    traffic: StepTraffic = field(default_factory=StepTraffic)
+    _layouts: dict[str, _Layout] = field(default_factory=dict)
+    _home: dict[str, str] = field(default_factory=dict)  # parameter name -> key holding its residual
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        spec: str | list[Any],
+        seed: int = 0,
+        warmup_steps: int = 0,
+        group: dist.ProcessGroup | None = None,
+    ) -> CompressionState:
+        """State for `model` (the DDP module or the module it wraps: names are normalised)."""
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        names = {id(p): name for name, p in module.named_parameters()}
+        return cls(build(spec, seed=seed), names, group=group, warmup_steps=warmup_steps)
+
+    # --- keys and error-feedback migration --------------------------------------------------
+    def bucket_key(self, params: list[torch.Tensor], sizes: list[int]) -> str:
+        names = tuple(self.names.get(id(p), f"#{i}") for i, p in enumerate(params))
+        digest = hashlib.sha1("\0".join(names).encode()).hexdigest()[:12]
+        key = f"bucket-{digest}"
+        if key not in self._layouts:
+            self._layouts[key] = _Layout(names, tuple(sizes))
+        return key
+
+    def carry_residual(self, key: str, flat: torch.Tensor) -> torch.Tensor:
+        """Add to `flat` the residual its parameters left in the buckets of an older layout.
+
+        Adding it to the input of a key with empty memory is exactly what EF would have done
+        had the memory been stored under the new key, so the migration is lossless.
+        """
+        layout = self._layouts.get(key)
+        if not self.pipeline.ef or layout is None:  # not a DDP bucket (e.g. the DP path's flat gradient)
+            return flat
+        moved: set[str] = set()
+        out = flat
+        for name, (start, size) in layout.offsets().items():
+            home = self._home.get(name)
+            self._home[name] = key
+            if home is None or home == key:
+                continue
+            old = self.pipeline.residual(home)
+            old_layout = self._layouts.get(home)
+            # A residual kept only over positions chosen before dp (randomk | dp) has no
+            # per-parameter layout; such memory is dropped instead of misplaced.
+            if old is not None and old_layout is not None and old.numel() == sum(old_layout.sizes):
+                o_start, o_size = old_layout.offsets()[name]
+                if o_size == size:
+                    if out is flat:
+                        out = flat.clone()
+                    out[start : start + size] += old[o_start : o_start + size].to(out.dtype)
+            moved.add(home)
+        for home in moved:
+            if not any(k == home for k in self._home.values()):
+                self.pipeline.reset(home)
+                self._layouts.pop(home, None)
+        return out
+
+    # --- the work ---------------------------------------------------------------------------
+    @property
+    def compressing(self) -> bool:
+        return not self.pipeline.is_identity and self.step >= self.warmup_steps
+
+    def reduce(self, flat: torch.Tensor, key: str) -> torch.futures.Future[torch.Tensor]:
+        """Compress `flat` under `key`, start the collective, resolve to the flat mean.
+
+        `flat` is the caller's to overwrite (a DDP bucket, or the DP path's fresh gradient):
+        uncompressed steps reduce it in place.
+        """
+        dense = dense_nbytes(tuple(flat.shape), flat.dtype)
+        self.traffic.dense_bytes += dense
+        self.traffic.buckets += 1
+        if not self.compressing:
+            self.traffic.bytes_sent += dense
+            return allreduce_mean(flat, self.group)  # in place, like DDP's default hook
+        payload = self.pipeline.compress(self.carry_residual(key, flat), key=key)
+        if self.pipeline.shared_indices and isinstance(payload, Sparse):
+            # Every rank derives the positions from the shared seed: only the values travel.
+            self.traffic.bytes_sent += payload.values.numel() * payload.values.element_size()
+        else:
+            self.traffic.bytes_sent += payload.nbytes
+        return reduce_payload(payload, flat.dtype, self.pipeline.shared_indices, self.group)
+
+    def end_step(self) -> None:
+        self.step += 1
+
+    def take_traffic(self) -> StepTraffic:
+        out, self.traffic = self.traffic, StepTraffic()
+        return out
+
+    # --- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline.state_dict(),
+            "step": self.step,
+            "layouts": {k: (list(v.names), list(v.sizes)) for k, v in self._layouts.items()},
+            "home": dict(self._home),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pipeline.load_state_dict(state["pipeline"])
+        self.step = int(state["step"])
+        self._layouts = {k: _Layout(tuple(n), tuple(s)) for k, (n, s) in state.get("layouts", {}).items()}
+        self._home = dict(state.get("home", {}))
+
+
+def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: `ddp_model.register_comm_hook(state, compression_hook)`.
+
+    Writes the averaged gradient back into the bucket's buffer and resolves to it.
+    """
+    buffer = bucket.buffer()
+    params = bucket.parameters()
+    key = state.bucket_key(params, [p.numel() for p in params])
+    fut = state.reduce(buffer, key)
+    if bucket.is_last():
+        state.end_step()
+
+    def write_back(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        mean = f.value()
+        if mean.data_ptr() != buffer.data_ptr():
+            buffer.copy_(mean.view_as(buffer))
+        return buffer
+
+    return fut.then(write_back)
+
+
+# DDP checks the hook's annotations against the real types; with postponed annotations
+# they would be strings, so set them explicitly.
+compression_hook.__annotations__ = {
+    "state": CompressionState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def register(
+    ddp_model: nn.parallel.DistributedDataParallel,
+    spec: str | list[Any],
+    seed: int = 0,
+    warmup_steps: int = 0,
+    group: dist.ProcessGroup | None = None,
+) -> CompressionState:
+    """Attach the compression hook to a DDP model and return its state."""
+    state = CompressionState.for_model(ddp_model, spec, seed=seed, warmup_steps=warmup_steps, group=group)
+    ddp_model.register_comm_hook(state, compression_hook)
+    return state

@@ -1,0 +1,283 @@
+"""`gradcomp train JOB.yaml`: validate the job, start (or join) Ray, run a TorchTrainer, show
+progress, and write runs/<name>/results.json.
+
+Ray Train keeps its checkpoints under runs/<name>/ too (RunConfig(storage_path=runs dir,
+name=job name)), so running the same job name again continues from the newest checkpoint:
+after a crash, after Ctrl-C, or with more epochs. `--fresh` starts over instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from gradcomp.config.common import ConfigError, load_job
+from gradcomp.config.train import TrainJob
+from gradcomp.results import RunRecord, human_bytes, print_summary
+
+FORWARDED_ENV_PREFIX = "GRADCOMP_"
+
+
+def load_train_job(path: str, overrides: list[str] | None = None, workers: int | None = None) -> TrainJob:
+    """Load and validate a job file (plus `--set` and `--workers`), failing before any work."""
+    job = load_job(TrainJob, path, overrides)
+    if workers is not None:
+        try:
+            job.scaling.num_workers = workers
+        except ValueError as err:
+            raise ConfigError(f"--workers {workers}: {err}") from None
+    return job
+
+
+def describe(job: TrainJob) -> dict[str, Any]:
+    """Load the task once on the driver: catches bad task arguments before Ray starts."""
+    from gradcomp.tasks import load_task
+
+    task = load_task(job.task.name, **job.task.args)
+    n_train = len(task.train_set)  # type: ignore[arg-type]
+    world = job.scaling.num_workers
+    steps = (n_train // world) // job.batch_size
+    if steps < 1:
+        raise ConfigError(
+            f"batch_size {job.batch_size} x {world} workers needs at least {job.batch_size * world} "
+            f"training examples; task {job.task.name!r} has {n_train}"
+        )
+    params = sum(p.numel() for p in task.make_model().parameters())
+    return {
+        "train_examples": n_train,
+        "parameters": params,
+        "steps_per_epoch": steps,
+        "total_steps": steps * job.epochs,
+    }
+
+
+def _check_resumable(run_dir: Path, job: TrainJob) -> None:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("config", {})
+    old_key = {k: v for k, v in old.items() if k in job.resume_key()}
+    if old_key and old_key != job.resume_key():
+        changed = sorted(k for k in job.resume_key() if old_key.get(k) != job.resume_key()[k])
+        raise ConfigError(
+            f"{run_dir} holds run {job.name!r} with a different job (changed: {', '.join(changed)}); "
+            f"use another name, or --fresh to discard the old run"
+        )
+
+
+def _init_ray(address: str | None, job: TrainJob) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    needed = job.scaling.num_workers * job.scaling.cpus_per_worker
+    ray.init(
+        num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        # Progress and results come through our own queue; worker errors still reach the
+        # driver inside Ray Train's exception. GRADCOMP_RAY_LOGS=1 shows the raw worker logs.
+        log_to_driver=os.environ.get("GRADCOMP_RAY_LOGS", "0") == "1",
+    )
+
+
+class Recorder:
+    """results.json for a run that may replay epochs after a restart: an epoch reported again
+    (from a checkpoint taken before it) replaces the old entry and everything after it."""
+
+    def __init__(self, run_dir: Path, job: TrainJob, info: dict[str, Any]):
+        config = {**job.model_dump(mode="json"), "info": info}
+        existing = (run_dir / "results.json").is_file()
+        self.rec = (RunRecord.resume if existing else RunRecord)(run_dir, job.name, "train", config)
+        if self.rec.data["history"]:  # a resumed run that trains no further still reports its last epoch
+            self.rec.data["final"] = dict(self.rec.data["history"][-1])
+        self.steps_path = run_dir / "steps.jsonl"
+        self.job = job
+
+    @property
+    def last_epoch(self) -> int:
+        hist = self.rec.data["history"]
+        return int(hist[-1]["epoch"]) if hist else 0
+
+    def epoch(self, entry: dict[str, Any]) -> None:
+        data = self.rec.data
+        data["history"] = [h for h in data["history"] if h.get("epoch", 0) < entry["epoch"]]
+        data["bytes_sent"] = sum(int(h.get("bytes_sent", 0)) for h in data["history"])
+        data["dense_bytes"] = sum(int(h.get("dense_bytes", 0)) for h in data["history"])
+        if "epsilon" in entry:
+            self.rec.set_privacy(entry["epsilon"], entry.get("delta"))
+        self.rec.log(entry, bytes_sent=entry["bytes_sent"], dense_bytes=entry["dense_bytes"])
+
+    def steps(self, events: list[dict[str, Any]]) -> None:
+        if events:
+            with self.steps_path.open("a") as f:
+                for e in events:
+                    f.write(json.dumps(e) + "\n")
+
+
+class Display:
+    """A progress bar on a terminal; one line per epoch otherwise (logs, CI)."""
+
+    def __init__(self, total_steps: int, title: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console()
+        self.live = self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            disable=not self.live,
+            redirect_stdout=True,
+            redirect_stderr=True,
+        )
+        self.task = self.progress.add_task(title, total=total_steps, info="starting workers")
+
+    def __enter__(self) -> Display:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def step(self, e: dict[str, Any]) -> None:
+        info = f"loss {e['loss']:.3f}  {e['compression_ratio']:.0f}x  {1000 * e['step_seconds']:.1f} ms/step"
+        self.progress.update(self.task, completed=e["step"], info=info)
+
+    def line(self, text: str) -> None:
+        self.console.print(text, highlight=False, soft_wrap=True)
+
+    def epoch(self, e: dict[str, Any]) -> None:
+        parts = [f"epoch {e['epoch']}", f"loss {e['train_loss']:.4f}"]
+        if "test_accuracy" in e:
+            parts.append(f"test acc {e['test_accuracy']:.4f}")
+        parts.append(f"sent {human_bytes(e['bytes_sent'])} ({e['compression_ratio']:.1f}x less)")
+        parts.append(f"{1000 * e['step_seconds']:.1f} ms/step")
+        if "epsilon" in e:
+            parts.append(f"eps {e['epsilon']:.3f}")
+        self.line("  ".join(parts))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """CLI handler of `gradcomp train`."""
+    job = load_train_job(args.job, getattr(args, "overrides", None), getattr(args, "workers", None))
+    info = describe(job)
+    runs_dir = Path(getattr(args, "runs_dir", "runs")).resolve()
+    run_dir = runs_dir / job.name
+    if getattr(args, "check", False):
+        print(
+            f"{args.job}: ok: run {job.name!r}, task {job.task.name} ({info['parameters']:,} parameters, "
+            f"{info['train_examples']} examples), {job.scaling.num_workers} workers x {job.epochs} epochs x "
+            f"{info['steps_per_epoch']} steps, compression {job.compression!r}"
+            + (f", DP clip={job.dp.clip} sigma={job.dp.noise_multiplier} delta={job.dp.delta:g}" if job.dp else "")
+        )
+        return 0
+    if getattr(args, "fresh", False) and run_dir.exists():
+        shutil.rmtree(run_dir)
+    _check_resumable(run_dir, job)
+    results = train(job, run_dir, info, address=getattr(args, "address", None))
+    print_summary(results)
+    return 0 if results["final"].get("status") == "finished" else 1
+
+
+def train(job: TrainJob, run_dir: Path, info: dict[str, Any], address: str | None = None) -> dict[str, Any]:
+    """Run the job on Ray Train and return the results dict (also written to results.json)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from gradcomp.worker.loop import ray_train_loop
+
+    _init_ray(address, job)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder(run_dir, job, info)
+    queue = Queue(actor_options={"num_cpus": 0})
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"job": job.model_dump(mode="json"), "progress": queue},
+        scaling_config=ScalingConfig(
+            num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
+            worker_runtime_env={"env_vars": env} if env else None,
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # reported below, on the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="gradcomp-fit", daemon=True)
+    started = time.time()
+    restarts = 0
+    stopped = None
+    with Display(info["total_steps"], f"train {job.name}") as display:
+        if recorder.last_epoch:
+            display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
+        thread.start()
+        while True:
+            alive = thread.is_alive()
+            try:
+                message = queue.get(block=True, timeout=0.5)
+            except Empty:
+                if not alive:
+                    break
+                continue
+            for e in message.get("events", []):
+                kind = e.get("type")
+                if kind == "step":
+                    display.step(e)
+                elif kind == "epoch":
+                    recorder.epoch({k: v for k, v in e.items() if k != "type"})
+                    display.epoch(e)
+                elif kind == "restored":
+                    restarts += 1
+                    display.line(f"restored from checkpoint {e['path']}")
+                elif kind == "stopped":
+                    stopped = e["reason"]
+                    display.line(f"stopped early: {stopped}")
+            recorder.steps([e for e in message.get("events", []) if e.get("type") == "step"])
+        thread.join()
+    queue.shutdown()
+    final: dict[str, Any] = {
+        "workers": job.scaling.num_workers,
+        "run_seconds": round(time.time() - started, 3),
+        "restores": restarts,
+    }
+    if stopped:
+        final["stopped"] = stopped
+    if "error" in outcome:
+        err = outcome["error"]
+        print(f"gradcomp train: run {job.name!r} failed: {err}", file=sys.stderr)
+        return recorder.rec.finish(status="failed", error=str(err).splitlines()[0][:500] if str(err) else repr(err))
+    result = outcome["result"]
+    if result.error is not None:
+        return recorder.rec.finish(status="failed", error=str(result.error)[:500])
+    final["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    final["status"] = "finished"
+    return recorder.rec.finish(**final)

@@ -1,0 +1,410 @@
+"""The per-worker training loop. Runs under Ray Train (`ray_train_loop`) or any already
+initialised torch.distributed group (`train_worker` with a `Session`, used by benchmarks).
+
+Per step: forward/backward through DDP with the compression hook (or per-example DP
+gradients and the same collectives), optimizer and schedule step, bytes sent vs dense
+bytes, step time, loss. Per epoch: global train loss, test accuracy on rank 0, epsilon,
+a report (and a checkpoint every N epochs/steps) that every rank joins.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from gradcomp.config.train import TrainJob
+from gradcomp.tasks import evaluate, load_task
+from gradcomp.worker.dp import ExampleDP, linear_aggregation
+from gradcomp.worker.hook import CompressionState, compression_hook
+
+STATE_FILE = "state.pt"
+# Test-only fault injection: rank 1 exits at this global step unless the marker file exists.
+FAULT_STEP_ENV = "GRADCOMP_FAULT_STEP"
+FAULT_MARKER_ENV = "GRADCOMP_FAULT_MARKER"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank}.pt"
+
+
+@dataclass
+class Session:
+    """How the loop talks to whatever launched it.
+
+    `report(metrics, checkpoint_dir)` must be called by every rank the same number of times
+    (Ray Train's report is a barrier); `restore` is a directory holding the last checkpoint.
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+    report: Callable[[dict[str, Any], Path | None], None]
+    restore: Path | None = None
+    progress: Callable[[dict[str, Any]], None] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end early (epsilon budget reached)."""
+
+
+def _schedule(job: TrainJob, steps_per_epoch: int) -> Callable[[int], float]:
+    s, total = job.schedule, job.epochs * steps_per_epoch
+    floor = s.min_lr / job.optimizer.lr
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else 1.0
+        if s.name == "step":
+            base = s.gamma ** ((step // steps_per_epoch) // s.step_epochs)
+        elif s.name == "cosine":
+            after = max(0, step - s.warmup_steps)
+            span = max(1, total - s.warmup_steps)
+            base = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
+        else:
+            base = 1.0
+        return warm * base
+
+    return factor
+
+
+def make_optimizer(job: TrainJob, params: Any) -> torch.optim.Optimizer:
+    o = job.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    momentum = 0.0 if o.name == "sgd" else o.momentum
+    return torch.optim.SGD(
+        params, lr=o.lr, momentum=momentum, nesterov=o.name == "nesterov", weight_decay=o.weight_decay
+    )
+
+
+def _batch(ds: Dataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(ds, TensorDataset):
+        x, y = ds.tensors[0][idx], ds.tensors[1][idx]
+    else:
+        x, y = default_collate([ds[int(i)] for i in idx])
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's equal share of a fresh permutation: every rank gets exactly n // world."""
+    per = n // world
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen)[rank * per : (rank + 1) * per]
+
+
+def _maybe_fault(global_step: int, rank: int) -> None:
+    at, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if at is None or marker is None or rank != 1 or global_step != int(at) or Path(marker).exists():
+        return
+    Path(marker).write_text(f"rank {rank} exited at step {global_step}\n")
+    # Ray Train's controller collects reports every ~2 s; a crash right after a report would
+    # lose the checkpoint's registration, so the injected crash comes a little later.
+    time.sleep(float(os.environ.get("GRADCOMP_FAULT_DELAY_S", "3")))
+    os._exit(17)
+
+
+def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
+    """Train `job` on this rank; returns rank 0's last epoch entry (empty on other ranks)."""
+    rank, world, device = session.rank, session.world, session.device
+    torch.manual_seed(job.seed)
+    task = load_task(job.task.name, **job.task.args)
+    module = task.make_model().to(device)
+    n_train = len(task.train_set)  # type: ignore[arg-type]
+    per_rank = n_train // world
+    steps_per_epoch = per_rank // job.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {job.batch_size} x {world} workers needs at least {job.batch_size * world} training "
+            f"examples; task {job.task.name!r} has {n_train}"
+        )
+
+    hook_state = CompressionState.for_model(module, job.compression, seed=job.seed, warmup_steps=job.warmup_dense_steps)
+    dp: ExampleDP | None = None
+    if job.dp is not None:
+        for p in module.parameters():  # same start everywhere without DDP's broadcast
+            dist.broadcast(p.data, src=0)
+        dp = ExampleDP(
+            module,
+            job.dp,
+            rank=rank,
+            world=world,
+            seed=job.seed,
+            split_noise=linear_aggregation(hook_state.pipeline),
+            sample_rate=min(1.0, job.batch_size * world / (per_rank * world)),
+        )
+        model: nn.Module = module
+    else:
+        ddp_args: dict[str, Any] = {"bucket_cap_mb": job.bucket_cap_mb}
+        if device.type == "cuda":
+            ddp_args["device_ids"] = [device.index]
+        model = nn.parallel.DistributedDataParallel(module, **ddp_args)
+        model.register_comm_hook(hook_state, compression_hook)
+
+    optimizer = make_optimizer(job, module.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
+    start_epoch, start_step, global_step = 0, 0, 0
+    if session.restore is not None:
+        start_epoch, start_step, global_step = _restore(
+            session.restore, rank, module, optimizer, scheduler, hook_state, dp
+        )
+
+    last: dict[str, Any] = {}
+    t_epoch = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, job.epochs):
+            idx = shard_indices(n_train, rank, world, job.seed, epoch)
+            totals = torch.zeros(4, dtype=torch.float64)  # loss sum, bytes, dense bytes, steps
+            step_times: list[float] = []
+            t_epoch = time.perf_counter()
+            for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
+                _maybe_fault(global_step, rank)
+                if dp is not None and dp.would_exceed_budget():
+                    raise StopTraining(f"epsilon budget {job.dp.epsilon_budget} reached")  # type: ignore[union-attr]
+                x, y = _batch(task.train_set, idx[step * job.batch_size : (step + 1) * job.batch_size], device)
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                if dp is None:
+                    loss_t = nn.functional.cross_entropy(model(x), y)
+                    loss_t.backward()
+                    loss = float(loss_t.detach())
+                else:
+                    flat, loss = dp.gradient(x, y)
+                    mean = hook_state.reduce(flat, "dp-all").wait()
+                    hook_state.end_step()
+                    dp.write_grads(mean)
+                    dp.account()
+                optimizer.step()
+                scheduler.step()
+                traffic = hook_state.take_traffic()
+                dt = time.perf_counter() - t0
+                global_step += 1
+                step_times.append(dt)
+                totals += torch.tensor([loss, traffic.bytes_sent, traffic.dense_bytes, 1.0], dtype=torch.float64)
+                if rank == 0:
+                    session.events.append(
+                        {
+                            "type": "step",
+                            "epoch": epoch,
+                            "step": global_step,
+                            "loss": loss,
+                            "bytes_sent": traffic.bytes_sent,
+                            "dense_bytes": traffic.dense_bytes,
+                            "compression_ratio": round(traffic.ratio, 3),
+                            "step_seconds": round(dt, 6),
+                            "lr": scheduler.get_last_lr()[0],
+                        }
+                    )
+                    _flush(session)
+                every = job.checkpoint.every_steps
+                if every and global_step % every == 0 and step + 1 < steps_per_epoch:
+                    _report(
+                        session,
+                        job,
+                        {"epoch": epoch, "step": global_step},
+                        module,
+                        optimizer,
+                        scheduler,
+                        hook_state,
+                        dp,
+                        epoch,
+                        step + 1,
+                        global_step,
+                    )
+            last = _end_epoch(
+                job,
+                session,
+                task,
+                module,
+                optimizer,
+                scheduler,
+                hook_state,
+                dp,
+                epoch,
+                global_step,
+                totals,
+                step_times,
+                time.perf_counter() - t_epoch,
+            )
+    except StopTraining as stop:
+        last = dict(last)
+        last["stopped"] = str(stop)
+        if rank == 0 and session.progress is not None:
+            session.events.append({"type": "stopped", "reason": str(stop)})
+            _flush(session, force=True)
+        session.report({"stopped": str(stop)}, None)
+    return last if rank == 0 else {}
+
+
+def _end_epoch(
+    job: TrainJob,
+    session: Session,
+    task: Any,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hook_state: CompressionState,
+    dp: ExampleDP | None,
+    epoch: int,
+    global_step: int,
+    totals: torch.Tensor,
+    step_times: list[float],
+    epoch_seconds: float,
+) -> dict[str, Any]:
+    """Sum the epoch's loss and bytes over ranks, evaluate on rank 0, report (+ checkpoint)."""
+    dist.all_reduce(totals)
+    steps = max(int(totals[3]), 1)
+    entry: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": global_step,
+        "train_loss": float(totals[0]) / steps,
+        "bytes_sent": int(totals[1]),
+        "dense_bytes": int(totals[2]),
+        "compression_ratio": float(totals[2] / totals[1]) if totals[1] else 1.0,
+        "step_seconds": sum(step_times) / max(len(step_times), 1),
+        "epoch_seconds": epoch_seconds,
+        "lr": scheduler.get_last_lr()[0],
+    }
+    if (
+        session.rank == 0
+        and task.test_set is not None
+        and ((epoch + 1) % job.eval.every_epochs == 0 or epoch + 1 == job.epochs)
+    ):
+        metrics = evaluate(module, task.test_set, batch_size=job.eval.batch_size, device=session.device)
+        entry["test_loss"], entry["test_accuracy"] = metrics["loss"], metrics["accuracy"]
+    if dp is not None:
+        entry["epsilon"] = dp.epsilon()
+        entry["delta"] = job.dp.delta  # type: ignore[union-attr]
+    if session.rank == 0:
+        session.events.append({"type": "epoch", **entry})
+        _flush(session, force=True)
+    every = job.checkpoint.every_epochs
+    save = bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == job.epochs)
+    if save:
+        _report(session, job, entry, module, optimizer, scheduler, hook_state, dp, epoch + 1, 0, global_step)
+    # Without a checkpoint, metrics travel through `session.progress` only: a Ray Train
+    # report is a barrier through the controller, too slow to pay every epoch.
+    return entry
+
+
+def _flush(session: Session, force: bool = False) -> None:
+    """Hand buffered events to the launcher at most ~2 times a second (or now, if forced)."""
+    if session.progress is None:
+        session.events.clear()
+        return
+    now = time.monotonic()
+    last = getattr(session, "_last_flush", 0.0)
+    if force or now - last >= 0.5:
+        events, session.events = session.events, []
+        session.progress({"events": events})
+        session._last_flush = now  # type: ignore[attr-defined]
+
+
+def _report(
+    session: Session,
+    job: TrainJob,
+    metrics: dict[str, Any],
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hook_state: CompressionState,
+    dp: ExampleDP | None,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+) -> None:
+    """Write this rank's part of a checkpoint and report it (every rank, one barrier)."""
+    with tempfile.TemporaryDirectory(prefix="gradcomp-ckpt-") as tmp:
+        d = Path(tmp)
+        if session.rank == 0:
+            torch.save(
+                {
+                    "model": module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "global_step": global_step,
+                    "world": session.world,
+                    "job": job.resume_key(),
+                },
+                d / STATE_FILE,
+            )
+        torch.save(
+            {"hook": hook_state.state_dict(), "dp": dp.state_dict() if dp is not None else None},
+            d / rank_file(session.rank),
+        )
+        session.report(metrics, d)
+
+
+def _restore(
+    where: Path,
+    rank: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hook_state: CompressionState,
+    dp: ExampleDP | None,
+) -> tuple[int, int, int]:
+    """Load a checkpoint: shared state from rank 0's file, EF memory and noise RNG from ours.
+
+    With a different worker count than the checkpoint's, ranks without a file of their own
+    start with empty error-feedback memory (the model, optimizer and ledger still resume).
+    """
+    state = torch.load(where / STATE_FILE, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    own = where / rank_file(rank)
+    mine = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
+    if mine is not None and state.get("world") is not None:
+        hook_state.load_state_dict(mine["hook"])
+    if dp is not None:
+        shared = torch.load(where / rank_file(0), map_location="cpu", weights_only=False)
+        dp.load_state_dict(shared["dp"], ledger_only=True)
+        if mine is not None and mine.get("dp") is not None:
+            dp.load_state_dict(mine["dp"])
+    return int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
+
+
+# --- Ray Train entry point -------------------------------------------------------------------
+
+
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` for Ray Train's TorchTrainer: config = {"job": dict, "progress": queue}."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJob.model_validate(config["job"])
+    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    queue = config.get("progress")
+
+    def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(dict(metrics), checkpoint=ckpt)
+
+    def progress(event: dict[str, Any]) -> None:
+        if queue is not None:
+            queue.put(event)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        train_worker(job, Session(rank, world, ray.train.torch.get_device(), report, None, progress))
+        return
+    with checkpoint.as_directory() as restore:
+        session = Session(rank, world, ray.train.torch.get_device(), report, Path(restore), progress)
+        if rank == 0:
+            session.events.append({"type": "restored", "path": checkpoint.path})
+        train_worker(job, session)

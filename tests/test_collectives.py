@@ -1,0 +1,110 @@
+"""The three collectives in a real 2-process gloo group: each result is the mean over ranks
+of the decoded payloads (computed here, without any collective, from the same seeds)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gradcomp.compression import Dense, Sparse, build
+from gradcomp.worker.collectives import (
+    allgather_sparse_mean,
+    allreduce_mean,
+    allreduce_shared_mean,
+    reduce_payload,
+)
+
+WORLD = 2
+N = 1000
+CASES = {
+    "dense": "none",
+    "topk": "topk(ratio=0.05)",
+    "topk_fp16": "topk(ratio=0.05) | fp16",
+    "rtopk": "rtopk(ratio=0.02, r=0.1)",
+    "randomk": "randomk(ratio=0.05, seed=7)",
+    "randomk_bf16": "randomk(ratio=0.05, seed=7) | bf16",
+    "unit": "unit",
+}
+
+
+def _input(rank: int) -> torch.Tensor:
+    return torch.randn(N, generator=torch.Generator().manual_seed(rank + 11))
+
+
+def _payload(spec: str, rank: int):  # type: ignore[no-untyped-def]
+    return build(spec, seed=rank).compress(_input(rank), key="t")
+
+
+def _worker(rank: int, init: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in CASES.items():
+        pipe = build(spec, seed=rank)
+        payload = pipe.compress(_input(rank), key="t")
+        out[name] = reduce_payload(payload, torch.float32, pipe.shared_indices).wait()
+    # The specific collectives, called directly.
+    out["direct_dense"] = allreduce_mean(_input(rank).clone()).wait()
+    sparse = _payload("topk(ratio=0.05)", rank)
+    out["direct_gather"] = allgather_sparse_mean(sparse, torch.float32).wait()
+    shared = _payload("randomk(ratio=0.05, seed=7)", rank)
+    out["direct_shared"] = allreduce_shared_mean(shared, torch.float32).wait()
+    # Overlapping positions on both ranks add up (identical inputs -> identical top-k).
+    same = Sparse(torch.arange(0, 50, dtype=torch.int32), torch.full((50,), float(rank + 1)), (N,), torch.float32)
+    out["overlap"] = allgather_sparse_mean(same, torch.float32).wait()
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gathered() -> list[dict[str, torch.Tensor]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(f"file://{os.path.join(tmp, 'rdzv')}", tmp), nprocs=WORLD, join=True)
+        return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _reference(spec: str) -> torch.Tensor:
+    return sum(_payload(spec, r).to_dense() for r in range(WORLD)) / WORLD  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_result_is_mean_of_decoded_payloads(gathered: list[dict[str, torch.Tensor]], name: str) -> None:
+    ref = _reference(CASES[name])
+    # An all-reduce of bf16 values adds them in bf16 (as any low-precision all-reduce does):
+    # one more rounding than the float32 reference. Gathers add in float32 after decoding.
+    tol = {"rtol": 1e-2, "atol": 1e-2} if name == "randomk_bf16" else {"rtol": 1e-6, "atol": 1e-7}
+    for out in gathered:
+        assert out[name].shape == (N,)
+        torch.testing.assert_close(out[name], ref, **tol)
+
+
+def test_dense_mean_is_exact(gathered: list[dict[str, torch.Tensor]]) -> None:
+    ref = (_input(0) + _input(1)) / 2
+    for out in gathered:
+        assert torch.equal(out["dense"], ref)
+        assert torch.equal(out["direct_dense"], ref)
+
+
+def test_direct_sparse_collectives(gathered: list[dict[str, torch.Tensor]]) -> None:
+    for out in gathered:
+        torch.testing.assert_close(out["direct_gather"], _reference("topk(ratio=0.05)"))
+        torch.testing.assert_close(out["direct_shared"], _reference("randomk(ratio=0.05, seed=7)"))
+
+
+def test_overlapping_indices_are_summed_then_averaged(gathered: list[dict[str, torch.Tensor]]) -> None:
+    for out in gathered:
+        assert torch.equal(out["overlap"][:50], torch.full((50,), 1.5))
+        assert torch.count_nonzero(out["overlap"][50:]) == 0
+
+
+def test_payload_kinds_match_the_collective() -> None:
+    assert isinstance(_payload("none", 0), Dense)
+    assert isinstance(_payload("rtopk(ratio=0.02, r=0.1)", 0), Sparse)
+    assert build("randomk(ratio=0.05, seed=7)").shared_indices
+    assert not build("rtopk(ratio=0.02, r=0.1)").shared_indices

@@ -1,0 +1,116 @@
+"""`gradcomp train` end to end on a local Ray: 2 Ray Train workers, DDP + compression hook.
+
+Kept short (few epochs of the digits MLP); all tests share one local Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gradcomp.cli import main
+from gradcomp.worker.loop import FAULT_MARKER_ENV, FAULT_STEP_ENV
+
+pytestmark = pytest.mark.ray
+
+JOB: dict[str, Any] = {
+    "task": "digits-mlp",
+    "seed": 0,
+    "batch_size": 16,
+    "optimizer": {"name": "momentum", "lr": 0.05, "momentum": 0.9},
+    "schedule": {"name": "cosine", "warmup_steps": 20},
+    "compression": "rtopk(ratio=0.01, r=0.05) | ef",
+    "scaling": {"num_workers": 2},
+    "checkpoint": {"every_epochs": 1, "keep": 2},
+    "max_failures": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def local_ray():  # type: ignore[no-untyped-def]
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _write_job(tmp_path: Path, name: str, **changes: Any) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**JOB, "name": name, **changes}))
+    return path
+
+
+def _results(runs: Path, name: str) -> dict[str, Any]:
+    return json.loads((runs / name / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def crashed_run(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One 6-epoch rtopk+ef run in which rank 1 dies in epoch 2, after the epoch-1 checkpoint.
+
+    Shared by the accuracy and the recovery tests: every worker-group start costs tens of
+    seconds on a small machine.
+    """
+    tmp = tmp_path_factory.mktemp("ray")
+    runs, marker = tmp / "runs", tmp / "crashed-once"
+    job = _write_job(tmp, "crash", epochs=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_STEP_ENV, "60")  # 44 steps per epoch
+        mp.setenv(FAULT_MARKER_ENV, str(marker))
+        code = main(["train", str(job), "--runs-dir", str(runs)])
+    return {"code": code, "runs": runs, "job": job, "marker": marker, "results": _results(runs, "crash")}
+
+
+def test_rtopk_ef_trains_digits_well_above_chance(crashed_run: dict[str, Any]) -> None:
+    res = crashed_run["results"]
+    assert crashed_run["code"] == 0
+    assert res["final"]["status"] == "finished"
+    assert res["final"]["test_accuracy"] > 0.8  # chance is 0.1
+    # 1% of the values plus their int32 indices: ~50x fewer bytes than dense float32.
+    assert res["dense_bytes"] / res["bytes_sent"] > 30
+    steps = [json.loads(line) for line in (crashed_run["runs"] / "crash" / "steps.jsonl").read_text().splitlines()]
+    assert all(s["compression_ratio"] > 30 for s in steps)
+    assert {s["step"] for s in steps} == set(range(1, 6 * 44 + 1))
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(crashed_run: dict[str, Any]) -> None:
+    res = crashed_run["results"]
+    assert crashed_run["marker"].is_file(), "the fault was not injected"
+    assert res["final"]["restores"] == 1
+    # Epoch 2 was replayed from the epoch-1 checkpoint; the history holds each epoch once.
+    assert [h["epoch"] for h in res["history"]] == list(range(1, 7))
+    assert res["final"]["step"] == 6 * 44
+
+
+def test_rerun_with_same_name_continues(crashed_run: dict[str, Any]) -> None:
+    runs, job = crashed_run["runs"], crashed_run["job"]
+    first = crashed_run["results"]["history"]
+    assert main(["train", str(job), "--runs-dir", str(runs), "--set", "epochs=7"]) == 0
+    res = _results(runs, "crash")
+    assert [h["epoch"] for h in res["history"]] == list(range(1, 8))
+    assert res["history"][:6] == first
+    assert res["final"]["step"] == 7 * 44
+    steps = [json.loads(line) for line in (runs / "crash" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps[-44:]] == list(range(6 * 44 + 1, 7 * 44 + 1))
+
+
+def test_changed_job_under_same_name_is_refused(local_ray: None, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (runs / "same").mkdir(parents=True)
+    (runs / "same" / "results.json").write_text(json.dumps({"config": {**JOB, "name": "same", "seed": 5}}))
+    job = _write_job(tmp_path, "same", epochs=1)
+    assert main(["train", str(job), "--runs-dir", str(runs)]) == 2
+
+
+def test_bad_job_fails_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = _write_job(tmp_path, "bad", epochs=1, compression="topk(ratio=0.1) | dp(clip=1, sigma=1)")
+    assert main(["train", str(job), "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "compression" in err and "dp" in err
+    assert not os.path.exists(tmp_path / "bad")

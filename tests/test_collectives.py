@@ -108,3 +108,14 @@ def test_payload_kinds_match_the_collective() -> None:
     assert isinstance(_payload("rtopk(ratio=0.02, r=0.1)", 0), Sparse)
     assert build("randomk(ratio=0.05, seed=7)").shared_indices
     assert not build("rtopk(ratio=0.02, r=0.1)").shared_indices
+
+
+def test_sent_bytes_counts_what_the_collective_ships() -> None:
+    from gradcomp.compression import build
+    from gradcomp.worker.collectives import sent_bytes
+
+    x = torch.randn(10_000)
+    sparse = build("topk(0.01)").compress(x)
+    assert sent_bytes(sparse, shared_indices=False) == 100 * (4 + 4)  # int32 positions + fp32 values
+    assert sent_bytes(build("randomk(0.01)").compress(x), shared_indices=True) == 100 * 4  # values only
+    assert sent_bytes(build("fp16").compress(x), shared_indices=False) == 10_000 * 2

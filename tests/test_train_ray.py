@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from gradcomp.cli import main
+from gradcomp.raycluster import connect
 from gradcomp.worker.loop import FAULT_MARKER_ENV, FAULT_STEP_ENV
 
 pytestmark = pytest.mark.ray
@@ -35,7 +36,7 @@ JOB: dict[str, Any] = {
 def local_ray():  # type: ignore[no-untyped-def]
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    connect(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -90,6 +90,19 @@ def allreduce_shared_mean(
     return summed.then(scatter)
 
 
+def sent_bytes(payload: Payload, shared_indices: bool) -> int:
+    """Bytes this rank contributes to the collective `reduce_payload` runs for `payload`.
+
+    This is what travels here, not the payload's wire encoding: the all-gather ships fixed-size
+    int32/int64 positions (gap coding would give ranks different sizes), and shared-seed
+    randomk ships values only, since every rank derives the positions itself.
+    """
+    values = payload.values.numel() * payload.values.element_size()
+    if isinstance(payload, Sparse) and not shared_indices:
+        return values + payload.indices.numel() * payload.indices.element_size()
+    return values
+
+
 def reduce_payload(
     payload: Payload,
     out_dtype: torch.dtype,

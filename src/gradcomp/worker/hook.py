@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradcomp.compression import Pipeline, Sparse, build, dense_nbytes
-from gradcomp.worker.collectives import allreduce_mean, reduce_payload
+from gradcomp.compression import Pipeline, build
+from gradcomp.worker.collectives import allreduce_mean, reduce_payload, sent_bytes
 
 
 @dataclass
@@ -131,18 +131,14 @@ class CompressionState:
         `flat` is the caller's to overwrite (a DDP bucket, or the DP path's fresh gradient):
         uncompressed steps reduce it in place.
         """
-        dense = dense_nbytes(tuple(flat.shape), flat.dtype)
+        dense = flat.numel() * flat.element_size()  # what an uncompressed all-reduce moves
         self.traffic.dense_bytes += dense
         self.traffic.buckets += 1
         if not self.compressing:
             self.traffic.bytes_sent += dense
             return allreduce_mean(flat, self.group)  # in place, like DDP's default hook
         payload = self.pipeline.compress(self.carry_residual(key, flat), key=key)
-        if self.pipeline.shared_indices and isinstance(payload, Sparse):
-            # Every rank derives the positions from the shared seed: only the values travel.
-            self.traffic.bytes_sent += payload.values.numel() * payload.values.element_size()
-        else:
-            self.traffic.bytes_sent += payload.nbytes
+        self.traffic.bytes_sent += sent_bytes(payload, self.pipeline.shared_indices)
         return reduce_payload(payload, flat.dtype, self.pipeline.shared_indices, self.group)
 
     def end_step(self) -> None:

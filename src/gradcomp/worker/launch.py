@@ -20,6 +20,7 @@ from typing import Any
 
 from gradcomp.config.common import ConfigError, load_job
 from gradcomp.config.train import TrainJob
+from gradcomp.raycluster import cluster_address, connect
 from gradcomp.results import RunRecord, human_bytes, print_summary
 
 FORWARDED_ENV_PREFIX = "GRADCOMP_"
@@ -73,23 +74,14 @@ def _check_resumable(run_dir: Path, job: TrainJob) -> None:
 
 
 def _init_ray(address: str | None, job: TrainJob) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
     needed = job.scaling.num_workers * job.scaling.cpus_per_worker
-    ray.init(
-        num_cpus=max(int(needed + 0.999), os.cpu_count() or 1),
-        include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-        # Progress and results come through our own queue; worker errors still reach the
-        # driver inside Ray Train's exception. GRADCOMP_RAY_LOGS=1 shows the raw worker logs.
-        log_to_driver=os.environ.get("GRADCOMP_RAY_LOGS", "0") == "1",
-    )
+    # Progress and results come through our own queue; worker errors still reach the driver
+    # inside Ray Train's exception. GRADCOMP_RAY_LOGS=1 shows the raw worker logs.
+    quiet = os.environ.get("GRADCOMP_RAY_LOGS", "0") != "1"
+    if cluster_address(address):
+        connect(address)
+    else:
+        connect(num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), log_to_driver=not quiet)
 
 
 class Recorder:

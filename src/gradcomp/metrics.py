@@ -94,21 +94,6 @@ FED_RPCS = Counter(
     registry=REGISTRY,
 )  # fmt: skip
 
-# --- data-parallel training (worker/) ---------------------------------------------------------
-TRAIN_STEPS = Counter("gradcomp_train_steps", "Optimiser steps taken", registry=REGISTRY)
-TRAIN_COMM_BYTES = Counter(
-    "gradcomp_train_comm_bytes", "Compressed gradient bytes sent by this worker", registry=REGISTRY
-)
-TRAIN_COMM_DENSE_BYTES = Counter(
-    "gradcomp_train_comm_dense_bytes", "Dense-equivalent gradient bytes of this worker", registry=REGISTRY
-)
-TRAIN_COMPRESS_SECONDS = Histogram(
-    "gradcomp_train_compress_duration_seconds",
-    "Time to compress one gradient bucket",
-    buckets=_DURATION_BUCKETS,
-    registry=REGISTRY,
-)
-
 for _reason in REJECT_REASONS:  # export every reason at 0 so dashboards and rate() see them from the start
     FED_UPDATES_REJECTED.labels(reason=_reason)
 

@@ -59,6 +59,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`data['a']['b'] = value` for key 'a.b', creating sections; never replaces a value by a section."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"empty key {key!r}")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply `key.sub=value` overrides (values parsed as YAML) to a copy of `data`."""
     out = copy.deepcopy(data)
@@ -66,22 +82,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=3")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_dotted(out, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"--set {item!r}: {err}") from None
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gradcomp.config.common import ConfigError, load_yaml
+from gradcomp.config.common import ConfigError, load_yaml, set_dotted
 from gradcomp.config.sweep import PrivacyEntry, SpecEntry, SweepJob
 from gradcomp.results import atomic_write_json
 
@@ -41,22 +41,6 @@ class Cell:
     def setting(self) -> str:
         """Spec x privacy label (seeds and grid values aside): one line in a plot."""
         return f"{self.spec.name} / {self.privacy.name}"
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """`data['a']['b'] = value` for key 'a.b', creating sections; refuses to replace a value by a section."""
-    parts = [p for p in key.split(".") if p]
-    if not parts:
-        raise ConfigError(f"empty key {key!r}")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"key {key!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
 
 
 def flatten_dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -229,7 +229,12 @@ def train(job: TrainJob, run_dir: Path, info: dict[str, Any], address: str | Non
     restarts = 0
     stopped = None
     with Display(info["total_steps"], f"train {job.name}") as display:
-        if recorder.last_epoch:
+        if recorder.last_epoch >= job.epochs:
+            display.line(
+                f"run {job.name!r} already finished its {job.epochs} epochs: showing its results "
+                f"(--set epochs=N continues it, --fresh starts over)"
+            )
+        elif recorder.last_epoch:
             display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
         thread.start()
         while True:

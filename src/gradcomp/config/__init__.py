@@ -7,6 +7,7 @@ entry point has its own module (`train`, `fed`, `sweep`) with its top-level mode
 from gradcomp.config.common import (
     ConfigError,
     StrictModel,
+    TaskConfig,
     apply_overrides,
     compression_spec,
     load_job,
@@ -17,6 +18,7 @@ from gradcomp.config.common import (
 __all__ = [
     "ConfigError",
     "StrictModel",
+    "TaskConfig",
     "apply_overrides",
     "compression_spec",
     "load_job",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -24,6 +24,30 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TaskConfig(StrictModel):
+    """Which task: a built-in name or a user `module:function`, with its keyword arguments.
+
+    A job file may also write just the name (`task: digits-cnn`).
+    """
+
+    name: str = "digits-mlp"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from gradcomp.tasks import task_names
+
+        if value not in task_names() and ":" not in value:
+            raise ValueError(f"unknown task {value!r}: use one of {task_names()} or a 'module:function' entry point")
+        return value
 
 
 def compression_spec(value: Any) -> str:
@@ -101,6 +125,8 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our own validators already say what is wrong
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{shown}")

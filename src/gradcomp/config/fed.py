@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from gradcomp.config.common import StrictModel, compression_spec, load_job
+from gradcomp.config.common import StrictModel, TaskConfig, compression_spec, load_job
 
 Spec = Annotated[str, BeforeValidator(compression_spec)]
-
-
-class TaskSection(StrictModel):
-    """Which task (built-in name or `module:function`) and its keyword arguments."""
-
-    name: str = "digits-mlp"
-    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class ClientsSection(StrictModel):
@@ -137,7 +130,7 @@ class SimulationConfig(StrictModel):
 
 class FedJob(StrictModel):
     name: str = Field("fed", pattern=r"^[A-Za-z0-9._-]+$")
-    task: TaskSection = Field(default_factory=TaskSection)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     rounds: int = Field(10, ge=1)
     clients: ClientsSection = Field(default_factory=ClientsSection)
     round: RoundSection = Field(default_factory=RoundSection)
@@ -188,7 +181,7 @@ class FedJob(StrictModel):
                 "privacy.mode local needs a dp(clip, sigma) stage in compression, or privacy.clip and "
                 "privacy.noise_multiplier (then dp is prepended to the spec)"
             )
-        if p.mode == "local" and has_dp and (p.clip is not None or p.noise_multiplier is not None):
+        if p.mode == "local" and has_dp:
             dp = build(self.compression).dp
             assert dp is not None
             if (p.clip not in (None, dp.clip)) or (p.noise_multiplier not in (None, dp.sigma)):
@@ -196,6 +189,7 @@ class FedJob(StrictModel):
                     f"privacy.clip/noise_multiplier ({p.clip}, {p.noise_multiplier}) disagree with the "
                     f"compression dp stage (clip={dp.clip}, sigma={dp.sigma}); give them in one place"
                 )
+            # The accountant models the Gaussian mechanism; a Laplace stage would get a wrong epsilon.
             if dp.mechanism != "gaussian":
                 raise ValueError("client-level DP accounting needs dp(mechanism=gaussian)")
 

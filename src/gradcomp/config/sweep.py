@@ -23,11 +23,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from gradcomp.config.common import StrictModel, compression_spec
 
-RUNNERS = ("fedsim", "train")
 # Where each runner's job file keeps the compression spec and the seed (overridable per sweep).
 DEFAULT_SPEC_KEY = {"fedsim": "compression", "train": "compression"}
 DEFAULT_SEED_KEY = {"fedsim": "seed", "train": "seed"}
@@ -42,10 +41,14 @@ def _name(value: str) -> str:
     return value
 
 
+# Spec, privacy and sweep names become directory and cell-id parts, so all three share one check.
+Name = Annotated[str, AfterValidator(_name)]
+
+
 class SpecEntry(StrictModel):
     """One compression setting. A bare string in the YAML becomes {name: <string>, spec: <string>}."""
 
-    name: str
+    name: Name
     spec: Spec
 
     @model_validator(mode="before")
@@ -54,11 +57,6 @@ class SpecEntry(StrictModel):
         if isinstance(value, str):
             return {"name": _short(value), "spec": value}
         return value
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        return _name(value)
 
 
 def _short(spec: str) -> str:
@@ -76,19 +74,14 @@ class PrivacyEntry(StrictModel):
     """One DP setting: a `dp(...)` stage put in front of each spec (local DP), and/or key overrides
     (e.g. central DP keys of the federated job). `name: non-private` with neither is plain training."""
 
-    name: str = "non-private"
+    name: Name = "non-private"
     stage: Spec | None = None
     set: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        return _name(value)
 
     @field_validator("stage")
     @classmethod
     def _one_dp_stage(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("dp("):
+        if value is not None and (not value.startswith("dp(") or "|" in value):
             raise ValueError(f"privacy stage must be a single dp(...) stage, got {value!r}")
         return value
 
@@ -98,7 +91,7 @@ class PrivacyEntry(StrictModel):
 
 
 class SweepJob(StrictModel):
-    name: str
+    name: Name
     base: str = Field(description="base job file, relative to the sweep file")
     runner: Literal["fedsim", "train"] = "fedsim"
     spec_key: str | None = None
@@ -110,11 +103,6 @@ class SweepJob(StrictModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values")
     target_accuracy: float | None = Field(default=None, gt=0, le=1)
     baseline: str | None = Field(default=None, description="spec name of the dense baseline (default: spec 'none')")
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        return _name(value)
 
     @field_validator("grid")
     @classmethod

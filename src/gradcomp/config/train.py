@@ -11,26 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from gradcomp.config.common import StrictModel, compression_spec
+from gradcomp.config.common import StrictModel, TaskConfig, compression_spec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 CompressionSpec = Annotated[str, BeforeValidator(compression_spec)]
-
-
-class TaskConfig(StrictModel):
-    """Which task to train: a built-in name or a user `module:function`, with its arguments."""
-
-    name: str = "digits-mlp"
-    args: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        from gradcomp.tasks import task_names
-
-        if value not in task_names() and ":" not in value:
-            raise ValueError(f"unknown task {value!r}: use one of {task_names()} or a 'module:function' entry point")
-        return value
 
 
 class OptimizerConfig(StrictModel):
@@ -120,11 +104,6 @@ class TrainJob(StrictModel):
                 "must be 1-100 characters of letters, digits, '.', '_' or '-', starting with a letter/digit"
             )
         return value
-
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task_shorthand(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_privacy_mechanism(self) -> TrainJob:

@@ -143,3 +143,16 @@ def test_cli_reports_user_errors_cleanly(capsys) -> None:
     assert "gradcomp bench: error: no benchmark 'no_such_benchmark'" in err and "compress" in err
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+@pytest.mark.parametrize("module,model", [("gradcomp.config.train", "TrainJob"), ("gradcomp.config.fed", "FedJob")])
+def test_train_and_fed_jobs_share_the_task_section(module: str, model: str) -> None:
+    import importlib
+
+    job_cls = getattr(importlib.import_module(module), model)
+    job = job_cls.model_validate({"name": "t", "task": "digits-cnn"})
+    assert job.task.name == "digits-cnn" and job.task.args == {}
+    job = job_cls.model_validate({"name": "t", "task": {"name": "synthetic", "args": {"num_params": 1000}}})
+    assert job.task.args == {"num_params": 1000}
+    with pytest.raises(ValueError, match="unknown task 'mnist'"):
+        job_cls.model_validate({"name": "t", "task": "mnist"})

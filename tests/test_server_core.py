@@ -195,6 +195,22 @@ def test_rejections_do_not_disturb_round() -> None:
     assert res.entry["rejected"] == {"duplicate": 1, "stale_round": 1, "not_selected": 1, "malformed": 1}
 
 
+def test_an_inflated_example_count_cannot_take_over_the_average() -> None:
+    clock = Clock()
+    c = Coordinator(job(limits={"max_examples": 1000}), PARAMS, clock=clock)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    c.select_clients()
+    with pytest.raises(Rejected) as e:
+        c.accept_update("a", 1, 2**62, dense_update(100.0))
+    assert e.value.reason == "malformed" and "limits.max_examples" in str(e.value)
+    c.accept_update("a", 1, 10, dense_update(1.0))  # the same client, honest this time
+    c.accept_update("b", 1, 10, dense_update(3.0))
+    clock.t = 1000.0  # c never reports: the deadline closes the round with a and b
+    assert c.finish_round() is not None
+    torch.testing.assert_close(c.params["b"], torch.full((3,), 2.0))
+
+
 def test_deadline_retry_then_fail() -> None:
     clock = Clock()
     j = job(round={"min_clients": 2, "deadline_seconds": 10, "max_retries": 1})

@@ -69,6 +69,12 @@ class LimitsSection(StrictModel):
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=64, description="largest compressed update accepted")
     chunk_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="global model is sent in chunks of this size")
     rpc_timeout_seconds: float = Field(30.0, gt=0, description="deadline of every RPC a client makes")
+    max_examples: int = Field(
+        1_000_000,
+        ge=1,
+        description="largest num_examples one update may claim: FedAvg weights by it, so an unbounded claim "
+        "would let one client outweigh the rest",
+    )
 
 
 class ServerSection(StrictModel):

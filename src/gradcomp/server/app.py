@@ -128,16 +128,25 @@ def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None 
     if resume:
         coord.load_state_dict(store.load_state(run_dir))
         checkpoint(coord)  # results.json from the checkpoint's log (no round lost or doubled)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=grpc_options(job))
+    # No SO_REUSEPORT: a second coordinator on the same port must fail, not silently share the clients.
+    options = [*grpc_options(job), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     service = CoordinatorService(coord, job, tokens)
     fed_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{job.server.port}"
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise ValueError(f"cannot bind gRPC to {address} (in use or not a local address)")
-    metrics_port = metrics.serve(job.server.metrics_port, host) if job.server.metrics_port is not None else None
+    try:  # a failed bind must not leave the server's thread pool behind
+        try:  # gRPC raises RuntimeError (older versions returned 0) on a failed bind
+            port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"cannot bind gRPC to {address} (in use or not a local address)")
+        metrics_port = metrics.serve(job.server.metrics_port, host) if job.server.metrics_port is not None else None
+    except BaseException:
+        server.stop(None)
+        raise
     if creds is None:
         print(insecure_warning(host), file=sys.stderr, flush=True)
     server.start()
@@ -172,8 +181,7 @@ def linger(run: Running, stop: threading.Event) -> None:
     for svc in ("", SERVICE_NAME):
         run.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     end = time.monotonic() + run.coord.job.server.linger_seconds
-    coord = run.coord
-    while time.monotonic() < end and not stop.is_set() and any(not c.left for c in coord.clients.values()):
+    while time.monotonic() < end and not stop.is_set() and run.coord.has_members():
         time.sleep(0.1)
 
 

@@ -203,6 +203,11 @@ class Coordinator:
             timeout = 3 * self.job.server.heartbeat_seconds
             return sorted(n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
 
+    def has_members(self) -> bool:
+        """True while some client that joined has not left (the server lingers for them after the job)."""
+        with self._lock:
+            return any(not c.left for c in self.clients.values())
+
     def _publish_membership(self, now: float) -> None:
         metrics.FED_CLIENTS_CONNECTED.set(len(self.connected(now)))
 
@@ -304,17 +309,28 @@ class Coordinator:
                 raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
             if name in r.received or name in r.pending:
                 raise self._reject("duplicate", f"client {name!r} already submitted for round {r.number}", r)
-            if num_examples < 1:
-                raise self._reject("malformed", f"num_examples must be >= 1, got {num_examples}", r)
+            if not 1 <= num_examples <= self.job.limits.max_examples:
+                raise self._reject(
+                    "malformed",
+                    f"num_examples must be in [1, {self.job.limits.max_examples}] (limits.max_examples), "
+                    f"got {num_examples}",
+                    r,
+                )
             r.pending.add(name)
         # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
+        # Any failure must drop the pending mark, or `_all_in` would wait for this client until the deadline.
         try:
             dense = decode_update(update, self.spec, max_bytes=self.job.limits.max_update_bytes)
+            nbytes = update_nbytes(update)
         except Rejected as err:
             with self._lock:
                 r.pending.discard(name)
                 raise self._reject(err.reason, str(err), r) from None
-        nbytes = update_nbytes(update)
+        except BaseException:
+            with self._lock:
+                r.pending.discard(name)
+                self._changed.notify_all()
+            raise
         with self._lock:
             r.pending.discard(name)
             if self.current is not r:  # the round closed while we decoded

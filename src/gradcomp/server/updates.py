@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from gradcomp.compression import Fields, WireError, dense_nbytes, from_fields, to_fields
-from gradcomp.compression.payload import DTYPE_CODES, Dense, Payload, Sparse, numel_of
+from gradcomp.compression.payload import DIM_BYTES, DTYPE_CODES, HEADER_BYTES, Dense, Payload, Sparse, numel_of
 
 Params = dict[str, torch.Tensor]
-_WIRE_OVERHEAD = 4 + 5 + 8  # header bytes of one encoded payload (see compression.wire)
 
 
 class Rejected(ValueError):
@@ -44,10 +43,11 @@ def model_spec(params: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
 
 def fields_nbytes(f: Fields) -> int:
     """Wire bytes of one tensor (same count as `Payload.nbytes`)."""
-    return _WIRE_OVERHEAD + 8 * len(f.shape) + len(f.values) + len(f.indices)
+    return HEADER_BYTES + DIM_BYTES * len(f.shape) + len(f.values) + len(f.indices)
 
 
 def update_nbytes(update: Mapping[str, Fields | Payload]) -> int:
+    """Wire bytes of a whole update, whether it arrived as protobuf fields or as payloads."""
     return sum(v.nbytes if isinstance(v, Dense | Sparse) else fields_nbytes(v) for v in update.values())
 
 
@@ -89,7 +89,8 @@ def decode_update(
             raise Rejected("bad_shape", f"tensor {name!r}: shape {tuple(fields.shape)}, expected {s.shape}")
         if fields.dtype != DTYPE_CODES[s.dtype]:
             raise Rejected("bad_dtype", f"tensor {name!r}: dtype code {fields.dtype}, expected {DTYPE_CODES[s.dtype]}")
-        values = payload.values
+        # Checked in the model's dtype: a finite float64 value such as 1e300 turns into inf when restored.
+        values = payload.values.to(s.dtype)
         if not bool(torch.isfinite(values).all()):
             raise Rejected("non_finite", f"tensor {name!r} holds NaN or infinite values")
         out[name] = payload.to_dense()
@@ -97,6 +98,7 @@ def decode_update(
 
 
 def global_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all tensors of an update taken together (the quantity DP clipping bounds)."""
     if not update:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in update.values()])))

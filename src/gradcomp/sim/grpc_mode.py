@@ -128,7 +128,14 @@ def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
     if stale.exists():  # a simulation always starts afresh (there is no fedsim --resume)
         print(f"fedsim: removing the coordinator checkpoint of an earlier simulation: {stale}", flush=True)
         stale.unlink()
-    run = app.start(job, run_dir, host="127.0.0.1")
+    try:
+        run = app.start(job, run_dir, host="127.0.0.1")
+    except BaseException:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     stop = threading.Event()
     loop = threading.Thread(target=app.round_loop, args=(run, stop, show), daemon=True, name="round-loop")
     loop.start()
@@ -156,6 +163,7 @@ def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
                 time.sleep(POLL_SECONDS)
         sender.shutdown(wait=True)
     finally:
+        sender.shutdown(wait=False, cancel_futures=True)  # after an error: drop updates not yet sent
         stop.set()
         loop.join(timeout=10)
         for name in names:

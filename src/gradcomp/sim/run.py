@@ -151,8 +151,10 @@ def _run_in_process(job: FedJob, args: argparse.Namespace) -> int:
     run_dir = Path(args.runs_dir) / job.name
     record = RunRecord(run_dir, job.name, "fedsim", job.model_dump(mode="json"))
     t0 = time.time()
+    pool: ClientPool | None = None
     try:
         sim, _task = build_simulation(job, quiet=not show)
+        pool = sim.pool
         totals = {"uplink": 0, "sent": 0, "messages": 0, "downlink": 0, "dropped": 0, "late": 0}
 
         def on_round(entry: dict[str, Any], stats: RoundStats) -> None:
@@ -200,7 +202,6 @@ def _run_in_process(job: FedJob, args: argparse.Namespace) -> int:
             bar = progress.add_task(job.name, total=job.rounds)
             sim.run(on_round)
         rss = [peak_rss_bytes(), *sim.pool.peak_rss()]
-        sim.pool.close()
         coord = sim.coord
         final: dict[str, Any] = {
             "status": coord.status,
@@ -224,6 +225,8 @@ def _run_in_process(job: FedJob, args: argparse.Namespace) -> int:
         record.set_privacy(coord.epsilon, job.privacy.delta if coord.ledger else None)
         results = record.finish(**final)
     finally:
+        if pool is not None:  # on every path: actors in a cluster we joined outlive ray.shutdown() otherwise
+            pool.close()
         if started_ray:
             import ray
 

@@ -155,8 +155,8 @@ class FLClient:
             from gradcomp.server.tls import channel_credentials
 
             self._creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
         self.channel, self.stub = self._open()
-        self.shard = _parse_shard(args.shard)
         self.task: Task | None = None
         self.task_key: str | None = None
         self.model: nn.Module | None = None

@@ -13,6 +13,8 @@ communication overlap with the rest of the backward pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -22,11 +24,18 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in `group` (the default group when None): what every mean divides by."""
     return dist.get_world_size(group)
 
 
-def _then(work: dist.Work, fn):  # type: ignore[no-untyped-def]
-    return work.get_future().then(lambda fut: (fut.value(), fn())[1])
+def _then(work: dist.Work, fn: Callable[[], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
+    """A future resolving to `fn()` once `work` is done (re-raising the collective's error)."""
+
+    def done(fut: torch.futures.Future[object]) -> torch.Tensor:
+        fut.value()  # raises if the collective failed
+        return fn()
+
+    return work.get_future().then(done)
 
 
 def allreduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.futures.Future[torch.Tensor]:

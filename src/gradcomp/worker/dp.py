@@ -73,6 +73,7 @@ class ExampleDP:
         return std / math.sqrt(self.world) if self.split_noise else std
 
     def would_exceed_budget(self) -> bool:
+        """Whether one more step would pass `epsilon_budget`: the loop stops *before* overspending."""
         return self.ledger.would_exceed(self.cfg.noise_multiplier, self.sample_rate)
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -105,14 +106,20 @@ class ExampleDP:
         return self.ledger.step(self.cfg.noise_multiplier, self.sample_rate) if self.cfg.noise_multiplier > 0 else 0.0
 
     def epsilon(self) -> float:
+        """Epsilon spent so far; infinite without noise (clipping alone gives no guarantee)."""
         if self.cfg.noise_multiplier == 0:
             return math.inf
         return self.ledger.epsilon()
 
     def write_grads(self, flat: torch.Tensor) -> None:
         """Scatter a flat gradient back into the parameters' `.grad`."""
-        at = 0
         params = dict(self.model.named_parameters())
+        expected = sum(params[name].numel() for name in self.names)
+        if flat.numel() != expected:
+            raise ValueError(
+                f"flat gradient has {flat.numel()} values; the model's trainable parameters have {expected}"
+            )
+        at = 0
         for name in self.names:
             p = params[name]
             n = p.numel()

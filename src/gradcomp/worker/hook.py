@@ -31,6 +31,7 @@ class StepTraffic:
 
     @property
     def ratio(self) -> float:
+        """Dense bytes per byte sent (1.0 when nothing was sent)."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else 1.0
 
 
@@ -114,8 +115,9 @@ class CompressionState:
                         out = flat.clone()
                     out[start : start + size] += old[o_start : o_start + size].to(out.dtype)
             moved.add(home)
+        still_used = set(self._home.values())
         for home in moved:
-            if not any(k == home for k in self._home.values()):
+            if home not in still_used:  # no parameter lives there any more: free its memory
                 self.pipeline.reset(home)
                 self._layouts.pop(home, None)
         return out
@@ -123,6 +125,7 @@ class CompressionState:
     # --- the work ---------------------------------------------------------------------------
     @property
     def compressing(self) -> bool:
+        """Whether this round compresses (pipeline is not identity and the dense warm-up is over)."""
         return not self.pipeline.is_identity and self.step >= self.warmup_steps
 
     def reduce(self, flat: torch.Tensor, key: str) -> torch.futures.Future[torch.Tensor]:
@@ -142,9 +145,11 @@ class CompressionState:
         return reduce_payload(payload, flat.dtype, self.pipeline.shared_indices, self.group)
 
     def end_step(self) -> None:
+        """Count one finished all-reduce round (ends the dense warm-up after `warmup_steps`)."""
         self.step += 1
 
     def take_traffic(self) -> StepTraffic:
+        """This step's traffic, resetting the counters: the loop calls it once per optimizer step."""
         out, self.traffic = self.traffic, StepTraffic()
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -60,13 +61,18 @@ def describe(job: TrainJob) -> dict[str, Any]:
 
 
 def _check_resumable(run_dir: Path, job: TrainJob) -> None:
+    """Refuse to continue a run directory that holds a different job (model, data, compression...)."""
     path = run_dir / "results.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text()).get("config", {})
-    old_key = {k: v for k, v in old.items() if k in job.resume_key()}
-    if old_key and old_key != job.resume_key():
-        changed = sorted(k for k in job.resume_key() if old_key.get(k) != job.resume_key()[k])
+    try:
+        old = json.loads(path.read_text()).get("config", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(f"{path} is not a results file ({err}); use --fresh to discard the old run") from None
+    key = job.resume_key()
+    old_key = {k: v for k, v in old.items() if k in key}
+    if old_key and old_key != key:
+        changed = sorted(k for k in key if old_key.get(k) != key[k])
         raise ConfigError(
             f"{run_dir} holds run {job.name!r} with a different job (changed: {', '.join(changed)}); "
             f"use another name, or --fresh to discard the old run"
@@ -81,7 +87,7 @@ def _init_ray(address: str | None, job: TrainJob) -> None:
     if cluster_address(address):
         connect(address)
     else:
-        connect(num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), log_to_driver=not quiet)
+        connect(num_cpus=max(math.ceil(needed), os.cpu_count() or 1), log_to_driver=not quiet)
 
 
 class Recorder:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from gradcomp.config.train import TrainJob
-from gradcomp.tasks import evaluate, load_task
+from gradcomp.tasks import Task, evaluate, load_task
 from gradcomp.worker.dp import ExampleDP, linear_aggregation
 from gradcomp.worker.hook import CompressionState, compression_hook
 
@@ -35,6 +35,7 @@ FAULT_MARKER_ENV = "GRADCOMP_FAULT_MARKER"
 
 
 def rank_file(rank: int) -> str:
+    """Name of one rank's own checkpoint file (EF memory, DP noise RNG): these differ per rank."""
     return f"rank-{rank}.pt"
 
 
@@ -53,6 +54,21 @@ class Session:
     restore: Path | None = None
     progress: Callable[[dict[str, Any]], None] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    last_flush: float = field(default=0.0, repr=False)  # time.monotonic() of the last progress hand-off
+
+
+@dataclass
+class _Run:
+    """The per-run training objects, passed as one: reports, checkpoints and restores need all of them."""
+
+    job: TrainJob
+    session: Session
+    task: Task
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    hook_state: CompressionState
+    dp: ExampleDP | None
 
 
 class StopTraining(Exception):
@@ -79,6 +95,7 @@ def _schedule(job: TrainJob, steps_per_epoch: int) -> Callable[[int], float]:
 
 
 def make_optimizer(job: TrainJob, params: Any) -> torch.optim.Optimizer:
+    """The job's optimizer over `params` (momentum/nesterov are SGD variants)."""
     o = job.optimizer
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -141,7 +158,8 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
             world=world,
             seed=job.seed,
             split_noise=linear_aggregation(hook_state.pipeline),
-            sample_rate=min(1.0, job.batch_size * world / (per_rank * world)),
+            # global batch / examples the epoch draws from (batch_size * world of per_rank * world)
+            sample_rate=min(1.0, job.batch_size / per_rank),
         )
         model: nn.Module = module
     else:
@@ -153,14 +171,13 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
 
     optimizer = make_optimizer(job, module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
+    run = _Run(job, session, task, module, optimizer, scheduler, hook_state, dp)
     start_epoch, start_step, global_step = 0, 0, 0
     if session.restore is not None:
-        start_epoch, start_step, global_step = _restore(
-            session.restore, rank, module, optimizer, scheduler, hook_state, dp
-        )
+        start_epoch, start_step, global_step = _restore(run, session.restore)
 
+    every_steps = job.checkpoint.every_steps
     last: dict[str, Any] = {}
-    t_epoch = time.perf_counter()
     try:
         for epoch in range(start_epoch, job.epochs):
             idx = shard_indices(n_train, rank, world, job.seed, epoch)
@@ -206,36 +223,10 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
                         }
                     )
                     _flush(session)
-                every = job.checkpoint.every_steps
-                if every and global_step % every == 0 and step + 1 < steps_per_epoch:
-                    _report(
-                        session,
-                        job,
-                        {"epoch": epoch, "step": global_step},
-                        module,
-                        optimizer,
-                        scheduler,
-                        hook_state,
-                        dp,
-                        epoch,
-                        step + 1,
-                        global_step,
-                    )
-            last = _end_epoch(
-                job,
-                session,
-                task,
-                module,
-                optimizer,
-                scheduler,
-                hook_state,
-                dp,
-                epoch,
-                global_step,
-                totals,
-                step_times,
-                time.perf_counter() - t_epoch,
-            )
+                # the epoch's last step is checkpointed by `_end_epoch` (if at all)
+                if every_steps and global_step % every_steps == 0 and step + 1 < steps_per_epoch:
+                    _report(run, {"epoch": epoch, "step": global_step}, epoch, step + 1, global_step)
+            last = _end_epoch(run, epoch, global_step, totals, step_times, time.perf_counter() - t_epoch)
     except StopTraining as stop:
         last = dict(last)
         last["stopped"] = str(stop)
@@ -247,21 +238,10 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
 
 
 def _end_epoch(
-    job: TrainJob,
-    session: Session,
-    task: Any,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    hook_state: CompressionState,
-    dp: ExampleDP | None,
-    epoch: int,
-    global_step: int,
-    totals: torch.Tensor,
-    step_times: list[float],
-    epoch_seconds: float,
+    run: _Run, epoch: int, global_step: int, totals: torch.Tensor, step_times: list[float], epoch_seconds: float
 ) -> dict[str, Any]:
     """Sum the epoch's loss and bytes over ranks, evaluate on rank 0, report (+ checkpoint)."""
+    job, session, task, dp = run.job, run.session, run.task, run.dp
     dist.all_reduce(totals)
     steps = max(int(totals[3]), 1)
     entry: dict[str, Any] = {
@@ -273,25 +253,25 @@ def _end_epoch(
         "compression_ratio": float(totals[2] / totals[1]) if totals[1] else 1.0,
         "step_seconds": sum(step_times) / max(len(step_times), 1),
         "epoch_seconds": epoch_seconds,
-        "lr": scheduler.get_last_lr()[0],
+        "lr": run.scheduler.get_last_lr()[0],
     }
     if (
         session.rank == 0
         and task.test_set is not None
         and ((epoch + 1) % job.eval.every_epochs == 0 or epoch + 1 == job.epochs)
     ):
-        metrics = evaluate(module, task.test_set, batch_size=job.eval.batch_size, device=session.device)
+        metrics = evaluate(run.module, task.test_set, batch_size=job.eval.batch_size, device=session.device)
         entry["test_loss"], entry["test_accuracy"] = metrics["loss"], metrics["accuracy"]
     if dp is not None:
         entry["epsilon"] = dp.epsilon()
-        entry["delta"] = job.dp.delta  # type: ignore[union-attr]
+        entry["delta"] = dp.cfg.delta
     if session.rank == 0:
         session.events.append({"type": "epoch", **entry})
         _flush(session, force=True)
     every = job.checkpoint.every_epochs
     save = bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == job.epochs)
     if save:
-        _report(session, job, entry, module, optimizer, scheduler, hook_state, dp, epoch + 1, 0, global_step)
+        _report(run, entry, epoch + 1, 0, global_step)
     # Without a checkpoint, metrics travel through `session.progress` only: a Ray Train
     # report is a barrier through the controller, too slow to pay every epoch.
     return entry
@@ -303,74 +283,64 @@ def _flush(session: Session, force: bool = False) -> None:
         session.events.clear()
         return
     now = time.monotonic()
-    last = getattr(session, "_last_flush", 0.0)
-    if force or now - last >= 0.5:
+    if force or now - session.last_flush >= 0.5:
         events, session.events = session.events, []
         session.progress({"events": events})
-        session._last_flush = now  # type: ignore[attr-defined]
+        session.last_flush = now
 
 
-def _report(
-    session: Session,
-    job: TrainJob,
-    metrics: dict[str, Any],
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    hook_state: CompressionState,
-    dp: ExampleDP | None,
-    epoch: int,
-    step_in_epoch: int,
-    global_step: int,
-) -> None:
-    """Write this rank's part of a checkpoint and report it (every rank, one barrier)."""
+def _report(run: _Run, metrics: dict[str, Any], epoch: int, step_in_epoch: int, global_step: int) -> None:
+    """Write this rank's part of a checkpoint and report it (every rank, one barrier).
+
+    `epoch`/`step_in_epoch` say where a restored run resumes: the next step to take.
+    """
+    session, dp = run.session, run.dp
     with tempfile.TemporaryDirectory(prefix="gradcomp-ckpt-") as tmp:
         d = Path(tmp)
         if session.rank == 0:
             torch.save(
                 {
-                    "model": module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+                    "model": run.module.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
                     "epoch": epoch,
                     "step_in_epoch": step_in_epoch,
                     "global_step": global_step,
                     "world": session.world,
-                    "job": job.resume_key(),
+                    "job": run.job.resume_key(),
                 },
                 d / STATE_FILE,
             )
         torch.save(
-            {"hook": hook_state.state_dict(), "dp": dp.state_dict() if dp is not None else None},
+            {"hook": run.hook_state.state_dict(), "dp": dp.state_dict() if dp is not None else None},
             d / rank_file(session.rank),
         )
         session.report(metrics, d)
 
 
-def _restore(
-    where: Path,
-    rank: int,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    hook_state: CompressionState,
-    dp: ExampleDP | None,
-) -> tuple[int, int, int]:
+def _restore(run: _Run, where: Path) -> tuple[int, int, int]:
     """Load a checkpoint: shared state from rank 0's file, EF memory and noise RNG from ours.
 
     With a different worker count than the checkpoint's, ranks without a file of their own
     start with empty error-feedback memory (the model, optimizer and ledger still resume).
+    Returns (epoch, step in epoch, global step) to resume from.
     """
+    rank, dp = run.session.rank, run.dp
     state = torch.load(where / STATE_FILE, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    run.module.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     own = where / rank_file(rank)
     mine = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
     if mine is not None and state.get("world") is not None:
-        hook_state.load_state_dict(mine["hook"])
+        run.hook_state.load_state_dict(mine["hook"])
     if dp is not None:
-        shared = torch.load(where / rank_file(0), map_location="cpu", weights_only=False)
+        # every rank's ledger is the same; rank 0's file is always there, whatever the old world size
+        shared = (
+            mine
+            if rank == 0 and mine is not None
+            else torch.load(where / rank_file(0), map_location="cpu", weights_only=False)
+        )
         dp.load_state_dict(shared["dp"], ledger_only=True)
         if mine is not None and mine.get("dp") is not None:
             dp.load_state_dict(mine["dp"])

@@ -89,3 +89,13 @@ def test_noise_placement_follows_linearity() -> None:
     assert linear_aggregation(build("randomk(ratio=0.1, seed=1) | ef"))
     assert not linear_aggregation(build("rtopk(ratio=0.01, r=0.05) | ef"))
     assert not linear_aggregation(build("unit"))
+
+
+def test_cosine_schedule_must_decay(tmp_path: Path) -> None:
+    from gradcomp.config.common import ConfigError, load_job
+    from gradcomp.config.train import TrainJob
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: j\noptimizer: {name: sgd, lr: 0.1}\nschedule: {name: cosine, min_lr: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"schedule.min_lr \(0.5\) is above optimizer.lr \(0.1\)"):
+        load_job(TrainJob, path)

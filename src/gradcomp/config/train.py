@@ -114,9 +114,14 @@ class TrainJob(StrictModel):
             )
         return self
 
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp is not None
+    @model_validator(mode="after")
+    def _schedule_decays(self) -> TrainJob:
+        if self.schedule.name == "cosine" and self.schedule.min_lr > self.optimizer.lr:
+            raise ValueError(
+                f"schedule.min_lr ({self.schedule.min_lr}) is above optimizer.lr ({self.optimizer.lr}): "
+                "a cosine schedule would raise the learning rate instead of decaying it"
+            )
+        return self
 
     def resume_key(self) -> dict[str, Any]:
         """The parts of the job a resumed run must share with the run it continues."""

@@ -37,6 +37,11 @@ def _input(rank: int) -> torch.Tensor:
     return torch.randn(N, generator=torch.Generator().manual_seed(rank + 11))
 
 
+def _out() -> torch.Tensor:
+    """Where a collective writes its mean: filled with NaN, so anything left unwritten shows."""
+    return torch.full((N,), float("nan"))
+
+
 def _payload(spec: str, rank: int):  # type: ignore[no-untyped-def]
     return build(spec, seed=rank).compress(_input(rank), key="t")
 
@@ -48,16 +53,16 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
     for name, spec in CASES.items():
         pipe = build(spec, seed=rank)
         payload = pipe.compress(_input(rank), key="t")
-        out[name] = reduce_payload(payload, torch.float32, pipe.shared_indices).wait()
+        out[name] = reduce_payload(payload, _out(), pipe.shared_indices).wait()
     # The specific collectives, called directly.
     out["direct_dense"] = allreduce_mean(_input(rank).clone()).wait()
     sparse = _payload("topk(ratio=0.05)", rank)
-    out["direct_gather"] = allgather_sparse_mean(sparse, torch.float32).wait()
+    out["direct_gather"] = allgather_sparse_mean(sparse, _out()).wait()
     shared = _payload("randomk(ratio=0.05, seed=7)", rank)
-    out["direct_shared"] = allreduce_shared_mean(shared, torch.float32).wait()
+    out["direct_shared"] = allreduce_shared_mean(shared, _out()).wait()
     # Overlapping positions on both ranks add up (identical inputs -> identical top-k).
     same = Sparse(torch.arange(0, 50, dtype=torch.int32), torch.full((50,), float(rank + 1)), (N,), torch.float32)
-    out["overlap"] = allgather_sparse_mean(same, torch.float32).wait()
+    out["overlap"] = allgather_sparse_mean(same, _out()).wait()
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradcomp.compression.selection import DIRECT_LIMIT, random_subset, top_magnitude
+from gradcomp.compression.selection import DIRECT_LIMIT, positions, random_subset, top_magnitude
 
 
 def _reference_top(x: torch.Tensor, k: int) -> set[int]:
@@ -70,3 +70,12 @@ def test_random_subset_is_uniform(n: int, k: int) -> None:
     else:  # too many cells to bound each: bound the spread instead
         z = (counts - expected) / expected**0.5
         assert abs(float(z.mean())) < 0.05 and 0.9 < float(z.std()) < 1.1
+
+
+@given(n=st.integers(0, 5000), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@settings(max_examples=80, deadline=None)
+def test_positions_match_torch_nonzero(n: int, density: float, seed: int) -> None:
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < density
+    got = positions(mask)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, torch.nonzero(mask).squeeze(1))

@@ -163,7 +163,7 @@ class Pipeline:
             residual.index_add_(0, out.indices, sent, alpha=-1)
         self._memory[key] = residual
         if work.indices is not None and out.indices is not None:
-            out = Work(out.values, work.indices[out.indices], work.numel, out.wire_dtype)
+            out = Work(out.values, work.indices.index_select(0, out.indices), work.numel, out.wire_dtype)
         elif work.indices is not None:
             out = Work(out.values, work.indices, work.numel, out.wire_dtype)
         else:

@@ -6,8 +6,8 @@ memory on a CPU. `top_magnitude` instead:
 1. estimates two thresholds from a small random sample of |x|: `lo`, which about
    k + margin values exceed, and `hi`, which about k - margin exceed (the margin is
    four standard deviations of the sampling error);
-2. makes one pass over x in cache-sized chunks (abs, compare, nonzero per chunk)
-   collecting the candidates >= lo;
+2. makes one pass over x in cache-sized chunks (abs, compare, nonzero per chunk, in
+   numpy on the CPU) collecting the candidates >= lo;
 3. keeps every candidate > hi (surely in the top k) and runs an exact top-k only on
    the narrow band [lo, hi] to fill up to exactly k.
 
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # Sample for the threshold estimate: n / 64, within these bounds.
 SAMPLE_MIN, SAMPLE_MAX = 1 << 13, 1 << 15
-CHUNK = 1 << 20  # 4 MiB of float32: the chunk's abs and mask stay in cache
-BLOCK_ROWS = 8  # column blocks of the prefilter in `_hits`
-# ...used while at most this share of columns is expected to hold a hit (else plain compare).
-PREFILTER_MAX_HIT = 0.15
+CHUNK = 1 << 18  # 1 MiB of float32: the chunk's magnitudes and mask stay in cache
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 # Below this size, or when k is a large fraction of n, plain topk is as fast.
 DIRECT_LIMIT = 1 << 17
 DIRECT_FRACTION = 0.25
@@ -34,63 +33,43 @@ DIRECT_FRACTION = 0.25
 SMALL_SUBSET = 4096
 
 
+def _flatnonzero(mask: np.ndarray) -> np.ndarray:
+    """`np.flatnonzero` of a 1-D bool array, about 2x faster when True is rare.
+
+    numpy takes a branchy loop below ~10% density, which mispredicts on scattered hits.
+    Looking at 4-byte words first makes both steps dense enough for its branchless loop:
+    which words hold a hit, then which bytes of those words.
+    """
+    body = mask.size - mask.size % 4
+    words = mask[:body].view(np.uint32)
+    hit_words = np.flatnonzero(words != 0)
+    j = np.flatnonzero(words[hit_words].view(np.bool_))
+    found = (hit_words[j >> 2] << 2) | (j & 3)
+    if body == mask.size:
+        return found
+    return np.concatenate([found, np.flatnonzero(mask[body:]) + body])
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending positions (int64) of the True entries of a 1-D bool tensor.
+
+    On the CPU this is numpy's, 2-5x faster than `torch.nonzero` on one thread.
+    """
+    if mask.device.type == "cpu":
+        return torch.from_numpy(_flatnonzero(mask.numpy()))
+    return torch.nonzero(mask).squeeze(1)
+
+
 def _direct_top(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(a, k, sorted=False).indices.sort().values
 
 
-def _candidates(x: torch.Tensor, lo: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (ascending) and magnitudes of every |x| >= lo, in one chunked pass.
+def _thresholds(x: torch.Tensor, k: int, generator: torch.Generator | None) -> tuple[float, float | None]:
+    """(lo, hi) from a random sample of |x|: about k + margin values are >= lo, k - margin > hi.
 
-    `density` is the expected fraction of hits; it decides whether the column prefilter pays.
+    hi is None when the margin reaches past the largest sampled value.
     """
-    if x.device.type != "cpu":
-        a = x.abs()
-        idx = torch.nonzero(a >= lo).squeeze(1)
-        return idx, a[idx]
     n = x.numel()
-    chunk = min(CHUNK, n)
-    buf = torch.empty(chunk, dtype=x.dtype)
-    threshold = float(lo)
-    blocks = BLOCK_ROWS if density * BLOCK_ROWS <= PREFILTER_MAX_HIT else 1
-    positions, magnitudes = [], []
-    for start in range(0, n, chunk):
-        part = x[start : start + chunk]
-        b = buf[: part.numel()]
-        torch.abs(part, out=b)
-        hit, mag = _hits(b, threshold, blocks)
-        magnitudes.append(mag)
-        positions.append(hit.add_(start))
-    return torch.cat(positions), torch.cat(magnitudes)
-
-
-def _hits(b: torch.Tensor, threshold: float, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending positions and values of b >= threshold.
-
-    Writing and scanning a boolean mask of the whole chunk is what costs most on a CPU, so the
-    chunk is first viewed as `blocks` rows: the column maximum (a fast vectorised reduction)
-    rules out most columns when hits are rare, and only the surviving columns are compared
-    element by element. Row-major order of (row, column) hits is ascending position order.
-    """
-    if blocks == 1 or b.numel() % blocks:
-        hit = torch.nonzero(b >= threshold).squeeze(1)
-        return hit, b[hit]
-    rows = b.view(blocks, -1)
-    cols = torch.nonzero(rows.amax(0) >= threshold).squeeze(1)
-    sub = rows[:, cols]
-    r, c = torch.nonzero(sub >= threshold).unbind(1)
-    return r * rows.shape[1] + cols[c], sub[r, c]
-
-
-def top_magnitude(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flat int64 positions of the `k` largest |x|, in ascending order."""
-    x = x.reshape(-1)
-    n = x.numel()
-    if k >= n:
-        return torch.arange(n, device=x.device)
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=x.device)
-    if n <= DIRECT_LIMIT or k > DIRECT_FRACTION * n:
-        return _direct_top(x.abs(), k)
     s = min(SAMPLE_MAX, max(SAMPLE_MIN, n // 64))
     sample = x[torch.randint(n, (s,), generator=generator, device=x.device)].abs()
     p = k / n
@@ -98,17 +77,60 @@ def top_magnitude(x: torch.Tensor, k: int, generator: torch.Generator | None = N
     lo = torch.kthvalue(sample, max(1, s - math.ceil(min(1.0, p + margin) * s))).values
     hi_rank = s - math.floor(max(0.0, p - margin) * s)
     hi = torch.kthvalue(sample, hi_rank).values if hi_rank <= s else None
-    pos, mag = _candidates(x, lo, min(1.0, p + margin))
-    if pos.numel() < k:  # the sample overestimated the threshold: rare, stay exact
+    return float(lo), None if hi is None else float(hi)
+
+
+def _candidates(values: np.ndarray, lo: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (ascending) and magnitudes of every |value| >= lo, in one chunked pass.
+
+    numpy, not torch: on the CPU torch's boolean compare and nonzero are not vectorised
+    (0.7 and 1+ ns per value on one thread), numpy's are several times faster.
+    """
+    n = values.size
+    chunk = min(CHUNK, n)
+    mag = np.empty(chunk, dtype=values.dtype)
+    hit = np.empty(chunk, dtype=np.bool_)
+    threshold = values.dtype.type(lo)
+    positions, magnitudes = [], []
+    for start in range(0, n, chunk):
+        part = values[start : start + chunk]
+        m, h = mag[: part.size], hit[: part.size]
+        np.abs(part, out=m)
+        np.greater_equal(m, threshold, out=h)
+        found = _flatnonzero(h)
+        magnitudes.append(m[found])
+        found += start
+        positions.append(found)
+    return np.concatenate(positions), np.concatenate(magnitudes)
+
+
+def top_magnitude(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flat int64 positions of the `k` largest |x|, in ascending order.
+
+    Off the CPU this is `torch.topk`: a GPU's radix select is already fast.
+    """
+    x = x.detach().reshape(-1)
+    n = x.numel()
+    if k >= n:
+        return torch.arange(n, device=x.device)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    if x.device.type != "cpu" or n <= DIRECT_LIMIT or k > DIRECT_FRACTION * n:
         return _direct_top(x.abs(), k)
-    keep = mag > hi if hi is not None else torch.zeros_like(mag, dtype=torch.bool)
-    need = k - int(keep.sum())
+    if x.dtype not in _NUMPY_FLOATS:  # fp16/bf16: float32 holds them exactly, same order
+        x = x.float()
+    lo, hi = _thresholds(x, k, generator)
+    pos, mag = _candidates(x.numpy(), lo)
+    if pos.size < k:  # the sample overestimated the threshold: rare, stay exact
+        return _direct_top(x.abs(), k)
+    keep = mag > hi if hi is not None else np.zeros(mag.size, dtype=np.bool_)
+    need = k - int(np.count_nonzero(keep))
     if need < 0:  # more than k above hi: the sample underestimated it
-        return pos[_direct_top(mag, k)]
-    if need:
-        band = torch.nonzero(~keep).squeeze(1)
-        keep[band[torch.topk(mag[band], need, sorted=False).indices]] = True
-    return pos[torch.nonzero(keep).squeeze(1)]
+        return torch.from_numpy(pos)[_direct_top(torch.from_numpy(mag), k)]
+    if need:  # fill up from the band [lo, hi] with its `need` largest
+        band = _flatnonzero(~keep)
+        keep[band[np.argpartition(mag[band], band.size - need)[band.size - need :]]] = True
+    return torch.from_numpy(pos[keep])
 
 
 def _distinct_draws(n: int, k: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
@@ -125,9 +147,9 @@ def _distinct_draws(n: int, k: int, generator: torch.Generator | None, device: t
     have, draws = 0, k + k // 4 + 32
     while have < k:
         mask[torch.randint(n, (draws,), generator=generator, device=device)] = True
-        have = int(mask.sum())
+        have = int(torch.count_nonzero(mask))
         draws = max(32, 2 * (k - have))
-    return torch.nonzero(mask).squeeze(1)
+    return positions(mask)
 
 
 def random_subset(
@@ -148,10 +170,10 @@ def random_subset(
     if 2 * k > n:  # choose the complement instead: fewer draws
         mask = torch.ones(n, dtype=torch.bool, device=device)
         mask[random_subset(n, n - k, generator, device)] = False
-        return torch.nonzero(mask).squeeze(1)
+        return positions(mask)
     hits = _distinct_draws(n, k, generator, device)
     if hits.numel() > k:
         keep = torch.ones(hits.numel(), dtype=torch.bool, device=device)
         keep[random_subset(hits.numel(), hits.numel() - k, generator, device)] = False
-        hits = hits[keep]
+        hits = hits.index_select(0, positions(keep))
     return hits

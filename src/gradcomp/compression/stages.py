@@ -103,7 +103,7 @@ class TopK(Stage):
     def apply(self, work: Work, ctx: StepContext) -> Work:
         _dense_only(self, work)
         idx = top_magnitude(work.values, self.kept(work.numel), ctx.generator)
-        return Work(work.values[idx], idx, work.numel, work.wire_dtype)
+        return Work(work.values.index_select(0, idx), idx, work.numel, work.wire_dtype)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class RandomK(Stage):
     def apply(self, work: Work, ctx: StepContext) -> Work:
         _dense_only(self, work)
         idx = self.indices(work.numel, ctx.key, ctx.step, work.values.device)
-        return Work(work.values[idx], idx, work.numel, work.wire_dtype)
+        return Work(work.values.index_select(0, idx), idx, work.numel, work.wire_dtype)
 
 
 @dataclass
@@ -157,8 +157,8 @@ class RTopK(Stage):
         k = self.kept(n)
         top = top_magnitude(work.values, max(k, keep_count(self.r, n)), ctx.generator)
         pick = random_subset(top.numel(), k, ctx.generator, top.device)
-        idx = top[pick]
-        return Work(work.values[idx], idx, n, work.wire_dtype)
+        idx = top.index_select(0, pick)
+        return Work(work.values.index_select(0, idx), idx, n, work.wire_dtype)
 
 
 @dataclass

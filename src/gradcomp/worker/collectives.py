@@ -7,8 +7,9 @@
   the k values are all-reduced.
 
 Each function starts the collective and returns a `torch.futures.Future` resolving to the
-dense *average* (flat, compute dtype), so the caller can chain work on it and let the
-communication overlap with the rest of the backward pass.
+dense *average*, written into a flat tensor the caller passes (DDP's own bucket buffer, so
+no full-size temporary is made), and lets the communication overlap with the rest of the
+backward pass.
 """
 
 from __future__ import annotations
@@ -56,44 +57,43 @@ def _pack(payload: Sparse) -> torch.Tensor:
 
 
 def allgather_sparse_mean(
-    payload: Sparse, out_dtype: torch.dtype, group: dist.ProcessGroup | None = None
+    payload: Sparse, out: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.futures.Future[torch.Tensor]:
-    """Gather every rank's (indices, values) and return the mean of their dense forms.
+    """Gather every rank's (indices, values); the future resolves to `out` holding their mean.
 
     All ranks must send the same number of values with the same index/value dtypes (true
-    for a pipeline's payloads of equally sized tensors: `pipe.kept(n)` is fixed).
+    for a pipeline's payloads of equally sized tensors: `pipe.kept(n)` is fixed). The k
+    values are scaled before they are scattered, so the dense result takes one zero-fill
+    and no pass of its own.
     """
     world = world_size(group)
     packed = _pack(payload)
     gathered = torch.empty(world * packed.numel(), dtype=torch.uint8, device=packed.device)
     work = _all_gather_single(gathered, packed, group=group, async_op=True)
-    k = payload.values.numel()
-    idx_bytes = k * payload.indices.element_size()
-    numel = payload.numel
+    idx_bytes = payload.values.numel() * payload.indices.element_size()
 
     def decode() -> torch.Tensor:
         rows = gathered.view(world, -1)
         idx = rows[:, :idx_bytes].contiguous().view(payload.indices.dtype).reshape(-1)
         val = rows[:, idx_bytes:].contiguous().view(payload.values.dtype).reshape(-1)
-        out = torch.zeros(numel, dtype=out_dtype, device=packed.device)
-        out.index_add_(0, idx.long(), val.to(out_dtype))
-        return out.div_(world)
+        out.zero_()
+        return out.index_add_(0, idx.long(), torch.div(val.to(out.dtype), world))
 
     return _then(work, decode)
 
 
 def allreduce_shared_mean(
-    payload: Sparse, out_dtype: torch.dtype, group: dist.ProcessGroup | None = None
+    payload: Sparse, out: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.futures.Future[torch.Tensor]:
-    """All-reduce only the k values of a payload whose indices are the same on every rank."""
+    """All-reduce only the k values of a payload whose indices are the same on every rank;
+    the future resolves to `out` holding the mean (zeros off the shared positions)."""
     values = payload.values.clone()
     summed = allreduce_mean(values, group)
     idx = payload.indices.long()
-    numel = payload.numel
 
     def scatter(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(numel, dtype=out_dtype, device=idx.device)
-        out[idx] = fut.value().to(out_dtype)
+        out.zero_()
+        out[idx] = fut.value().to(out.dtype)
         return out
 
     return summed.then(scatter)
@@ -114,14 +114,15 @@ def sent_bytes(payload: Payload, shared_indices: bool) -> int:
 
 def reduce_payload(
     payload: Payload,
-    out_dtype: torch.dtype,
+    out: torch.Tensor,
     shared_indices: bool,
     group: dist.ProcessGroup | None = None,
 ) -> torch.futures.Future[torch.Tensor]:
-    """Pick the collective a payload needs; the future resolves to the flat dense mean."""
+    """Pick the collective a payload needs; the future resolves to `out` (flat, the payload's
+    size) overwritten with the mean. `out` may be the tensor the payload was compressed from."""
     if isinstance(payload, Dense):
         values = payload.values.clone()
-        return allreduce_mean(values, group).then(lambda fut: fut.value().to(out_dtype))
+        return allreduce_mean(values, group).then(lambda fut: out.copy_(fut.value()))
     if shared_indices:
-        return allreduce_shared_mean(payload, out_dtype, group)
-    return allgather_sparse_mean(payload, out_dtype, group)
+        return allreduce_shared_mean(payload, out, group)
+    return allgather_sparse_mean(payload, out, group)

@@ -132,7 +132,7 @@ class CompressionState:
         """Compress `flat` under `key`, start the collective, resolve to the flat mean.
 
         `flat` is the caller's to overwrite (a DDP bucket, or the DP path's fresh gradient):
-        uncompressed steps reduce it in place.
+        the mean is written into it, and the future resolves to it.
         """
         dense = flat.numel() * flat.element_size()  # what an uncompressed all-reduce moves
         self.traffic.dense_bytes += dense
@@ -142,7 +142,7 @@ class CompressionState:
             return allreduce_mean(flat, self.group)  # in place, like DDP's default hook
         payload = self.pipeline.compress(self.carry_residual(key, flat), key=key)
         self.traffic.bytes_sent += sent_bytes(payload, self.pipeline.shared_indices)
-        return reduce_payload(payload, flat.dtype, self.pipeline.shared_indices, self.group)
+        return reduce_payload(payload, flat, self.pipeline.shared_indices, self.group)
 
     def end_step(self) -> None:
         """Count one finished all-reduce round (ends the dense warm-up after `warmup_steps`)."""
@@ -172,22 +172,14 @@ class CompressionState:
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: `ddp_model.register_comm_hook(state, compression_hook)`.
 
-    Writes the averaged gradient back into the bucket's buffer and resolves to it.
+    The mean is written into the bucket's own buffer, and the future resolves to it.
     """
-    buffer = bucket.buffer()
     params = bucket.parameters()
     key = state.bucket_key(params, [p.numel() for p in params])
-    fut = state.reduce(buffer, key)
+    fut = state.reduce(bucket.buffer(), key)
     if bucket.is_last():
         state.end_step()
-
-    def write_back(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        mean = f.value()
-        if mean.data_ptr() != buffer.data_ptr():
-            buffer.copy_(mean.view_as(buffer))
-        return buffer
-
-    return fut.then(write_back)
+    return fut
 
 
 # DDP checks the hook's annotations against the real types; with postponed annotations

@@ -1,4 +1,5 @@
-"""Gradient compression: stages, pipelines, payloads and their wire encoding (pure torch).
+"""Gradient compression: stages, pipelines, payloads and their wire encoding (torch, with
+numpy for the CPU selection pass).
 
 pipe = build("dp(clip=1.0, sigma=0.8) | rtopk(ratio=0.01, r=0.05) | ef")
 payload = pipe.compress(grad, key="layer3")

@@ -115,3 +115,17 @@ def test_bad_job_fails_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "compression" in err and "dp" in err
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_run_past_max_failures_records_failure(local_ray: None, tmp_path: Path) -> None:
+    runs, marker = tmp_path / "runs", tmp_path / "crashed"
+    job = _write_job(tmp_path, "doomed", epochs=1, max_failures=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_STEP_ENV, "5")
+        mp.setenv(FAULT_MARKER_ENV, str(marker))
+        mp.setenv("GRADCOMP_FAULT_DELAY_S", "0")
+        assert main(["train", str(job), "--runs-dir", str(runs)]) == 1
+    final = _results(runs, "doomed")["final"]
+    assert marker.is_file()
+    assert final["status"] == "failed" and final["error"]
+    assert final["workers"] == 2 and final["restores"] == 0 and final["run_seconds"] > 0

@@ -234,39 +234,41 @@ def train(job: TrainJob, run_dir: Path, info: dict[str, Any], address: str | Non
     started = time.time()
     restarts = 0
     stopped = None
-    with Display(info["total_steps"], f"train {job.name}") as display:
-        if recorder.last_epoch >= job.epochs:
-            display.line(
-                f"run {job.name!r} already finished its {job.epochs} epochs: showing its results "
-                f"(--set epochs=N continues it, --fresh starts over)"
-            )
-        elif recorder.last_epoch:
-            display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
-        thread.start()
-        while True:
-            alive = thread.is_alive()
-            try:
-                message = queue.get(block=True, timeout=0.5)
-            except Empty:
-                if not alive:
-                    break
-                continue
-            for e in message.get("events", []):
-                kind = e.get("type")
-                if kind == "step":
-                    display.step(e)
-                elif kind == "epoch":
-                    recorder.epoch({k: v for k, v in e.items() if k != "type"})
-                    display.epoch(e)
-                elif kind == "restored":
-                    restarts += 1
-                    display.line(f"restored from checkpoint {e['path']}")
-                elif kind == "stopped":
-                    stopped = e["reason"]
-                    display.line(f"stopped early: {stopped}")
-            recorder.steps([e for e in message.get("events", []) if e.get("type") == "step"])
-        thread.join()
-    queue.shutdown()
+    try:
+        with Display(info["total_steps"], f"train {job.name}") as display:
+            if recorder.last_epoch >= job.epochs:
+                display.line(
+                    f"run {job.name!r} already finished its {job.epochs} epochs: showing its results "
+                    f"(--set epochs=N continues it, --fresh starts over)"
+                )
+            elif recorder.last_epoch:
+                display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
+            thread.start()
+            while True:
+                alive = thread.is_alive()
+                try:
+                    message = queue.get(block=True, timeout=0.5)
+                except Empty:
+                    if not alive:
+                        break
+                    continue
+                for e in message.get("events", []):
+                    kind = e.get("type")
+                    if kind == "step":
+                        display.step(e)
+                    elif kind == "epoch":
+                        recorder.epoch({k: v for k, v in e.items() if k != "type"})
+                        display.epoch(e)
+                    elif kind == "restored":
+                        restarts += 1
+                        display.line(f"restored from checkpoint {e['path']}")
+                    elif kind == "stopped":
+                        stopped = e["reason"]
+                        display.line(f"stopped early: {stopped}")
+                recorder.steps([e for e in message.get("events", []) if e.get("type") == "step"])
+            thread.join()
+    finally:  # also on Ctrl-C: the queue is an actor that would outlive the run on a shared cluster
+        queue.shutdown()
     final: dict[str, Any] = {
         "workers": job.scaling.num_workers,
         "run_seconds": round(time.time() - started, 3),
@@ -277,10 +279,11 @@ def train(job: TrainJob, run_dir: Path, info: dict[str, Any], address: str | Non
     if "error" in outcome:
         err = outcome["error"]
         print(f"gradcomp train: run {job.name!r} failed: {err}", file=sys.stderr)
-        return recorder.rec.finish(status="failed", error=str(err).splitlines()[0][:500] if str(err) else repr(err))
+        message = str(err).splitlines()[0][:500] if str(err) else repr(err)
+        return recorder.rec.finish(**final, status="failed", error=message)
     result = outcome["result"]
     if result.error is not None:
-        return recorder.rec.finish(status="failed", error=str(result.error)[:500])
+        return recorder.rec.finish(**final, status="failed", error=str(result.error)[:500])
     final["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
     final["status"] = "finished"
     return recorder.rec.finish(**final)

@@ -1,6 +1,7 @@
 """Shared pieces: job-file loading and overrides, the privacy ledger, run records, tasks, the CLI."""
 
 import json
+import math
 from typing import Annotated
 
 import pytest
@@ -115,6 +116,19 @@ def test_run_record_writes_and_resumes_results_json(tmp_path) -> None:
     assert json.loads(again.path.read_text())["bytes_sent"] == 15
     atomic_write_json(tmp_path / "x.json", {"t": torch.tensor(2.5)})
     assert json.loads((tmp_path / "x.json").read_text()) == {"t": 2.5}
+
+
+def test_results_json_is_strict_json(tmp_path) -> None:
+    """A diverged loss or the infinite epsilon of noiseless DP becomes null, never NaN/Infinity."""
+    rec = RunRecord(tmp_path / "r", "r", "train", {})
+    rec.log({"epoch": 1, "loss": float("nan"), "t": torch.tensor(float("inf"))})
+    rec.set_privacy(math.inf, 1e-5)
+    rec.finish(loss=float("-inf"), ok=[1.0, float("nan")])
+    text = (tmp_path / "r" / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["history"] == [{"epoch": 1, "loss": None, "t": None}]
+    assert data["epsilon"] is None and data["final"]["loss"] is None and data["final"]["ok"] == [1.0, None]
 
 
 def test_builtin_tasks_load_and_train_shapes() -> None:

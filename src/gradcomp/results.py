@@ -4,12 +4,14 @@ Layout of results.json (keys other parts rely on):
   name, kind ("train" | "fed" | "fedsim" | "sweep"), config (the validated job),
   final (last metrics), history (one dict per epoch or round), bytes_sent,
   dense_bytes (what the same run would send uncompressed), epsilon and delta
-  (null without DP), wall_seconds, started_at, finished_at, gradcomp_version.
+  (null without DP; epsilon is also null for DP without noise, whose epsilon is infinite),
+  wall_seconds, started_at, finished_at, gradcomp_version. Strict JSON: no NaN or Infinity.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,13 +38,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """JSON that jq and browsers parse: a non-finite float (the loss of a diverged run, the
+    infinite epsilon of DP without noise) is written as null, never as NaN or Infinity."""
+    return json.dumps(_finite(obj), indent=indent, default=_jsonable, allow_nan=False)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode())
+    atomic_write_bytes(path, strict_json(obj, indent=2).encode())
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
-        return value.item()
+        return _finite(value.item())
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, set | tuple):

@@ -22,7 +22,7 @@ from typing import Any
 from gradcomp.config.common import ConfigError, load_job
 from gradcomp.config.train import TrainJob
 from gradcomp.raycluster import cluster_address, connect
-from gradcomp.results import RunRecord, human_bytes, print_summary
+from gradcomp.results import RunRecord, human_bytes, print_summary, strict_json
 
 FORWARDED_ENV_PREFIX = "GRADCOMP_"
 
@@ -121,7 +121,7 @@ class Recorder:
         if events:
             with self.steps_path.open("a") as f:
                 for e in events:
-                    f.write(json.dumps(e) + "\n")
+                    f.write(strict_json(e) + "\n")
 
 
 class Display:

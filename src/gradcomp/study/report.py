@@ -124,9 +124,12 @@ def _fmt_acc(values: list[float | None]) -> str:
 
 
 def settings_table(
-    rows: Sequence[Row], target: float | None, baseline_setting: str | None
+    rows: Sequence[Row], target: float | None, baseline_setting: str | None, step_name: str = "round"
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-setting Markdown table (also used for the README)."""
+    """Header and rows of the per-setting Markdown table (also used for the README).
+
+    `step_name` is what a history entry counts: rounds (federated) or epochs (data-parallel).
+    """
     stats = settings(rows)
     base_bytes = None
     if baseline_setting is not None and target is not None:
@@ -141,7 +144,7 @@ def settings_table(
         "seeds",
         "final acc",
         "best acc",
-        f"rounds to {tgt}",
+        f"{step_name}s to {tgt}",
         f"uplink bytes to {tgt}",
         f"bytes saved vs baseline at {tgt}",
         "total uplink",
@@ -204,8 +207,9 @@ def write_report(
     baseline_setting: str | None,
     plots: Sequence[Path],
     notes: Sequence[str] = (),
+    step_name: str = "round",
 ) -> Path:
-    header, table = settings_table(rows, target, baseline_setting)
+    header, table = settings_table(rows, target, baseline_setting, step_name)
     done = sum(1 for r in rows if r.summary is not None)
     parts = [
         f"# Sweep report: {title}",

@@ -125,6 +125,7 @@ def write_outputs(
         baseline_setting=baseline,
         plots=[out / names[k] for k in ("bytes", "epsilon", "rounds") if (out / names[k]).is_file()],
         notes=notes,
+        step_name=step,
     )
     return paths
 

@@ -40,6 +40,7 @@ def _flatnonzero(mask: np.ndarray) -> np.ndarray:
     Looking at 4-byte words first makes both steps dense enough for its branchless loop:
     which words hold a hit, then which bytes of those words.
     """
+    mask = np.ascontiguousarray(mask)
     body = mask.size - mask.size % 4
     words = mask[:body].view(np.uint32)
     hit_words = np.flatnonzero(words != 0)
@@ -91,7 +92,7 @@ def _candidates(values: np.ndarray, lo: float) -> tuple[np.ndarray, np.ndarray]:
     mag = np.empty(chunk, dtype=values.dtype)
     hit = np.empty(chunk, dtype=np.bool_)
     threshold = values.dtype.type(lo)
-    positions, magnitudes = [], []
+    where, magnitudes = [], []
     for start in range(0, n, chunk):
         part = values[start : start + chunk]
         m, h = mag[: part.size], hit[: part.size]
@@ -100,8 +101,8 @@ def _candidates(values: np.ndarray, lo: float) -> tuple[np.ndarray, np.ndarray]:
         found = _flatnonzero(h)
         magnitudes.append(m[found])
         found += start
-        positions.append(found)
-    return np.concatenate(positions), np.concatenate(magnitudes)
+        where.append(found)
+    return np.concatenate(where), np.concatenate(magnitudes)
 
 
 def top_magnitude(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

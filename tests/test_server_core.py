@@ -132,6 +132,18 @@ def test_fedavgm_accumulates_momentum() -> None:
     assert float(p["x"]) == pytest.approx(1 + 1.5)
 
 
+def test_fedadam_matches_the_adam_recursion() -> None:
+    s = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    d1, d2 = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5])
+    p = s.apply({"x": torch.zeros(2)}, {"x": d1})
+    p = s.apply(p, {"x": d2})
+    m1, v1 = 0.1 * d1, 0.01 * d1 * d1
+    m2, v2 = 0.9 * m1 + 0.1 * d2, 0.99 * v1 + 0.01 * d2 * d2
+    want = 0.1 * m1 / (v1.sqrt() + 1e-3) + 0.1 * m2 / (v2.sqrt() + 1e-3)
+    torch.testing.assert_close(p["x"], want)
+    torch.testing.assert_close(s.m["x"], m2)
+
+
 # --- config ------------------------------------------------------------------------------------
 def test_config_rejects_impossible_jobs() -> None:
     with pytest.raises(ConfigError, match="min_clients"):

@@ -82,9 +82,10 @@ class FedAdam:
         out = {}
         for k, p in params.items():
             d = delta[k]
-            m = self.m.get(k, torch.zeros_like(d)).mul_(self.beta1).add_(d, alpha=1 - self.beta1)
-            v = self.v.get(k, torch.zeros_like(d)).mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
-            self.m[k], self.v[k] = m, v
+            if k not in self.m:  # moments start at zero, allocated once per parameter
+                self.m[k], self.v[k] = torch.zeros_like(d), torch.zeros_like(d)
+            m = self.m[k].mul_(self.beta1).add_(d, alpha=1 - self.beta1)
+            v = self.v[k].mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
             out[k] = p + self.server_lr * m / (v.sqrt() + self.tau)
         return out
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -17,6 +18,7 @@ from gradcomp.raycluster import connect
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.pool import ClientPool
 from gradcomp.sim.run import build_simulation, load_fedsim_job, make_pool
+from gradcomp.sim.state import client_dropouts
 from gradcomp.sim.wire import parse_request
 
 BASE: dict[str, Any] = {
@@ -133,6 +135,38 @@ def test_dropout_stragglers_deadline_and_retry(tmp_path: Path) -> None:
         assert e["round_seconds"] >= 10 or e["clients"] == e["selected"]
     trained = sum(s.trained for _, s in rows)
     assert trained == sim.coord.totals["accepted"] + late
+
+
+def test_heterogeneous_dropout_is_drawn_per_client() -> None:
+    same = client_dropouts(50, 0.3, 0.0, seed=1)
+    assert np.all(same == 0.3)
+    p = client_dropouts(20_000, 0.3, 0.5, seed=1)
+    assert p.min() >= 0 and p.max() <= 1
+    assert p.mean() == pytest.approx(0.3, abs=0.01)
+    assert p.var() == pytest.approx(0.5 * 0.3 * 0.7, rel=0.05)
+    assert np.array_equal(p, client_dropouts(20_000, 0.3, 0.5, seed=1))
+    assert not np.array_equal(p, client_dropouts(20_000, 0.3, 0.5, seed=2))
+    with pytest.raises(ValueError, match="dropout_spread"):
+        client_dropouts(3, 0.3, 1.0, seed=0)
+
+
+def test_heterogeneous_dropout_shapes_who_takes_part(tmp_path: Path) -> None:
+    # spread 0.8 around 0.4: most clients are nearly always there or nearly never.
+    path = _job_file(
+        tmp_path,
+        rounds=6,
+        round={"fraction": 1.0, "min_clients": 1, "deadline_seconds": 10, "max_retries": 0},
+        simulation={"partition": "iid", "actors": 0, "dropout": 0.4, "dropout_spread": 0.8},
+    )
+    sim, _ = build_simulation(load_fedsim_job(path), quiet=True)
+    probs = np.array([c.dropout for c in sim.clients.clients])
+    assert probs.std() > 0.3, "the population is split, not uniform"
+    rows = []
+    sim.run(lambda e, s: rows.append(s))
+    taken = np.array([c.participations for c in sim.clients.clients])
+    assert taken.sum() == sum(s.trained for s in rows)
+    assert sum(s.dropped for s in rows) == 6 * 20 - taken.sum()
+    assert np.corrcoef(1 - probs, taken)[0, 1] > 0.8, (probs.round(2), taken)
 
 
 def test_min_clients_unmet_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

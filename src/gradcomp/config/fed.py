@@ -121,6 +121,14 @@ class SimulationConfig(StrictModel):
     clients: int | None = Field(None, ge=1, description="virtual clients; sets clients.expected (default: it)")
     partition: str = Field("iid", description="iid | dirichlet(alpha=A) | shards(k=K labels per client)")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a selected client drops out of a round")
+    dropout_spread: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="0: every client drops out with probability `dropout`; above 0 each client gets its own "
+        "probability, drawn once from a Beta distribution with mean `dropout` and variance "
+        "dropout_spread * dropout * (1 - dropout), so some clients are nearly always there and some rarely",
+    )
     stragglers: StragglerSection = Field(default_factory=StragglerSection)
     actors: int | None = Field(None, ge=0, description="Ray actors (default one per CPU); 0 runs in the driver")
     grpc: bool = Field(False, description="send updates over real gRPC on 127.0.0.1 to the coordinator service")

@@ -82,7 +82,13 @@ def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Any]:
     parts = partition(labels, job.clients.expected, sim.partition, seed=job.seed)
     if not quiet:
         print(skew_summary(labels, parts).format(sim.partition), flush=True)
-    table = ClientTable.build(parts, dropout=sim.dropout, straggler_fraction=sim.stragglers.fraction, seed=job.seed)
+    table = ClientTable.build(
+        parts,
+        dropout=sim.dropout,
+        dropout_spread=sim.dropout_spread,
+        straggler_fraction=sim.stragglers.fraction,
+        seed=job.seed,
+    )
     return table, task
 
 

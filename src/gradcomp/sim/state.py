@@ -53,11 +53,35 @@ class ClientTable:
         return sum(c.nbytes() for c in self.clients)
 
     @classmethod
-    def build(cls, parts: list[np.ndarray], *, dropout: float, straggler_fraction: float, seed: int) -> ClientTable:
+    def build(
+        cls,
+        parts: list[np.ndarray],
+        *,
+        dropout: float,
+        straggler_fraction: float,
+        seed: int,
+        dropout_spread: float = 0.0,
+    ) -> ClientTable:
         rng = np.random.default_rng([seed, 7])
         n = len(parts)
         slow = np.zeros(n, dtype=bool)
         n_slow = round(straggler_fraction * n)
         if n_slow:
             slow[rng.choice(n, size=n_slow, replace=False)] = True
-        return cls([ClientState(i, p, dropout, bool(slow[i])) for i, p in enumerate(parts)])
+        drops = client_dropouts(n, dropout, dropout_spread, seed)
+        return cls([ClientState(i, p, float(drops[i]), bool(slow[i])) for i, p in enumerate(parts)])
+
+
+def client_dropouts(n: int, mean: float, spread: float, seed: int) -> np.ndarray:
+    """Each client's dropout probability: all `mean`, or Beta-distributed around it when spread > 0.
+
+    Beta(mean * c, (1 - mean) * c) with c = 1/spread - 1 has mean `mean` and variance
+    spread * mean * (1 - mean): spread 0 is a uniform population, spread near 1 splits it into
+    clients that are almost always there and clients that almost never are.
+    """
+    if spread == 0.0 or mean == 0.0:
+        return np.full(n, mean)
+    if not 0.0 < mean < 1.0 or not 0.0 < spread < 1.0:
+        raise ValueError(f"dropout must be in [0, 1) and dropout_spread in [0, 1), got {mean} and {spread}")
+    c = 1.0 / spread - 1.0
+    return np.random.default_rng([seed, 8]).beta(mean * c, (1.0 - mean) * c, size=n)

@@ -19,6 +19,8 @@ from typing import Any
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2
 # Ray rewrites exactly 127.0.0.1 to the first real interface; any other loopback address stays.
 LOCAL_NODE_IP = "127.0.0.2"
+# What Ray's bare Exception says when a local raylet never registers with the GCS.
+STARTUP_TIMEOUT = "timed out during startup"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -60,9 +62,6 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs: A
         print(f"local Ray did not start ({err}); trying once more", file=sys.stderr, flush=True)
         ray.init(**options)
     return True
-
-
-STARTUP_TIMEOUT = "timed out during startup"
 
 
 def child_pids() -> set[int]:

@@ -16,6 +16,8 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,6 @@ from gradcomp.config.common import ConfigError, load_job
 from gradcomp.config.train import TrainJob
 from gradcomp.raycluster import cluster_address, connect
 from gradcomp.results import RunRecord, human_bytes, print_summary, strict_json
-
-FORWARDED_ENV_PREFIX = "GRADCOMP_"
 
 
 def load_train_job(path: str, overrides: list[str] | None = None, workers: int | None = None) -> TrainJob:
@@ -193,23 +193,51 @@ def run_train(args: argparse.Namespace) -> int:
     return 0 if results["final"].get("status") == "finished" else 1
 
 
-def train(job: TrainJob, run_dir: Path, info: dict[str, Any], address: str | None = None) -> dict[str, Any]:
-    """Run the job on Ray Train and return the results dict (also written to results.json)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
+def train(
+    job: TrainJob,
+    run_dir: Path,
+    info: dict[str, Any],
+    address: str | None = None,
+    before_step: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the job on Ray Train and return the results dict (also written to results.json).
 
-    from gradcomp.worker.loop import ray_train_loop
+    `before_step(global_step, rank)` runs on every worker before each step (see `loop.Session`):
+    tests inject worker faults with it; `gradcomp train` never passes one.
+    """
+    from ray.util.queue import Queue
 
     _init_ray(address, job)
     run_dir.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(run_dir, job, info)
     queue = Queue(actor_options={"num_cpus": 0})
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
+    started = time.time()
+    try:
+        fit = _Fit(_make_trainer(job, run_dir, queue, before_step))
+        with Display(info["total_steps"], f"train {job.name}") as display:
+            _announce(job, recorder, display)
+            fit.thread.start()
+            progress = _follow(queue, fit.thread, recorder, display)
+            fit.thread.join()
+    finally:  # also on Ctrl-C: the queue is an actor that would outlive the run on a shared cluster
+        queue.shutdown()
+    return _finish(job, recorder, fit, progress, time.time() - started)
+
+
+def _make_trainer(job: TrainJob, run_dir: Path, queue: Any, before_step: Callable[[int, int], None] | None) -> Any:
+    """A TorchTrainer for the job whose checkpoints live in runs/<name>/ (so a rerun resumes)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from gradcomp.worker.loop import ray_train_loop
+
+    config: dict[str, Any] = {"job": job.model_dump(mode="json"), "progress": queue}
+    if before_step is not None:
+        config["before_step"] = before_step
     resources = {"CPU": job.scaling.cpus_per_worker}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         ray_train_loop,
-        train_loop_config={"job": job.model_dump(mode="json"), "progress": queue},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu, resources_per_worker=resources
         ),
@@ -218,70 +246,95 @@ def train(job: TrainJob, run_dir: Path, info: dict[str, Any], address: str | Non
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-            worker_runtime_env={"env_vars": env} if env else None,
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    outcome: dict[str, Any] = {}
 
-    def fit() -> None:
+
+class _Fit:
+    """`trainer.fit()` on a thread, so the main thread can show progress; keeps its result or error."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="gradcomp-fit", daemon=True)
+
+    def _run(self) -> None:
         try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # reported below, on the main thread
-            outcome["error"] = err
+            self.result = self.trainer.fit()
+        except BaseException as err:  # reported by `_finish`, on the main thread
+            self.error = err
 
-    thread = threading.Thread(target=fit, name="gradcomp-fit", daemon=True)
-    started = time.time()
-    restarts = 0
-    stopped = None
-    try:
-        with Display(info["total_steps"], f"train {job.name}") as display:
-            if recorder.last_epoch >= job.epochs:
-                display.line(
-                    f"run {job.name!r} already finished its {job.epochs} epochs: showing its results "
-                    f"(--set epochs=N continues it, --fresh starts over)"
-                )
-            elif recorder.last_epoch:
-                display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
-            thread.start()
-            while True:
-                alive = thread.is_alive()
-                try:
-                    message = queue.get(block=True, timeout=0.5)
-                except Empty:
-                    if not alive:
-                        break
-                    continue
-                for e in message.get("events", []):
-                    kind = e.get("type")
-                    if kind == "step":
-                        display.step(e)
-                    elif kind == "epoch":
-                        recorder.epoch({k: v for k, v in e.items() if k != "type"})
-                        display.epoch(e)
-                    elif kind == "restored":
-                        restarts += 1
-                        display.line(f"restored from checkpoint {e['path']}")
-                    elif kind == "stopped":
-                        stopped = e["reason"]
-                        display.line(f"stopped early: {stopped}")
-                recorder.steps([e for e in message.get("events", []) if e.get("type") == "step"])
-            thread.join()
-    finally:  # also on Ctrl-C: the queue is an actor that would outlive the run on a shared cluster
-        queue.shutdown()
+
+@dataclass
+class _Progress:
+    """What the event stream said besides epochs: restarts from a checkpoint, an early stop."""
+
+    restores: int = 0
+    stopped: str | None = None
+
+
+def _announce(job: TrainJob, recorder: Recorder, display: Display) -> None:
+    """Say whether this run starts, resumes, or only shows an already finished run."""
+    if recorder.last_epoch >= job.epochs:
+        display.line(
+            f"run {job.name!r} already finished its {job.epochs} epochs: showing its results "
+            f"(--set epochs=N continues it, --fresh starts over)"
+        )
+    elif recorder.last_epoch:
+        display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
+
+
+def _follow(queue: Any, thread: threading.Thread, recorder: Recorder, display: Display) -> _Progress:
+    """Drain the workers' event queue into the display and results files until the fit ends."""
+    from ray.util.queue import Empty
+
+    progress = _Progress()
+    while True:
+        alive = thread.is_alive()
+        try:
+            message = queue.get(block=True, timeout=0.5)
+        except Empty:
+            if not alive:
+                return progress
+            continue
+        events = message.get("events", [])
+        for e in events:
+            _on_event(e, recorder, display, progress)
+        recorder.steps([e for e in events if e.get("type") == "step"])
+
+
+def _on_event(e: dict[str, Any], recorder: Recorder, display: Display, progress: _Progress) -> None:
+    kind = e.get("type")
+    if kind == "step":
+        display.step(e)
+    elif kind == "epoch":
+        recorder.epoch({k: v for k, v in e.items() if k != "type"})
+        display.epoch(e)
+    elif kind == "restored":
+        progress.restores += 1
+        display.line(f"restored from checkpoint {e['path']}")
+    elif kind == "stopped":
+        progress.stopped = e["reason"]
+        display.line(f"stopped early: {progress.stopped}")
+
+
+def _finish(job: TrainJob, recorder: Recorder, fit: _Fit, progress: _Progress, seconds: float) -> dict[str, Any]:
+    """Close results.json with the run's outcome: finished (with its checkpoint) or failed."""
     final: dict[str, Any] = {
         "workers": job.scaling.num_workers,
-        "run_seconds": round(time.time() - started, 3),
-        "restores": restarts,
+        "run_seconds": round(seconds, 3),
+        "restores": progress.restores,
     }
-    if stopped:
-        final["stopped"] = stopped
-    if "error" in outcome:
-        err = outcome["error"]
+    if progress.stopped:
+        final["stopped"] = progress.stopped
+    if fit.error is not None:
+        err = fit.error
         print(f"gradcomp train: run {job.name!r} failed: {err}", file=sys.stderr)
         message = str(err).splitlines()[0][:500] if str(err) else repr(err)
         return recorder.rec.finish(**final, status="failed", error=message)
-    result = outcome["result"]
+    result = fit.result
     if result.error is not None:
         return recorder.rec.finish(**final, status="failed", error=str(result.error)[:500])
     final["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None

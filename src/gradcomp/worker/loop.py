@@ -10,7 +10,6 @@ a report (and a checkpoint every N epochs/steps) that every rank joins.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,12 +25,9 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from gradcomp.config.train import TrainJob
 from gradcomp.tasks import Task, evaluate, load_task
 from gradcomp.worker.dp import ExampleDP, linear_aggregation
-from gradcomp.worker.hook import CompressionState, compression_hook
+from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
 
 STATE_FILE = "state.pt"
-# Test-only fault injection: rank 1 exits at this global step unless the marker file exists.
-FAULT_STEP_ENV = "GRADCOMP_FAULT_STEP"
-FAULT_MARKER_ENV = "GRADCOMP_FAULT_MARKER"
 
 
 def rank_file(rank: int) -> str:
@@ -45,6 +41,8 @@ class Session:
 
     `report(metrics, checkpoint_dir)` must be called by every rank the same number of times
     (Ray Train's report is a barrier); `restore` is a directory holding the last checkpoint.
+    `before_step(global_step, rank)`, if given, runs before every step: tests inject worker
+    faults with it; `gradcomp train` never sets it.
     """
 
     rank: int
@@ -53,6 +51,7 @@ class Session:
     report: Callable[[dict[str, Any], Path | None], None]
     restore: Path | None = None
     progress: Callable[[dict[str, Any]], None] | None = None
+    before_step: Callable[[int, int], None] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     last_flush: float = field(default=0.0, repr=False)  # time.monotonic() of the last progress hand-off
 
@@ -69,6 +68,9 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     hook_state: CompressionState
     dp: ExampleDP | None
+    model: nn.Module  # what the step calls: DDP around `module`, or `module` itself under DP
+    n_train: int
+    steps_per_epoch: int
 
 
 class StopTraining(Exception):
@@ -120,121 +122,135 @@ def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> torch
     return torch.randperm(n, generator=gen)[rank * per : (rank + 1) * per]
 
 
-def _maybe_fault(global_step: int, rank: int) -> None:
-    at, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
-    if at is None or marker is None or rank != 1 or global_step != int(at) or Path(marker).exists():
-        return
-    Path(marker).write_text(f"rank {rank} exited at step {global_step}\n")
-    # Ray Train's controller collects reports every ~2 s; a crash right after a report would
-    # lose the checkpoint's registration, so the injected crash comes a little later.
-    time.sleep(float(os.environ.get("GRADCOMP_FAULT_DELAY_S", "3")))
-    os._exit(17)
-
-
 def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     """Train `job` on this rank; returns rank 0's last epoch entry (empty on other ranks)."""
-    rank, world, device = session.rank, session.world, session.device
-    torch.manual_seed(job.seed)
-    task = load_task(job.task.name, **job.task.args)
-    module = task.make_model().to(device)
-    n_train = len(task.train_set)  # type: ignore[arg-type]
-    per_rank = n_train // world
-    steps_per_epoch = per_rank // job.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size {job.batch_size} x {world} workers needs at least {job.batch_size * world} training "
-            f"examples; task {job.task.name!r} has {n_train}"
-        )
-
-    hook_state = CompressionState.for_model(module, job.compression, seed=job.seed, warmup_steps=job.warmup_dense_steps)
-    dp: ExampleDP | None = None
-    if job.dp is not None:
-        for p in module.parameters():  # same start everywhere without DDP's broadcast
-            dist.broadcast(p.data, src=0)
-        dp = ExampleDP(
-            module,
-            job.dp,
-            rank=rank,
-            world=world,
-            seed=job.seed,
-            split_noise=linear_aggregation(hook_state.pipeline),
-            # global batch / examples the epoch draws from (batch_size * world of per_rank * world)
-            sample_rate=min(1.0, job.batch_size / per_rank),
-        )
-        model: nn.Module = module
-    else:
-        ddp_args: dict[str, Any] = {"bucket_cap_mb": job.bucket_cap_mb}
-        if device.type == "cuda":
-            ddp_args["device_ids"] = [device.index]
-        model = nn.parallel.DistributedDataParallel(module, **ddp_args)
-        model.register_comm_hook(hook_state, compression_hook)
-
-    optimizer = make_optimizer(job, module.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
-    run = _Run(job, session, task, module, optimizer, scheduler, hook_state, dp)
-    start_epoch, start_step, global_step = 0, 0, 0
-    if session.restore is not None:
-        start_epoch, start_step, global_step = _restore(run, session.restore)
-
-    every_steps = job.checkpoint.every_steps
+    run = _setup(job, session)
+    start_epoch, start_step, global_step = (0, 0, 0) if session.restore is None else _restore(run, session.restore)
     last: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, job.epochs):
-            idx = shard_indices(n_train, rank, world, job.seed, epoch)
-            totals = torch.zeros(4, dtype=torch.float64)  # loss sum, bytes, dense bytes, steps
-            step_times: list[float] = []
-            t_epoch = time.perf_counter()
-            for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
-                _maybe_fault(global_step, rank)
-                if dp is not None and dp.would_exceed_budget():
-                    raise StopTraining(f"epsilon budget {job.dp.epsilon_budget} reached")  # type: ignore[union-attr]
-                x, y = _batch(task.train_set, idx[step * job.batch_size : (step + 1) * job.batch_size], device)
-                t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                if dp is None:
-                    loss_t = nn.functional.cross_entropy(model(x), y)
-                    loss_t.backward()
-                    loss = float(loss_t.detach())
-                else:
-                    flat, loss = dp.gradient(x, y)
-                    mean = hook_state.reduce(flat, "dp-all").wait()
-                    hook_state.end_step()
-                    dp.write_grads(mean)
-                    dp.account()
-                optimizer.step()
-                scheduler.step()
-                traffic = hook_state.take_traffic()
-                dt = time.perf_counter() - t0
-                global_step += 1
-                step_times.append(dt)
-                totals += torch.tensor([loss, traffic.bytes_sent, traffic.dense_bytes, 1.0], dtype=torch.float64)
-                if rank == 0:
-                    session.events.append(
-                        {
-                            "type": "step",
-                            "epoch": epoch,
-                            "step": global_step,
-                            "loss": loss,
-                            "bytes_sent": traffic.bytes_sent,
-                            "dense_bytes": traffic.dense_bytes,
-                            "compression_ratio": round(traffic.ratio, 3),
-                            "step_seconds": round(dt, 6),
-                            "lr": scheduler.get_last_lr()[0],
-                        }
-                    )
-                    _flush(session)
-                # the epoch's last step is checkpointed by `_end_epoch` (if at all)
-                if every_steps and global_step % every_steps == 0 and step + 1 < steps_per_epoch:
-                    _report(run, {"epoch": epoch, "step": global_step}, epoch, step + 1, global_step)
-            last = _end_epoch(run, epoch, global_step, totals, step_times, time.perf_counter() - t_epoch)
+            first_step = start_step if epoch == start_epoch else 0
+            last, global_step = _train_epoch(run, epoch, first_step, global_step)
     except StopTraining as stop:
-        last = dict(last)
-        last["stopped"] = str(stop)
-        if rank == 0 and session.progress is not None:
+        last = {**last, "stopped": str(stop)}
+        if session.rank == 0 and session.progress is not None:
             session.events.append({"type": "stopped", "reason": str(stop)})
             _flush(session, force=True)
         session.report({"stopped": str(stop)}, None)
-    return last if rank == 0 else {}
+    return last if session.rank == 0 else {}
+
+
+def _setup(job: TrainJob, session: Session) -> _Run:
+    """Task, model (DDP + compression hook, or per-example DP), optimizer and schedule for this rank."""
+    torch.manual_seed(job.seed)
+    task = load_task(job.task.name, **job.task.args)
+    module = task.make_model().to(session.device)
+    n_train = len(task.train_set)  # type: ignore[arg-type]
+    per_rank = n_train // session.world
+    steps_per_epoch = per_rank // job.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {job.batch_size} x {session.world} workers needs at least "
+            f"{job.batch_size * session.world} training examples; task {job.task.name!r} has {n_train}"
+        )
+    hook_state = CompressionState.for_model(module, job.compression, seed=job.seed, warmup_steps=job.warmup_dense_steps)
+    model, dp = _wrap_model(job, session, module, hook_state, per_rank)
+    optimizer = make_optimizer(job, module.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
+    return _Run(job, session, task, module, optimizer, scheduler, hook_state, dp, model, n_train, steps_per_epoch)
+
+
+def _wrap_model(
+    job: TrainJob, session: Session, module: nn.Module, hook_state: CompressionState, per_rank: int
+) -> tuple[nn.Module, ExampleDP | None]:
+    """DDP with the compression hook; or, with example-level DP, the bare module and its DP engine
+    (per-example gradients go through the same collectives, without DDP)."""
+    if job.dp is None:
+        ddp_args: dict[str, Any] = {"bucket_cap_mb": job.bucket_cap_mb}
+        if session.device.type == "cuda":
+            ddp_args["device_ids"] = [session.device.index]
+        model = nn.parallel.DistributedDataParallel(module, **ddp_args)
+        model.register_comm_hook(hook_state, compression_hook)
+        return model, None
+    for p in module.parameters():  # same start everywhere without DDP's broadcast
+        dist.broadcast(p.data, src=0)
+    dp = ExampleDP(
+        module,
+        job.dp,
+        rank=session.rank,
+        world=session.world,
+        seed=job.seed,
+        split_noise=linear_aggregation(hook_state.pipeline),
+        # global batch / examples the epoch draws from (batch_size * world of per_rank * world)
+        sample_rate=min(1.0, job.batch_size / per_rank),
+    )
+    return module, dp
+
+
+def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tuple[dict[str, Any], int]:
+    """Steps `first_step..` of one epoch, then its report; returns the epoch entry and the global step."""
+    job, session = run.job, run.session
+    idx = shard_indices(run.n_train, session.rank, session.world, job.seed, epoch)
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, bytes, dense bytes, steps
+    step_times: list[float] = []
+    every_steps = job.checkpoint.every_steps
+    t_epoch = time.perf_counter()
+    for step in range(first_step, run.steps_per_epoch):
+        if session.before_step is not None:
+            session.before_step(global_step, session.rank)
+        if run.dp is not None and run.dp.would_exceed_budget():
+            raise StopTraining(f"epsilon budget {job.dp.epsilon_budget} reached")  # type: ignore[union-attr]
+        x, y = _batch(run.task.train_set, idx[step * job.batch_size : (step + 1) * job.batch_size], session.device)
+        t0 = time.perf_counter()
+        loss = _step(run, x, y)
+        traffic = run.hook_state.take_traffic()
+        dt = time.perf_counter() - t0
+        global_step += 1
+        step_times.append(dt)
+        totals += torch.tensor([loss, traffic.bytes_sent, traffic.dense_bytes, 1.0], dtype=torch.float64)
+        if session.rank == 0:
+            _log_step(run, epoch, global_step, loss, traffic, dt)
+        # the epoch's last step is checkpointed by `_end_epoch` (if at all)
+        if every_steps and global_step % every_steps == 0 and step + 1 < run.steps_per_epoch:
+            _report(run, {"epoch": epoch, "step": global_step}, epoch, step + 1, global_step)
+    entry = _end_epoch(run, epoch, global_step, totals, step_times, time.perf_counter() - t_epoch)
+    return entry, global_step
+
+
+def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimisation step (gradient exchange included); returns this rank's batch loss."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.dp is None:
+        loss_t = nn.functional.cross_entropy(run.model(x), y)
+        loss_t.backward()  # DDP's comm hook compresses and exchanges the buckets here
+        loss = float(loss_t.detach())
+    else:
+        flat, loss = run.dp.gradient(x, y)
+        mean = run.hook_state.reduce(flat, "dp-all").wait()
+        run.hook_state.end_step()
+        run.dp.write_grads(mean)
+        run.dp.account()
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss
+
+
+def _log_step(run: _Run, epoch: int, global_step: int, loss: float, traffic: StepTraffic, seconds: float) -> None:
+    """Queue rank 0's step event (loss, bytes, ratio, time, lr) for the launcher."""
+    run.session.events.append(
+        {
+            "type": "step",
+            "epoch": epoch,
+            "step": global_step,
+            "loss": loss,
+            "bytes_sent": traffic.bytes_sent,
+            "dense_bytes": traffic.dense_bytes,
+            "compression_ratio": round(traffic.ratio, 3),
+            "step_seconds": round(seconds, 6),
+            "lr": run.scheduler.get_last_lr()[0],
+        }
+    )
+    _flush(run.session)
 
 
 def _end_epoch(
@@ -351,7 +367,10 @@ def _restore(run: _Run, where: Path) -> tuple[int, int, int]:
 
 
 def ray_train_loop(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker` for Ray Train's TorchTrainer: config = {"job": dict, "progress": queue}."""
+    """`train_loop_per_worker` for Ray Train's TorchTrainer.
+
+    config = {"job": dict, "progress": queue, "before_step": optional callable (see `Session`)}.
+    """
     import ray.train
     import ray.train.torch
 
@@ -360,6 +379,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     queue = config.get("progress")
+    before_step = config.get("before_step")
 
     def report(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
@@ -371,10 +391,10 @@ def ray_train_loop(config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        train_worker(job, Session(rank, world, ray.train.torch.get_device(), report, None, progress))
+        train_worker(job, Session(rank, world, ray.train.torch.get_device(), report, None, progress, before_step))
         return
     with checkpoint.as_directory() as restore:
-        session = Session(rank, world, ray.train.torch.get_device(), report, Path(restore), progress)
+        session = Session(rank, world, ray.train.torch.get_device(), report, Path(restore), progress, before_step)
         if rank == 0:
             session.events.append({"type": "restored", "path": checkpoint.path})
         train_worker(job, session)

@@ -1,8 +1,7 @@
-"""The Task type, the registry of built-in tasks and user entry points."""
+"""The Task type every task module returns, its error, and evaluation of a model on a dataset."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,47 +31,6 @@ class Task:
         if isinstance(self.train_set, TensorDataset):
             return self.train_set.tensors[1]
         return torch.as_tensor([int(self.train_set[i][1]) for i in range(len(self.train_set))])
-
-
-def _builtin() -> dict[str, Callable[..., Task]]:
-    from gradcomp.tasks.digits import digits_cnn, digits_mlp
-    from gradcomp.tasks.synthetic import synthetic
-
-    return {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "synthetic": synthetic}
-
-
-def task_names() -> list[str]:
-    return sorted(_builtin())
-
-
-def load_task(name: str, **kwargs: Any) -> Task:
-    """Load a built-in task by name, or a user's `package.module:function`.
-
-    A user function is called with `**kwargs` and returns a `Task` or a
-    `(model_factory, train_set, test_set)` tuple.
-    """
-    builtin = _builtin()
-    if name in builtin:
-        try:
-            return builtin[name](**kwargs)
-        except TypeError as err:
-            raise TaskError(f"task {name!r}: bad arguments {kwargs}: {err}") from err
-    if ":" not in name:
-        raise TaskError(f"unknown task {name!r}: use one of {sorted(builtin)} or a 'module:function' entry point")
-    module_name, func_name = name.split(":", 1)
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as err:
-        raise TaskError(f"task entry point {name!r} cannot be loaded: {err}") from err
-    out = func(**kwargs)
-    if isinstance(out, Task):
-        return out
-    if isinstance(out, tuple) and len(out) == 3 and callable(out[0]):
-        return Task(name=name, make_model=out[0], train_set=out[1], test_set=out[2])
-    raise TaskError(
-        f"task entry point {name!r} must return a Task or (model_factory, train_set, test_set),"
-        f" got {type(out).__name__}"
-    )
 
 
 @torch.no_grad()

@@ -59,7 +59,14 @@ class GapError(ValueError):
 
 
 def decode_gaps(gaps: torch.Tensor, numel: int) -> torch.Tensor:
-    """Positions (int64) from gaps, checked: first >= 0, the rest >= 1, last < numel."""
+    """Positions (int64) from gaps, checked so no gap stream yields a wrong tensor.
+
+    Every gap must lie in [0, numel) (the first, counted from 0) or [1, numel) (the rest), and
+    every running position must rise strictly and stay below numel. Checking only the last
+    position is not enough: gaps near 2**63 make the int64 running sum wrap, giving negative
+    or repeated positions that end below numel. With every gap below 2**63 a wrap shows up
+    as a position that does not rise, so the rise check catches it.
+    """
     g = gaps.long()
     if g.numel() == 0:
         return g
@@ -67,7 +74,11 @@ def decode_gaps(gaps: torch.Tensor, numel: int) -> torch.Tensor:
         raise GapError("sparse index out of range: negative first position")
     if g.numel() > 1 and int(g[1:].min()) < 1:
         raise GapError("sparse payload repeats an index (positions must be strictly ascending)")
+    if int(g.max()) >= numel:
+        raise GapError(f"sparse index out of range: a gap of at least numel ({numel})")
     positions = torch.cumsum(g, 0)
+    if g.numel() > 1 and not bool(torch.all(positions[1:] > positions[:-1])):
+        raise GapError("sparse positions overflow: the running position does not rise")
     if int(positions[-1]) >= numel:
         raise GapError(f"sparse index out of range [0, {numel})")
     return positions

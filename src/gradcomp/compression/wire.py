@@ -34,6 +34,7 @@ MAGIC = b"GCP1"
 _HEADER = struct.Struct("<4sBBBBBQ")
 _DIM = struct.Struct("<Q")
 MAX_NDIM = 8
+MAX_NUMEL = 2**63 - 1
 KIND_DENSE, KIND_SPARSE = 0, 1
 
 
@@ -110,6 +111,8 @@ def from_fields(f: Fields, *, max_numel: int | None = None) -> Payload:
     if any(d < 0 for d in f.shape):
         raise WireError(f"negative dimension in shape {f.shape}")
     numel = numel_of(tuple(f.shape))
+    if numel > MAX_NUMEL:
+        raise WireError(f"tensor of {numel} elements cannot be addressed by int64 positions")
     if max_numel is not None and numel > max_numel:
         raise WireError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
     dtype = _dtype(f.dtype, "dtype", FLOAT_DTYPES)

@@ -30,8 +30,9 @@ from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.compression import build, to_fields
 from gradcomp.config.fed import FedJob
-from gradcomp.server.app import grpc_options, round_loop, start
-from gradcomp.server.codec import fields_to_pb
+from gradcomp.protocol.channel import message_options
+from gradcomp.protocol.codec import fields_to_pb
+from gradcomp.server.app import round_loop, start
 
 
 def peak_rss_mib() -> float:
@@ -72,7 +73,7 @@ def run_case(spec: str, clients: int, num_params: int, rounds: int, tmp: Path) -
 
     def client(name: str, token: str) -> None:
         md = (("authorization", f"Bearer {token}"),)
-        ch = grpc.insecure_channel(f"127.0.0.1:{run.port}", options=grpc_options(job))
+        ch = grpc.insecure_channel(f"127.0.0.1:{run.port}", options=message_options(job.limits.max_message_bytes))
         stub = fed_pb2_grpc.CoordinatorStub(ch)
         stub.Join(fed_pb2.JoinRequest(protocol_version=1), metadata=md, timeout=60)
         barrier.wait()

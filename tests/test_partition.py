@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradcomp.sim.partition import PartitionError, parse_partition, partition, skew_summary
+from gradcomp.partition import PartitionError, parse_partition, partition, skew_summary
 from gradcomp.tasks import load_task
 
 

@@ -10,7 +10,8 @@ import torch
 from gradcomp._proto import fed_pb2
 from gradcomp._proto.generate import PACKAGE_DIR, generate
 from gradcomp.compression import build, from_fields, to_fields
-from gradcomp.server.codec import ModelCache, deserialize_model, fields_to_pb, pb_to_fields, serialize_model
+from gradcomp.protocol.codec import deserialize_model, fields_to_pb, pb_to_fields, serialize_model
+from gradcomp.server.model_cache import ModelCache
 
 # Only the generator's version stamps may differ between grpcio-tools releases.
 _STAMP = re.compile(r"^(# Protobuf Python Version:.*|GRPC_GENERATED_VERSION = .*|\s+\d+,)$")

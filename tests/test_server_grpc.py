@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
-from gradcomp.server.app import Running, grpc_options, round_loop, start
-from gradcomp.server.codec import named_to_pb
+from gradcomp.protocol.channel import message_options
+from gradcomp.protocol.codec import named_to_pb
+from gradcomp.server.app import Running, round_loop, start
 from gradcomp.worker.fl_client import FLClient
 
 TOKENS = {"alice": "alice-token-123", "bob": "bob-token-4567", "mallory": "mallory-token-89"}
@@ -109,7 +110,9 @@ def served(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_bad_inputs_each_get_their_status_and_round_completes(served: Harness) -> None:
     run = served.run
-    channel = grpc.insecure_channel(f"127.0.0.1:{run.port}", options=grpc_options(run.coord.job))
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{run.port}", options=message_options(run.coord.job.limits.max_message_bytes)
+    )
     stub = fed_pb2_grpc.CoordinatorStub(channel)
     m = md(TOKENS["mallory"])
     before = {r: metrics.value("gradcomp_fed_updates_rejected_total", {"reason": r}) for r in metrics.REJECT_REASONS}
@@ -169,7 +172,9 @@ _TENSOR = st.builds(
 
 def test_garbage_is_refused_and_round_still_completes(served: Harness) -> None:
     run = served.run
-    channel = grpc.insecure_channel(f"127.0.0.1:{run.port}", options=grpc_options(run.coord.job))
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{run.port}", options=message_options(run.coord.job.limits.max_message_bytes)
+    )
     stub = fed_pb2_grpc.CoordinatorStub(channel)
     raw = channel.unary_unary("/gradcomp.v1.Coordinator/SubmitUpdate")  # bytes in, bytes out
     m = md(TOKENS["mallory"])
@@ -247,7 +252,7 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
         t.join(60)
         assert out.get("rc") == 0 and run.coord.status == "finished"
         # without a client certificate the TLS handshake is refused
-        from gradcomp.server.tls import channel_credentials
+        from gradcomp.protocol.channel import channel_credentials
 
         ch = grpc.secure_channel(f"127.0.0.1:{run.port}", channel_credentials(str(certs["ca"])))
         expect(Code.UNAVAILABLE, fed_pb2_grpc.CoordinatorStub(ch).Join, fed_pb2.JoinRequest(),

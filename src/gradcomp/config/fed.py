@@ -14,11 +14,15 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from gradcomp.config.common import StrictModel, TaskConfig, compression_spec, load_job
+from gradcomp.partition import parse_partition
+from gradcomp.strategies import StrategySection, default_config, strategy_class
 
 Spec = Annotated[str, BeforeValidator(compression_spec)]
+# Stored in its canonical spelling (`dirichlet(0.5)` -> `dirichlet(alpha=0.5)`), checked at load time.
+Partition = Annotated[str, AfterValidator(lambda text: str(parse_partition(text)))]
 
 
 class ClientsSection(StrictModel):
@@ -39,17 +43,6 @@ class LocalSection(StrictModel):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
-
-
-class StrategySection(StrictModel):
-    """Server optimiser applied to the averaged update (Reddi et al. 2021, 'Adaptive Federated Optimization')."""
-
-    name: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum")
-    beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam")
-    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam")
-    tau: float = Field(1e-3, gt=0, description="FedAdam adaptivity (epsilon)")
 
 
 class PrivacySection(StrictModel):
@@ -119,7 +112,7 @@ class SimulationConfig(StrictModel):
     """`gradcomp fedsim` only (ignored by `gradcomp serve`): many virtual clients on a Ray actor pool."""
 
     clients: int | None = Field(None, ge=1, description="virtual clients; sets clients.expected (default: it)")
-    partition: str = Field("iid", description="iid | dirichlet(alpha=A) | shards(k=K labels per client)")
+    partition: Partition = Field("iid", description="iid | dirichlet(alpha=A) | shards(k=K labels per client)")
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a selected client drops out of a round")
     dropout_spread: float = Field(
         0.0,
@@ -134,13 +127,6 @@ class SimulationConfig(StrictModel):
     grpc: bool = Field(False, description="send updates over real gRPC on 127.0.0.1 to the coordinator service")
     eval_every: int = Field(1, ge=1, description="evaluate the global model every this many rounds")
 
-    @model_validator(mode="after")
-    def _partition(self) -> SimulationConfig:
-        from gradcomp.sim.partition import parse_partition
-
-        self.__dict__["partition"] = str(parse_partition(self.partition))
-        return self
-
 
 class FedJob(StrictModel):
     name: str = Field("fed", pattern=r"^[A-Za-z0-9._-]+$")
@@ -149,7 +135,7 @@ class FedJob(StrictModel):
     clients: ClientsSection = Field(default_factory=ClientsSection)
     round: RoundSection = Field(default_factory=RoundSection)
     local: LocalSection = Field(default_factory=LocalSection)
-    strategy: StrategySection = Field(default_factory=StrategySection)
+    strategy: StrategySection = Field(default_factory=default_config)
     compression: Spec = "none"
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
@@ -186,6 +172,11 @@ class FedJob(StrictModel):
                 )
             return
         if p.mode == "central":
+            if not strategy_class(self.strategy.name).aggregates_by_mean():
+                raise ValueError(
+                    f"privacy.mode central adds noise calibrated for the clipped mean; strategy "
+                    f"{self.strategy.name!r} aggregates otherwise and cannot be combined with it"
+                )
             if has_dp:
                 raise ValueError("privacy.mode central adds noise at the coordinator; remove the dp stage")
             if p.clip is None or p.noise_multiplier is None:

@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import torch
@@ -28,36 +28,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2_grpc
 from gradcomp.config.fed import FedJob, load_fed_job
+from gradcomp.protocol.channel import message_options
+from gradcomp.protocol.model import initial_params
 from gradcomp.results import RunRecord, atomic_write_json, human_bytes, print_summary
 from gradcomp.server import store
 from gradcomp.server.core import FAILED, Coordinator
 from gradcomp.server.service import CoordinatorService
 from gradcomp.server.tls import load_tokens, server_credentials
-from gradcomp.tasks import evaluate, load_task
+from gradcomp.tasks import Task, evaluate, load_task
 
 log = logging.getLogger("gradcomp.server")
 SERVICE_NAME = "gradcomp.v1.Coordinator"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def grpc_options(job: FedJob) -> list[tuple[str, int]]:
-    """Message limits raised on both ends (the client uses the same list)."""
-    n = job.limits.max_message_bytes
-    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
-
-
-def initial_params(job: FedJob) -> tuple[dict[str, torch.Tensor], Any]:
-    """Seeded initial global model (float tensors of the state dict) and the task."""
-    task = load_task(job.task.name, **job.task.args)
-    torch.manual_seed(job.seed)
-    model = task.make_model()
-    params = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    return params, (task, model)
-
-
-def make_evaluator(task: Any, model: torch.nn.Module) -> Any:
+def make_evaluator(task: Task) -> Callable[[dict[str, torch.Tensor]], dict[str, float]] | None:
+    """Test-set loss and accuracy of a global model, on one model object kept for it."""
     if task.test_set is None:
         return None
+    model = task.make_model()
 
     def run(params: dict[str, torch.Tensor]) -> dict[str, float]:
         model.load_state_dict(params, strict=False)
@@ -108,7 +97,8 @@ def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None 
     ckpt = run_dir / store.FILENAME
     if ckpt.exists() and not resume:
         raise ValueError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
-    params, (task, model) = initial_params(job)
+    task = load_task(job.task.name, **job.task.args)
+    params = initial_params(task, job.seed)
     config = json.loads(job.model_dump_json())
     record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, "fed", config)
 
@@ -123,13 +113,13 @@ def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None 
         record.save()
 
     coord = Coordinator(
-        job, params, evaluate=make_evaluator(task, model), checkpoint=checkpoint, client_names=sorted(tokens.values())
+        job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=sorted(tokens.values())
     )
     if resume:
         coord.load_state_dict(store.load_state(run_dir))
         checkpoint(coord)  # results.json from the checkpoint's log (no round lost or doubled)
     # No SO_REUSEPORT: a second coordinator on the same port must fail, not silently share the clients.
-    options = [*grpc_options(job), ("grpc.so_reuseport", 0)]
+    options = [*message_options(job.limits.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     service = CoordinatorService(coord, job, tokens)
     fed_pb2_grpc.add_CoordinatorServicer_to_server(service, server)

@@ -31,7 +31,6 @@ state never holds half a round.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections import Counter
@@ -45,19 +44,26 @@ from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
 from gradcomp.privacy import PrivacyLedger
-from gradcomp.server.strategy import Strategy, make_strategy
-from gradcomp.server.updates import (
-    Params,
-    Rejected,
-    central_dp_average,
-    decode_update,
-    dense_update_nbytes,
-    model_spec,
-    update_nbytes,
-    weighted_average,
-)
+from gradcomp.server.updates import Params, Rejected, decode_update, dense_update_nbytes, model_spec, update_nbytes
+from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
+from gradcomp.strategies.central_dp import CentralDP
 
 RUNNING, FINISHED, BUDGET_EXHAUSTED, FAILED = "running", "finished", "budget_exhausted", "failed"
+
+
+def strategy_for_job(job: FedJob) -> Strategy:
+    """The job's strategy, wrapped in central DP when `privacy.mode` is central (the one place that asks)."""
+    strategy = build_strategy(job.strategy, seed=job.seed)
+    if job.privacy.mode != "central":
+        return strategy
+    assert job.privacy.clip is not None and job.privacy.noise_multiplier is not None  # validated with the job
+    return CentralDP(
+        strategy,
+        clip=job.privacy.clip,
+        noise_multiplier=job.privacy.noise_multiplier,
+        expected_clients=job.clients_per_round,
+        seed=job.seed,
+    )
 
 
 @dataclass
@@ -119,7 +125,7 @@ class Coordinator:
         self.params: Params = {k: v.detach().clone().float() for k, v in params.items()}
         self.spec = model_spec(self.params)
         self.dense_update_bytes = dense_update_nbytes(self.spec)
-        self.strategy: Strategy = make_strategy(job.strategy.name, **job.strategy.model_dump(exclude={"name"}))
+        self.strategy: Strategy = strategy_for_job(job)
         self.dp = job.dp_params()
         self.ledger = (
             PrivacyLedger(job.privacy.delta, job.privacy.accountant, job.privacy.epsilon_budget) if self.dp else None
@@ -138,7 +144,6 @@ class Coordinator:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._idle_since = clock()
-        self._noise = torch.Generator().manual_seed(job.seed + 7919)
         self._check_budget(starting=True)
 
     # --- derived ---------------------------------------------------------------------------
@@ -236,10 +241,6 @@ class Coordinator:
         metrics.FED_CLIENTS_SELECTED.set(0)
         self._changed.notify_all()
 
-    def _sample(self, pool: list[str], k: int, number: int, attempt: int) -> list[str]:
-        rng = random.Random(self.job.seed * 1_000_003 + number * 1_009 + attempt)
-        return sorted(rng.sample(sorted(pool), min(k, len(pool))))
-
     def select_clients(self, now: float | None = None) -> list[str] | None:
         """Open the next round if none is open and enough clients are connected."""
         with self._lock:
@@ -256,7 +257,7 @@ class Coordinator:
             if len(pool) < need:
                 return None
             number = self.version + 1
-            chosen = self._sample(pool, self.job.clients_per_round, number, 0)
+            chosen = self.strategy.configure_round(number, 0, pool, self.job.clients_per_round)
             self.current = RoundState(number, 0, set(chosen), now, now + self.job.round.deadline_seconds)
             metrics.FED_CLIENTS_SELECTED.set(len(chosen))
             metrics.FED_CLIENTS_REPORTED.set(0)
@@ -383,7 +384,7 @@ class Coordinator:
         metrics.FED_ROUND_RETRIES.inc()
         pool = [n for n in self.connected(now) if n not in r.received]
         want = max(self.job.clients_per_round - len(r.received), self.job.round.min_clients - len(r.received))
-        r.selected = set(r.received) | set(self._sample(pool, want, r.number, r.attempt))
+        r.selected = set(r.received) | set(self.strategy.configure_round(r.number, r.attempt, pool, want))
         r.deadline = now + self.job.round.deadline_seconds
         metrics.FED_CLIENTS_SELECTED.set(len(r.selected))
         self._changed.notify_all()
@@ -391,14 +392,8 @@ class Coordinator:
     def _aggregate(self, r: RoundState, now: float) -> RoundResult:
         t0 = time.perf_counter()
         names = sorted(r.received)
-        if self.job.privacy.mode == "central":
-            assert self.dp is not None
-            delta = central_dp_average(
-                [r.received[n][1] for n in names], self.dp[0], self.dp[1], self.job.clients_per_round, self._noise
-            )
-        else:
-            delta = weighted_average([(float(r.received[n][0]), r.received[n][1]) for n in names])
-        self.params = self.strategy.apply(self.params, delta)
+        updates = [ClientUpdate(n, r.received[n][0], r.received[n][1]) for n in names]
+        self.params = self.strategy.apply(self.params, self.strategy.aggregate(r.number, updates))
         agg_seconds = time.perf_counter() - t0
         metrics.FED_AGGREGATE_SECONDS.observe(agg_seconds)
         self.version = r.number
@@ -488,7 +483,6 @@ class Coordinator:
                 "ledger": self.ledger.state_dict() if self.ledger else None,
                 "log": [dict(e) for e in self.log],
                 "totals": dict(self.totals),
-                "noise_rng": self._noise.get_state(),
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -505,8 +499,6 @@ class Coordinator:
                 self.ledger.load_state_dict(state["ledger"])
             self.log = [dict(e) for e in state.get("log", [])]
             self.totals.update(state.get("totals", {}))
-            if state.get("noise_rng") is not None:
-                self._noise.set_state(state["noise_rng"])
             self.current = None
             self._idle_since = self.clock()
             metrics.FED_ROUND.set(self.version)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,12 +25,12 @@ import grpc
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
-from gradcomp.server.codec import ModelCache, pb_to_fields
+from gradcomp.protocol.messages import PROTOCOL_VERSION, DuplicateTensor, training_config, update_fields
 from gradcomp.server.core import Coordinator
+from gradcomp.server.model_cache import ModelCache
 from gradcomp.server.updates import Rejected
 
 log = logging.getLogger("gradcomp.server")
-PROTOCOL_VERSION = 1
 
 REASON_CODES: dict[str, grpc.StatusCode] = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
@@ -84,16 +83,7 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
         self.job = job
         self._tokens = [(t.encode(), n) for t, n in tokens.items()]
         self.cache = cache or ModelCache(job.limits.chunk_bytes)
-        self._config = fed_pb2.TrainingConfig(
-            task=job.task.name,
-            task_args_json=json.dumps(job.task.args),
-            local_epochs=job.local.epochs,
-            batch_size=job.local.batch_size,
-            lr=job.local.lr,
-            momentum=job.local.momentum,
-            compression=job.client_spec(),
-            seed=job.seed,
-        )
+        self._config = training_config(job)
 
     # --- helpers ---------------------------------------------------------------------------
     def _client(self, context: grpc.ServicerContext) -> str | None:
@@ -185,12 +175,11 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
         if name is None:
             err = self.coord.reject("unauthenticated", "missing or unknown bearer token")
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, str(err))
-        update: dict[str, Any] = {}
-        for nt in request.update:
-            if nt.name in update:
-                err = self.coord.reject("malformed", f"tensor {nt.name!r} appears twice in the update")
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-            update[nt.name] = pb_to_fields(nt.tensor)
+        try:
+            update = update_fields(request)
+        except DuplicateTensor as dup:
+            err = self.coord.reject("malformed", str(dup))
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         try:
             received = self.coord.accept_update(
                 name, request.round, request.num_examples, update, dict(request.metrics)

@@ -14,11 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gradcomp._proto import checkpoint_pb2
+from gradcomp.protocol.codec import named_to_pb, pb_to_named
 from gradcomp.results import atomic_write_bytes
-from gradcomp.server.codec import named_to_pb, pb_to_named
 
 FORMAT = 1
 FILENAME = "checkpoint.pb"
@@ -30,7 +28,6 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
     msg.model.extend(named_to_pb(state["params"]))
     strategy = state["strategy"]
     msg.strategy_state.extend(named_to_pb(strategy["tensors"]))
-    rng = state.get("noise_rng")
     meta = {
         "status": state["status"],
         "reason": state["reason"],
@@ -38,7 +35,6 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
         "ledger": state["ledger"],
         "log": state["log"],
         "totals": state["totals"],
-        "noise_rng": rng.tolist() if isinstance(rng, torch.Tensor) else None,
     }
     msg.meta_json = json.dumps(meta)
     path = Path(run_dir) / FILENAME
@@ -59,7 +55,6 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
     if msg.format != FORMAT:
         raise ValueError(f"{path}: checkpoint format {msg.format}, this gradcomp reads {FORMAT}")
     meta = json.loads(msg.meta_json)
-    rng = meta.get("noise_rng")
     return {
         "version": int(msg.round),
         "status": meta["status"],
@@ -69,5 +64,4 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         "ledger": meta["ledger"],
         "log": meta["log"],
         "totals": meta["totals"],
-        "noise_rng": torch.tensor(rng, dtype=torch.uint8) if rng is not None else None,
     }

@@ -68,16 +68,6 @@ def server_credentials(server: ServerSection) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
-    if (cert is None) != (key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes() if ca else None,
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
-
-
 # --- certificate generation ----------------------------------------------------------------------
 def generate(out: str | Path, hosts: Sequence[str], clients: int = 0, days: int = 365) -> dict[str, Path]:
     """Write a CA, a server cert for `hosts` and `clients` client certs + tokens; returns the paths."""

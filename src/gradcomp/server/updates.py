@@ -1,13 +1,14 @@
-"""Pure functions on client updates: decode + validate, clip, weight, average, noise.
+"""Pure functions on received client updates: size, decode and validate against the model.
 
 Nothing here knows about gRPC, rounds or clients, so every rule is testable on its own and
-the simulation reuses the same code. Validation raises `Rejected(reason, message)`; the
-reason is one of `gradcomp.metrics.REJECT_REASONS` and the gRPC layer maps it to a status.
+the simulation reuses the same code; combining updates is the strategies' job (`strategies/`).
+Validation raises `Rejected(reason, message)`; the reason is one of
+`gradcomp.metrics.REJECT_REASONS` and the gRPC layer maps it to a status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -95,60 +96,3 @@ def decode_update(
             raise Rejected("non_finite", f"tensor {name!r} holds NaN or infinite values")
         out[name] = payload.to_dense()
     return out
-
-
-def global_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all tensors of an update taken together (the quantity DP clipping bounds)."""
-    if not update:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in update.values()])))
-
-
-def clip_update(update: Mapping[str, torch.Tensor], clip: float) -> tuple[Params, float]:
-    """Scale the whole update to L2 norm <= clip (one client's contribution); returns (update, old norm)."""
-    norm = global_norm(update)
-    scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {k: v * scale for k, v in update.items()}, norm
-
-
-def weighted_average(updates: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> Params:
-    """FedAvg weighting: sum_i w_i * u_i / sum_i w_i (weights are example counts)."""
-    if not updates:
-        raise ValueError("cannot average zero updates")
-    total = float(sum(w for w, _ in updates))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {total}")
-    keys = list(updates[0][1])
-    out = {k: torch.zeros_like(updates[0][1][k], dtype=torch.float32) for k in keys}
-    for w, u in updates:
-        for k in keys:
-            out[k].add_(u[k].float(), alpha=w / total)
-    return out
-
-
-def central_dp_average(
-    updates: Sequence[Mapping[str, torch.Tensor]],
-    clip: float,
-    noise_multiplier: float,
-    expected_clients: int,
-    generator: torch.Generator | None = None,
-) -> Params:
-    """DP-FedAvg with a fixed denominator (McMahan et al. 2018): (sum clip(u_i) + N(0, (z*clip)^2)) / m.
-
-    Dividing by the expected number of clients m (not the number that arrived) keeps the
-    sensitivity of the sum at `clip`, so the noise multiplier is exactly `noise_multiplier`.
-    """
-    if not updates:
-        raise ValueError("cannot aggregate zero updates")
-    keys = list(updates[0])
-    total = {k: torch.zeros_like(updates[0][k], dtype=torch.float32) for k in keys}
-    for u in updates:
-        clipped, _ = clip_update(u, clip)
-        for k in keys:
-            total[k].add_(clipped[k].float())
-    std = noise_multiplier * clip
-    for k in keys:
-        if std > 0:
-            total[k].add_(torch.randn(total[k].shape, generator=generator) * std)
-        total[k].div_(max(expected_clients, 1))
-    return total

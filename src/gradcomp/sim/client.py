@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from gradcomp.compression import build
-from gradcomp.server.codec import deserialize_model
+from gradcomp.protocol.codec import deserialize_model
 from gradcomp.sim.wire import update_request
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from gradcomp.config.fed import FedJob, SimulationConfig
-from gradcomp.server.codec import ModelCache
 from gradcomp.server.core import Coordinator
+from gradcomp.server.model_cache import ModelCache
 from gradcomp.server.updates import Rejected
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.pool import ClientPool

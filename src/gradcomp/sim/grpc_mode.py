@@ -25,6 +25,8 @@ import numpy as np
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob, SimulationConfig
+from gradcomp.protocol.channel import message_options
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.results import print_summary
 from gradcomp.sim.client import ClientJob
 from gradcomp.sim.engine import client_id, client_name, straggler_delay
@@ -38,11 +40,9 @@ class GrpcClients:
     """The virtual clients' side of the protocol, over one channel with per-client tokens."""
 
     def __init__(self, job: FedJob, port: int, tokens: dict[str, str]):
-        from gradcomp.server.app import grpc_options
-
         self.job = job
         self.timeout = job.limits.rpc_timeout_seconds
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(job))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=message_options(job.limits.max_message_bytes))
         self.stub = fed_pb2_grpc.CoordinatorStub(self.channel)
         self.tokens = tokens
         self._models: dict[int, bytes] = {}
@@ -58,7 +58,9 @@ class GrpcClients:
 
     def join(self, name: str) -> None:
         self.stub.Join(
-            fed_pb2.JoinRequest(client_id=name, protocol_version=1), metadata=self.md(name), timeout=self.timeout
+            fed_pb2.JoinRequest(client_id=name, protocol_version=PROTOCOL_VERSION),
+            metadata=self.md(name),
+            timeout=self.timeout,
         )
 
     def pull(self, name: str) -> fed_pb2.PullTaskResponse:

@@ -19,10 +19,11 @@ import torch
 
 from gradcomp.config.common import ConfigError, apply_overrides, load_yaml, validate
 from gradcomp.config.fed import FedJob, SimulationConfig
+from gradcomp.partition import partition, skew_summary
+from gradcomp.protocol.model import initial_params
 from gradcomp.results import RunRecord, human_bytes, print_summary
 from gradcomp.sim.client import LocalConfig
 from gradcomp.sim.engine import RoundStats, Simulation, VirtualClock, client_name
-from gradcomp.sim.partition import partition, skew_summary
 from gradcomp.sim.pool import ClientPool, LocalPool, RayPool, peak_rss_bytes
 from gradcomp.sim.state import ClientTable
 
@@ -92,13 +93,6 @@ def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Any]:
     return table, task
 
 
-def initial_params(job: FedJob, task: Any) -> dict[str, torch.Tensor]:
-    """The seeded initial global model, float tensors only (as `gradcomp serve` does)."""
-    torch.manual_seed(job.seed)
-    model = task.make_model()
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
 def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool = False) -> tuple[Simulation, Any]:
     """Partition the data, make the clients, the coordinator and the pool; returns (simulation, task)."""
     from gradcomp.server.core import Coordinator
@@ -118,7 +112,7 @@ def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool
 
     clock = VirtualClock()
     names = [client_name(i) for i in range(len(table))]
-    coord = Coordinator(job, initial_params(job, task), evaluate=evaluate_global, clock=clock, client_names=names)
+    coord = Coordinator(job, initial_params(task, job.seed), evaluate=evaluate_global, clock=clock, client_names=names)
     for name in names:
         coord.register(name, clock.now)
     if pool is None:

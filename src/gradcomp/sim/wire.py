@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from gradcomp._proto import fed_pb2
 from gradcomp.compression import Fields, Payload, to_fields
-from gradcomp.server.codec import fields_to_pb, pb_to_fields
+from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
 
 
 def update_request(

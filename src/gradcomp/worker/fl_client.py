@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, Subset
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.compression import Pipeline, build, to_fields
-from gradcomp.server.codec import deserialize_model, fields_to_pb
+from gradcomp.protocol.codec import deserialize_model, fields_to_pb
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.tasks import Task, load_task
 
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -152,7 +153,7 @@ class FLClient:
         self.client_id = args.client_id or f"{socket.gethostname()}-{os.getpid()}"
         self._creds = None
         if args.tls_ca or args.tls_cert:
-            from gradcomp.server.tls import channel_credentials
+            from gradcomp.protocol.channel import channel_credentials
 
             self._creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
@@ -202,7 +203,7 @@ class FLClient:
     # --- protocol ---------------------------------------------------------------------------
     def join(self) -> fed_pb2.JoinResponse:
         try:
-            resp = self._rpc("Join", fed_pb2.JoinRequest(client_id=self.client_id, protocol_version=1))
+            resp = self._rpc("Join", fed_pb2.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise ClientError(f"coordinator refused the token: {err.details()}") from None

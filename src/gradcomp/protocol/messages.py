@@ -1,0 +1,66 @@
+"""The protocol's messages as both sides build and read them.
+
+One constant for the protocol version, one function from a job to the `TrainingConfig` its
+clients receive, one builder and one reader of `SubmitUpdateRequest`, so a simulated client, a
+real client and the coordinator cannot drift apart on what an update looks like.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from gradcomp._proto import fed_pb2
+from gradcomp.compression import Fields, Payload, to_fields
+from gradcomp.config.fed import FedJob
+from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
+
+PROTOCOL_VERSION = 1
+
+
+class DuplicateTensor(ValueError):
+    """An update that names one tensor twice (the coordinator answers INVALID_ARGUMENT)."""
+
+
+def training_config(job: FedJob) -> fed_pb2.TrainingConfig:
+    """What every client of `job` trains with: task, local SGD settings, the client spec, the seed."""
+    return fed_pb2.TrainingConfig(
+        task=job.task.name,
+        task_args_json=json.dumps(job.task.args, sort_keys=True),
+        local_epochs=job.local.epochs,
+        batch_size=job.local.batch_size,
+        lr=job.local.lr,
+        momentum=job.local.momentum,
+        compression=job.client_spec(),
+        seed=job.seed,
+    )
+
+
+def update_request(
+    *,
+    client_id: str,
+    round: int,
+    model_version: int,
+    num_examples: int,
+    payloads: Mapping[str, Payload],
+    metrics: Mapping[str, float],
+) -> fed_pb2.SubmitUpdateRequest:
+    """One client's compressed update for one round, tensors in the order of `payloads`."""
+    msg = fed_pb2.SubmitUpdateRequest(
+        client_id=client_id, round=round, model_version=model_version, num_examples=num_examples
+    )
+    for name, payload in payloads.items():
+        fields_to_pb(to_fields(payload), msg.update.add(name=name).tensor)
+    for key, value in metrics.items():
+        msg.metrics[key] = float(value)
+    return msg
+
+
+def update_fields(msg: fed_pb2.SubmitUpdateRequest) -> dict[str, Fields]:
+    """The update's tensors as `Fields` by name (what `Coordinator.accept_update` takes)."""
+    update: dict[str, Fields] = {}
+    for nt in msg.update:
+        if nt.name in update:
+            raise DuplicateTensor(f"tensor {nt.name!r} appears twice in the update")
+        update[nt.name] = pb_to_fields(nt.tensor)
+    return update

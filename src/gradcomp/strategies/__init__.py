@@ -1,0 +1,76 @@
+"""Federated strategies: client sampling, aggregation and the server step (see `base` for the
+interface). Every module of this package is imported here, so a strategy registers itself by
+existing: adding one is adding one file.
+
+- `strategy_names()`, `strategy_class(name)`: what job files may name.
+- `StrategySection`: the `strategy:` job-file type (a union of every strategy's `Config`,
+  told apart by `name`; `strategy: fedadam` is short for `{name: fedadam}`; no name means fedavg).
+- `build_strategy(config, seed=...)`: the strategy a validated section describes.
+- `CentralDP` (in `central_dp`): the central-DP wrapper around any mean-aggregating strategy.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import operator
+import pkgutil
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+
+from gradcomp.strategies.base import REGISTRY, ClientUpdate, Params, Strategy, StrategyConfig, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+DEFAULT = "fedavg"
+
+
+def _shorthand(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and "name" not in value:
+        return {"name": DEFAULT, **value}
+    return value
+
+
+StrategySection = Annotated[
+    functools.reduce(operator.or_, [cls.Config for _, cls in sorted(REGISTRY.items())]),  # type: ignore[valid-type]
+    Field(discriminator="name"),
+    BeforeValidator(_shorthand),
+]
+
+
+def strategy_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; use one of {', '.join(strategy_names())}") from None
+
+
+def default_config() -> StrategyConfig:
+    return REGISTRY[DEFAULT].Config()
+
+
+def build_strategy(config: StrategyConfig, *, seed: int = 0) -> Strategy:
+    """The strategy a validated `strategy:` section describes (its defaults are the Config's)."""
+    return strategy_class(config.name)(config, seed=seed)
+
+
+__all__ = [
+    "ClientUpdate",
+    "Params",
+    "Strategy",
+    "StrategyConfig",
+    "StrategySection",
+    "build_strategy",
+    "default_config",
+    "register",
+    "strategy_class",
+    "strategy_names",
+]

@@ -1,0 +1,106 @@
+"""The strategy interface: how the coordinator picks a round's clients, combines their updates
+and moves the global model (in the spirit of Flower's `Strategy`).
+
+A round, as `server.core.Coordinator` drives it:
+
+1. `configure_round(round, attempt, available, num_clients) -> [client names]`: which clients to ask
+   (attempt > 0 is a retry asking for more; `available` excludes clients already in the round).
+2. `aggregate(round, updates) -> Params`: every accepted update of the round at once, each a
+   `ClientUpdate(client, num_examples, delta)` with `delta` the decoded dense float tensors of
+   local - global, already validated (names, shapes, dtypes, finite). Returns the round's
+   update (the "pseudo-gradient"), same names and shapes.
+3. `apply(params, aggregate) -> Params`: the server optimiser step; returns new tensors (the
+   coordinator never mutates a published params dict).
+
+`state_dict()` / `load_state_dict()` carry everything a resumed coordinator needs:
+`{"tensors": {name: float tensor}, "scalars": {name: JSON value}}` (stored without pickle).
+
+Plugging in a strategy is one new module in this package: a pydantic `StrategyConfig`
+subclass with `name: Literal["x"] = "x"` and the hyperparameters with their defaults (the only
+place a default is written; job files are validated against it), and a `Strategy` subclass
+decorated with `@register` whose `Config` is that model. A robust aggregator (median, trimmed
+mean, norm-bounded FedAvg) overrides `aggregate` and inherits the server step, e.g.
+`class Median(FedAvg)` with its own `Config`. Central DP wraps any strategy whose `aggregate`
+is the default weighted mean (`central_dp.CentralDP`); one that overrides `aggregate` is refused
+there, since the noise is calibrated for the clipped mean's sensitivity.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from gradcomp.config.common import StrictModel
+from gradcomp.strategies.aggregate import weighted_average
+
+Params = dict[str, torch.Tensor]
+StrategyState = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted update: who sent it, how many examples it claims, its dense delta."""
+
+    client: str
+    num_examples: int
+    delta: Params
+
+
+class StrategyConfig(StrictModel):
+    """Base of every strategy's job-file section (`strategy:`); subclasses fix `name` to a Literal."""
+
+    name: str
+
+
+class Strategy:
+    """FedAvg's round structure with no server step of its own; subclasses add `apply`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StrategyConfig]]
+
+    def __init__(self, config: StrategyConfig | None = None, *, seed: int = 0):
+        self.config = config if config is not None else self.Config()
+        self.seed = seed
+
+    @classmethod
+    def aggregates_by_mean(cls) -> bool:
+        """True when `aggregate` is the example-weighted mean (what central DP may replace)."""
+        return cls.aggregate is Strategy.aggregate
+
+    def configure_round(self, round: int, attempt: int, available: Sequence[str], num_clients: int) -> list[str]:
+        """Uniform sample without replacement, seeded by (job seed, round, attempt): reproducible."""
+        rng = random.Random(self.seed * 1_000_003 + round * 1_009 + attempt)
+        return sorted(rng.sample(sorted(available), min(num_clients, len(available))))
+
+    def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:
+        """FedAvg: the mean of the deltas weighted by example counts."""
+        return weighted_average([(float(u.num_examples), u.delta) for u in updates])
+
+    def apply(self, params: Params, aggregate: Params) -> Params:
+        """New global parameters from the old ones and the round's aggregate."""
+        raise NotImplementedError
+
+    def state_dict(self) -> StrategyState:
+        return {"tensors": {}, "scalars": {}}
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        return None
+
+
+S = TypeVar("S", bound=type[Strategy])
+REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: S) -> S:
+    """Class decorator: make a strategy selectable as `strategy.name` in job files."""
+    name = cls.Config.model_fields["name"].default
+    if name != cls.name:
+        raise TypeError(f"{cls.__name__}: Config.name defaults to {name!r}, the class says {cls.name!r}")
+    if name in REGISTRY and REGISTRY[name] is not cls:
+        raise TypeError(f"two strategies named {name!r}: {REGISTRY[name].__name__} and {cls.__name__}")
+    REGISTRY[name] = cls
+    return cls

@@ -16,8 +16,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gradcomp.config.train import DPConfig, TrainJob
+from gradcomp.privacy import gaussian_epsilon
+from gradcomp.tasks import load_task
 from gradcomp.worker.dp import ExampleDP
 from gradcomp.worker.loop import Session, train_worker
+from gradcomp.worker.sampling import PoissonPlan
 
 
 def _model() -> nn.Module:
@@ -27,12 +30,11 @@ def _model() -> nn.Module:
 
 def test_per_example_clipping_matches_a_loop() -> None:
     model = _model()
-    dp = ExampleDP(
-        model, DPConfig(clip=0.5, noise_multiplier=0.0), rank=0, world=1, seed=0, split_noise=True, sample_rate=0.1
-    )
+    cfg = DPConfig(clip=0.5, noise_multiplier=0.0)
+    dp = ExampleDP(model, cfg, rank=0, world=1, seed=0, split_noise=True, sample_rate=0.1, expected_batch=7.0)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(7, 6, generator=g) * 3, torch.randint(0, 3, (7,), generator=g)
-    got, loss = dp.gradient(x, y)
+    got, loss_sum = dp.gradient(x, y)
     total = torch.zeros_like(got)
     losses = []
     for i in range(7):
@@ -43,48 +45,71 @@ def test_per_example_clipping_matches_a_loop() -> None:
         flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         total += flat * min(1.0, 0.5 / float(flat.norm()))
     torch.testing.assert_close(got, total / 7, rtol=1e-5, atol=1e-6)
-    assert loss == pytest.approx(sum(losses) / 7, rel=1e-5)
+    assert loss_sum == pytest.approx(sum(losses), rel=1e-5)
 
 
 def test_noise_std_split_only_for_linear_aggregation() -> None:
     cfg = DPConfig(clip=2.0, noise_multiplier=1.5)
-    split = ExampleDP(_model(), cfg, rank=0, world=4, seed=0, split_noise=True, sample_rate=0.1)
-    full = ExampleDP(_model(), cfg, rank=0, world=4, seed=0, split_noise=False, sample_rate=0.1)
+    split = ExampleDP(_model(), cfg, rank=0, world=4, seed=0, split_noise=True, sample_rate=0.1, expected_batch=1.0)
+    full = ExampleDP(_model(), cfg, rank=0, world=4, seed=0, split_noise=False, sample_rate=0.1, expected_batch=1.0)
     assert split.noise_std == pytest.approx(3.0 / 2) and full.noise_std == pytest.approx(3.0)
     # The noise is really there, at that scale (zero data gradient: all inputs are zero).
     model = nn.Linear(4000, 1, bias=False)
     nn.init.zeros_(model.weight)
-    dp = ExampleDP(model, cfg, rank=0, world=4, seed=0, split_noise=True, sample_rate=0.1)
+    dp = ExampleDP(model, cfg, rank=0, world=4, seed=0, split_noise=True, sample_rate=0.1, expected_batch=1.0)
     grad, _ = dp.gradient(torch.zeros(1, 4000), torch.zeros(1, dtype=torch.long))
     assert float(grad.std()) == pytest.approx(1.5, rel=0.05)
 
 
+def test_empty_poisson_batch_sends_noise_only_scaled_by_the_expected_batch() -> None:
+    """A rank whose Poisson batch is empty still sends: zero gradient + its noise, / expected batch."""
+    model = nn.Linear(4000, 1, bias=False)
+    empty_x, empty_y = torch.zeros(0, 4000), torch.zeros(0, dtype=torch.long)
+    quiet = ExampleDP(model, DPConfig(clip=1.0, noise_multiplier=0.0), **_one_rank(expected_batch=4.0))
+    grad, loss_sum = quiet.gradient(empty_x, empty_y)
+    assert grad.shape == (4000,) and not grad.any() and loss_sum == 0.0
+    noisy = ExampleDP(model, DPConfig(clip=2.0, noise_multiplier=1.5), **_one_rank(expected_batch=4.0))
+    grad, _ = noisy.gradient(empty_x, empty_y)
+    assert float(grad.std()) == pytest.approx(3.0 / 4.0, rel=0.05)
+
+
+def _one_rank(expected_batch: float) -> dict:
+    return {"rank": 0, "world": 1, "seed": 0, "split_noise": True, "sample_rate": 0.1, "expected_batch": expected_batch}
+
+
 SPECS = ["randomk(ratio=0.5, seed=1) | ef", "rtopk(ratio=0.1, r=0.2) | ef"]  # linear, then non-linear
+DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+# 52 training examples, expected local batch 1: about a third of the local Poisson batches are empty.
+SPARSE = {"name": "synthetic", "args": {"num_params": 200, "num_examples": 64, "input_dim": 8}}
+
+
+def _jobs() -> dict[str, TrainJob]:
+    common = {"name": "dp", "checkpoint": {"every_epochs": 0}, "dp": DP}
+    jobs = {
+        spec: {
+            "task": "digits-mlp",
+            "epochs": 2,
+            "batch_size": 64,
+            "compression": spec,
+            "optimizer": {"name": "momentum", "lr": 0.5, "momentum": 0.5},
+        }
+        for spec in SPECS
+    }
+    jobs["sparse"] = {"task": SPARSE, "epochs": 1, "batch_size": 1, "compression": "none"}
+    return {key: TrainJob.model_validate({**common, **job}) for key, job in jobs.items()}
 
 
 def _worker(rank: int, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     out = {}
-    for spec in SPECS:
-        job = TrainJob.model_validate(
-            {
-                "name": "dp",
-                "task": "digits-mlp",
-                "epochs": 2,
-                "batch_size": 64,
-                "compression": spec,
-                "optimizer": {"name": "momentum", "lr": 0.5, "momentum": 0.5},
-                "checkpoint": {"every_epochs": 0},
-                "dp": {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5},
-            }
-        )
+    for key, job in _jobs().items():
         events: list[dict] = []
         session = Session(
             rank, 2, torch.device("cpu"), lambda m, d: None, progress=lambda e, sink=events: sink.extend(e["events"])
         )
         train_worker(job, session)
-        out[spec] = [e for e in events if e["type"] == "epoch"]
+        out[key] = [e for e in events if e["type"] in ("epoch", "step")]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -98,9 +123,27 @@ def dp_runs() -> dict:
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_dp_training_reports_epsilon_per_epoch(dp_runs: dict, spec: str) -> None:
-    epochs = dp_runs[spec]
+    epochs = [e for e in dp_runs[spec] if e["type"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     eps = [e["epsilon"] for e in epochs]
     assert 0 < eps[0] < eps[1] < math.inf
     assert all(e["delta"] == 1e-5 for e in epochs)
     assert epochs[-1]["test_accuracy"] > 0.2  # learning despite the noise (chance is 0.1)
+
+
+@pytest.mark.parametrize("key", [*SPECS, "sparse"])
+def test_accountant_is_charged_the_poisson_samplers_rate(dp_runs: dict, key: str) -> None:
+    """The epsilon a run reports is Opacus' for (sigma, the sampler's own q, the steps taken)."""
+    job = _jobs()[key]
+    plan = PoissonPlan.for_job(len(load_task(job.task.name, **job.task.args).train_set), job.batch_size, 2)
+    last = [e for e in dp_runs[key] if e["type"] == "epoch"][-1]
+    assert last["step"] == job.epochs * plan.steps_per_epoch
+    expected = gaussian_epsilon(DP["noise_multiplier"], last["step"], DP["delta"], sample_rate=plan.sample_rate)
+    assert last["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_empty_batches_keep_ranks_in_step(dp_runs: dict) -> None:
+    """With many empty local batches every rank still took every step (none hung, none skipped)."""
+    steps = [e for e in dp_runs["sparse"] if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 27))
+    assert any(e["loss"] is None or math.isnan(e["loss"]) for e in steps)  # rank 0 had empty batches

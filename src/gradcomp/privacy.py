@@ -93,6 +93,23 @@ class PrivacyLedger:
         self._acc.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
 
 
+def gaussian_epsilon(
+    noise_multiplier: float, releases: int, delta: float, *, sample_rate: float = 1.0, accountant: str = "rdp"
+) -> float:
+    """Epsilon of `releases` applications of the (sub)sampled Gaussian mechanism, from Opacus' accountant.
+
+    With `sample_rate` 1 this is an adversary who sees every release of a data holder who took
+    part in all of them (no amplification): the local-DP and single-payload figures. Infinite
+    without noise, 0 for no release.
+    """
+    if releases <= 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    ledger = PrivacyLedger(delta, accountant)
+    return ledger.step(noise_multiplier, sample_rate, releases)
+
+
 def _check(noise_multiplier: float, sample_rate: float) -> None:
     if noise_multiplier < 0:
         raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")

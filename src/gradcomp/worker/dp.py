@@ -13,9 +13,11 @@ Where the noise goes depends on whether the aggregation is linear in the ranks' 
   message is a function of its own noisy sum alone, so each rank must add the full
   sigma * clip for the guarantee to hold; the average then carries sqrt(world) times more
   noise than the linear case.
-The accountant is charged noise multiplier `sigma` with sampling rate
-global batch / training examples in both cases (shuffled fixed-size batches, the usual
-DP-SGD approximation of Poisson sampling).
+The accountant is charged noise multiplier `sigma` with the Poisson sampler's rate q
+(`worker/sampling.py`): batches really are Poisson samples, as the accountant assumes.
+Each rank divides its noisy sum by its *expected* batch size (public), never the drawn
+size (private), and an empty batch contributes a zero sum plus the same noise, so every
+rank joins every collective.
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ class ExampleDP:
         seed: int,
         split_noise: bool,
         sample_rate: float,
+        expected_batch: float,
     ):
         self.model = model
         self.cfg = cfg
         self.world = world
         self.split_noise = split_noise
         self.sample_rate = sample_rate
+        self.expected_batch = expected_batch
         self.ledger = PrivacyLedger(cfg.delta, cfg.accountant, budget=cfg.epsilon_budget)
         device = next(model.parameters()).device
         # Independent noise per rank: the seed mixes in the rank.
@@ -77,13 +81,24 @@ class ExampleDP:
         return self.ledger.would_exceed(self.cfg.noise_multiplier, self.sample_rate)
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Flat noisy mean gradient of this rank's batch, and the batch's mean loss.
+        """Flat noisy gradient of this rank's batch / expected local batch, and the batch's summed loss.
 
-        The mean divides by the local batch size, so averaging over ranks gives
-        (sum of all clipped gradients + noise) / global batch.
+        Averaging over ranks then gives (sum of all clipped gradients + noise) / expected global
+        batch, Opacus' estimator for Poisson batches. An empty batch gives noise alone.
         """
+        summed, loss_sum = self._clipped_sum(x, y)
+        if self.cfg.noise_multiplier > 0:
+            noise = torch.randn(summed.shape, generator=self.generator, device=summed.device, dtype=summed.dtype)
+            summed.add_(noise, alpha=self.noise_std)
+        return summed.div_(self.expected_batch), loss_sum
+
+    def _clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Sum of the per-example gradients, each clipped to L2 norm `clip`, and the summed loss."""
         model = self.model
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        if x.shape[0] == 0:
+            size = sum(p.numel() for p in params.values())
+            return torch.zeros(size, device=x.device, dtype=next(iter(params.values())).dtype), 0.0
         buffers = {n: b.detach() for n, b in model.named_buffers()}
 
         def loss_one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
@@ -95,11 +110,7 @@ class ExampleDP:
         flat = torch.cat([grads[n].reshape(batch, -1) for n in self.names], dim=1)
         norms = torch.linalg.vector_norm(flat, dim=1)
         factor = (self.cfg.clip / norms.clamp_min(1e-12)).clamp(max=1.0)
-        summed = factor @ flat
-        if self.cfg.noise_multiplier > 0:
-            noise = torch.randn(summed.shape, generator=self.generator, device=summed.device, dtype=summed.dtype)
-            summed.add_(noise, alpha=self.noise_std)
-        return summed.div_(batch), float(losses.mean())
+        return factor @ flat, float(losses.sum())
 
     def account(self) -> float:
         """Charge one step to the ledger; returns epsilon so far."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from gradcomp.config.train import TrainJob
 from gradcomp.tasks import Task, evaluate, load_task
 from gradcomp.worker.dp import ExampleDP, linear_aggregation
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
+from gradcomp.worker.sampling import PoissonPlan
 
 STATE_FILE = "state.pt"
 
@@ -71,6 +72,7 @@ class _Run:
     model: nn.Module  # what the step calls: DDP around `module`, or `module` itself under DP
     n_train: int
     steps_per_epoch: int
+    poisson: PoissonPlan | None  # DP-SGD's batch sampling (None: shuffled fixed-size batches)
 
 
 class StopTraining(Exception):
@@ -146,26 +148,30 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     task = load_task(job.task.name, **job.task.args)
     module = task.make_model().to(session.device)
     n_train = len(task.train_set)  # type: ignore[arg-type]
-    per_rank = n_train // session.world
-    steps_per_epoch = per_rank // job.batch_size
+    steps_per_epoch = (n_train // session.world) // job.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
             f"batch_size {job.batch_size} x {session.world} workers needs at least "
             f"{job.batch_size * session.world} training examples; task {job.task.name!r} has {n_train}"
         )
+    poisson = PoissonPlan.for_job(n_train, job.batch_size, session.world) if job.dp is not None else None
+    if poisson is not None:
+        steps_per_epoch = poisson.steps_per_epoch
     hook_state = CompressionState.for_model(module, job.compression, seed=job.seed, warmup_steps=job.warmup_dense_steps)
-    model, dp = _wrap_model(job, session, module, hook_state, per_rank)
+    model, dp = _wrap_model(job, session, module, hook_state, poisson)
     optimizer = make_optimizer(job, module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
-    return _Run(job, session, task, module, optimizer, scheduler, hook_state, dp, model, n_train, steps_per_epoch)
+    return _Run(
+        job, session, task, module, optimizer, scheduler, hook_state, dp, model, n_train, steps_per_epoch, poisson
+    )
 
 
 def _wrap_model(
-    job: TrainJob, session: Session, module: nn.Module, hook_state: CompressionState, per_rank: int
+    job: TrainJob, session: Session, module: nn.Module, hook_state: CompressionState, poisson: PoissonPlan | None
 ) -> tuple[nn.Module, ExampleDP | None]:
     """DDP with the compression hook; or, with example-level DP, the bare module and its DP engine
     (per-example gradients go through the same collectives, without DDP)."""
-    if job.dp is None:
+    if job.dp is None or poisson is None:
         ddp_args: dict[str, Any] = {"bucket_cap_mb": job.bucket_cap_mb}
         if session.device.type == "cuda":
             ddp_args["device_ids"] = [session.device.index]
@@ -181,8 +187,8 @@ def _wrap_model(
         world=session.world,
         seed=job.seed,
         split_noise=linear_aggregation(hook_state.pipeline),
-        # global batch / examples the epoch draws from (batch_size * world of per_rank * world)
-        sample_rate=min(1.0, job.batch_size / per_rank),
+        sample_rate=poisson.sample_rate,  # the accountant is charged exactly the sampler's q
+        expected_batch=poisson.expected_local_batch,
     )
     return module, dp
 
@@ -190,8 +196,8 @@ def _wrap_model(
 def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tuple[dict[str, Any], int]:
     """Steps `first_step..` of one epoch, then its report; returns the epoch entry and the global step."""
     job, session = run.job, run.session
-    idx = shard_indices(run.n_train, session.rank, session.world, job.seed, epoch)
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, bytes, dense bytes, steps
+    batches = _epoch_batches(run, epoch, first_step)
+    totals = torch.zeros(5, dtype=torch.float64)  # loss sum, bytes, dense bytes, steps, examples
     step_times: list[float] = []
     every_steps = job.checkpoint.every_steps
     t_epoch = time.perf_counter()
@@ -200,14 +206,16 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tu
             session.before_step(global_step, session.rank)
         if run.dp is not None and run.dp.would_exceed_budget():
             raise StopTraining(f"epsilon budget {job.dp.epsilon_budget} reached")  # type: ignore[union-attr]
-        x, y = _batch(run.task.train_set, idx[step * job.batch_size : (step + 1) * job.batch_size], session.device)
+        x, y = _batch(run.task.train_set, next(batches), session.device)
         t0 = time.perf_counter()
         loss = _step(run, x, y)
         traffic = run.hook_state.take_traffic()
         dt = time.perf_counter() - t0
         global_step += 1
         step_times.append(dt)
-        totals += torch.tensor([loss, traffic.bytes_sent, traffic.dense_bytes, 1.0], dtype=torch.float64)
+        seen = len(y)
+        loss_sum = loss * seen if seen else 0.0
+        totals += torch.tensor([loss_sum, traffic.bytes_sent, traffic.dense_bytes, 1.0, seen], dtype=torch.float64)
         if session.rank == 0:
             _log_step(run, epoch, global_step, loss, traffic, dt)
         # the epoch's last step is checkpointed by `_end_epoch` (if at all)
@@ -217,15 +225,27 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tu
     return entry, global_step
 
 
+def _epoch_batches(run: _Run, epoch: int, first_step: int) -> Iterator[torch.Tensor]:
+    """This rank's example indices for steps `first_step..` of `epoch`: Poisson samples under DP
+    (sizes vary, may be empty; every rank still yields `steps_per_epoch`), else equal shuffled slices."""
+    job, session = run.job, run.session
+    if run.poisson is not None:
+        return run.poisson.batches(session.rank, job.seed, epoch, first_step)
+    idx = shard_indices(run.n_train, session.rank, session.world, job.seed, epoch)
+    return (idx[s * job.batch_size : (s + 1) * job.batch_size] for s in range(first_step, run.steps_per_epoch))
+
+
 def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimisation step (gradient exchange included); returns this rank's batch loss."""
+    """One optimisation step (gradient exchange included); returns this rank's mean batch loss
+    (NaN for an empty Poisson batch, which still takes part in the exchange)."""
     run.optimizer.zero_grad(set_to_none=True)
     if run.dp is None:
         loss_t = nn.functional.cross_entropy(run.model(x), y)
         loss_t.backward()  # DDP's comm hook compresses and exchanges the buckets here
         loss = float(loss_t.detach())
     else:
-        flat, loss = run.dp.gradient(x, y)
+        flat, loss_sum = run.dp.gradient(x, y)
+        loss = loss_sum / len(y) if len(y) else math.nan
         mean = run.hook_state.reduce(flat, "dp-all").wait()
         run.hook_state.end_step()
         run.dp.write_grads(mean)
@@ -259,11 +279,10 @@ def _end_epoch(
     """Sum the epoch's loss and bytes over ranks, evaluate on rank 0, report (+ checkpoint)."""
     job, session, task, dp = run.job, run.session, run.task, run.dp
     dist.all_reduce(totals)
-    steps = max(int(totals[3]), 1)
     entry: dict[str, Any] = {
         "epoch": epoch + 1,
         "step": global_step,
-        "train_loss": float(totals[0]) / steps,
+        "train_loss": float(totals[0]) / max(float(totals[4]), 1.0),
         "bytes_sent": int(totals[1]),
         "dense_bytes": int(totals[2]),
         "compression_ratio": float(totals[2] / totals[1]) if totals[1] else 1.0,

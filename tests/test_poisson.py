@@ -1,0 +1,58 @@
+"""DP-SGD's Poisson batches: sizes follow Binomial(n, q), every rank yields the same number of
+batches (empty ones included), and a resumed epoch draws the same batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradcomp.worker.sampling import PoissonPlan
+
+
+def _global_batches(plan: PoissonPlan, epochs: int) -> list[list[torch.Tensor]]:
+    """Per step, the local batches of every rank."""
+    out = []
+    for epoch in range(epochs):
+        ranks = [list(plan.batches(rank, seed=3, epoch=epoch)) for rank in range(plan.world)]
+        out.extend(zip(*ranks, strict=True))
+    return out
+
+
+def test_batch_sizes_follow_the_binomial_the_accountant_assumes() -> None:
+    plan = PoissonPlan.for_job(examples=1000, batch_size=16, world=2)
+    assert plan.sample_rate == pytest.approx(0.032) and plan.steps_per_epoch == 31
+    steps = _global_batches(plan, epochs=100)
+    sizes = torch.tensor([sum(len(b) for b in step) for step in steps], dtype=torch.float64)
+    n, q = plan.examples, plan.sample_rate
+    mean, var = n * q, n * q * (1 - q)
+    # 3100 draws: the sample mean's standard error is sqrt(var / 3100) ~ 0.1; the variance's ~ 0.8
+    assert float(sizes.mean()) == pytest.approx(mean, abs=0.5)
+    assert float(sizes.var()) == pytest.approx(var, abs=4.0)  # fixed-size batches would give 0
+    # every example is equally likely, in every step, whichever rank holds it
+    hits = torch.zeros(n)
+    for step in steps:
+        picked = torch.cat(step)
+        assert picked.unique().numel() == picked.numel()  # ranks' shares are disjoint
+        hits[picked] += 1
+    assert float(hits.mean()) / len(steps) == pytest.approx(q, rel=0.02)
+    assert float(hits.std()) == pytest.approx((len(steps) * q * (1 - q)) ** 0.5, rel=0.15)
+
+
+def test_every_rank_yields_every_step_even_when_empty() -> None:
+    plan = PoissonPlan.for_job(examples=40, batch_size=1, world=4)  # 10 examples per rank, q = 0.1
+    per_rank = [list(plan.batches(rank, seed=0, epoch=0)) for rank in range(4)]
+    assert all(len(b) == plan.steps_per_epoch == 10 for b in per_rank)
+    assert sum(len(batch) == 0 for batches in per_rank for batch in batches) > 0
+
+
+def test_a_resumed_epoch_draws_the_same_batches() -> None:
+    plan = PoissonPlan.for_job(examples=500, batch_size=8, world=2)
+    whole = list(plan.batches(1, seed=5, epoch=2))
+    resumed = list(plan.batches(1, seed=5, epoch=2, start=7))
+    assert len(resumed) == len(whole) - 7
+    assert all(torch.equal(a, b) for a, b in zip(whole[7:], resumed, strict=True))
+
+
+def test_too_few_examples_for_the_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs at least 64 training examples"):
+        PoissonPlan.for_job(examples=50, batch_size=32, world=2)

@@ -2,7 +2,7 @@
 that `gradcomp --help` stays fast and a verb's dependencies load only when needed.
 
 Verb handlers: train -> worker.launch, serve -> server.app, client -> worker.fl_client,
-fedsim -> sim.run, sweep -> study.sweep, bench -> benchmarks/<name>.py.
+fedsim -> sim.run, sweep -> study.sweep, audit -> audit.run, bench -> benchmarks/<name>.py.
 """
 
 from __future__ import annotations
@@ -29,6 +29,25 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a job-file key, e.g. --set train.epochs=3 (repeatable)",
     )
+
+
+def _add_audit(verbs: argparse._SubParsersAction) -> None:
+    """`gradcomp audit`: gradient-inversion attacks on what each spec puts on the wire."""
+    p = verbs.add_parser("audit", help="gradient-inversion attacks on compression specs' payloads")
+    p.add_argument("--spec", action="append", required=True, help="compression spec to audit (repeatable)")
+    p.add_argument("--task", default="digits-mlp", help="task whose model and test images are attacked")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        action="append",
+        default=None,
+        help="victims per gradient (repeatable; default 1 and 4)",
+    )
+    p.add_argument("--victims", type=int, default=8, help="test images attacked per batch size")
+    p.add_argument("--iterations", type=int, default=200, help="optimisation steps of the cosine and L2 attacks")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation, victim choice and attack starts")
+    p.add_argument("--out", default="runs/audit/audit.json", help="JSON file; the PNG grid goes beside it")
+    p.set_defaults(handler="gradcomp.audit.run:run_audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
     p.add_argument("--check", action="store_true", help="validate the sweep file and exit")
     p.set_defaults(handler="gradcomp.study.sweep:run_sweep")
+
+    _add_audit(verbs)
 
     p = verbs.add_parser("bench", help="run a benchmark from benchmarks/ (prints JSON + table)")
     p.add_argument("name", help="benchmark name, e.g. compress, train_digits, bandwidth")

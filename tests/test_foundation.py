@@ -114,6 +114,26 @@ def test_run_record_writes_and_resumes_results_json(tmp_path) -> None:
     again = RunRecord.resume(tmp_path / "r", "r", "train", {"epochs": 2})
     again.log({"epoch": 2, "accuracy": 0.7}, bytes_sent=5)
     assert json.loads(again.path.read_text())["bytes_sent"] == 15
+    assert again.final == {"epoch": 2, "accuracy": 0.7}
+
+
+def test_run_record_history_is_changed_through_its_methods(tmp_path) -> None:
+    rec = RunRecord(tmp_path / "r", "r", "fedsim", {})
+    rec.log({"round": 1, "test_accuracy": 0.4}, bytes_sent=10, dense_bytes=100)
+    rec.log({"round": 2, "test_accuracy": 0.6}, bytes_sent=10, dense_bytes=100)
+    rec.history[0]["round"] = 99  # a copy: the record is not changed behind its back
+    rec.alias_metric("test_accuracy", "accuracy")
+    assert [h["accuracy"] for h in rec.history] == [0.4, 0.6]
+    rec.replace_history(rec.history[:1], bytes_sent=10, dense_bytes=100)
+    rec.save()
+    on_disk = json.loads(rec.path.read_text())
+    assert on_disk["history"] == [{"round": 1, "test_accuracy": 0.4, "accuracy": 0.4}]
+    assert on_disk["final"] == on_disk["history"][-1] and (on_disk["bytes_sent"], on_disk["dense_bytes"]) == (10, 100)
+    rec.replace_history([], bytes_sent=0, dense_bytes=0)
+    assert rec.final == {} and rec.history == []
+
+
+def test_atomic_json_writes_tensors_as_numbers(tmp_path) -> None:
     atomic_write_json(tmp_path / "x.json", {"t": torch.tensor(2.5)})
     assert json.loads((tmp_path / "x.json").read_text()) == {"t": 2.5}
 

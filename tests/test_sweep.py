@@ -58,22 +58,20 @@ def _args(path: Path, tmp_path: Path, *overrides: str, check: bool = False) -> a
     )
 
 
-class CountingHandler:
+class CountingRunner:
+    """The real fedsim runner, recording which cells it ran."""
+
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.ran: list[str] = []
-        real = sweep_mod._handler
+        self.inner = sweep_mod.RUNNERS["fedsim"]
+        monkeypatch.setitem(sweep_mod.RUNNERS, "fedsim", self)
 
-        def handler(runner: str) -> Any:
-            inner = real(runner)
+    def check(self, job: dict[str, Any], source: str) -> None:
+        self.inner.check(job, source)
 
-            def run(args: argparse.Namespace) -> int:
-                if not args.check:
-                    self.ran.append(Path(args.job).parent.name)
-                return inner(args)
-
-            return run
-
-        monkeypatch.setattr(sweep_mod, "_handler", handler)
+    def run(self, job: dict[str, Any], source: str, runs_dir: Path, address: str | None) -> None:
+        self.ran.append(job["name"])
+        self.inner.run(job, source, runs_dir, address)
 
 
 def _png_ok(path: Path) -> None:
@@ -115,8 +113,11 @@ def test_local_dp_stage_goes_first() -> None:
 
 
 def test_bad_sweeps_fail_before_work(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not valid jobs"):
+    with pytest.raises(ConfigError, match="not valid jobs") as bad_grid:
         sweep_mod.run_sweep(_args(_write(tmp_path, grid={"round.fraction": [0.5, 7]}), tmp_path))
+    message = str(bad_grid.value)
+    assert "4 cell(s)" in message and "cell none__non-private__seed0__fraction-7: invalid job file" in message
+    assert "round.fraction: Input should be less than or equal to 1 (got 7)" in message
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="unknown stage"):
         sweep_mod.run_sweep(_args(_write(tmp_path, specs=["nosuch(1)"]), tmp_path))
@@ -127,7 +128,7 @@ def test_bad_sweeps_fail_before_work(tmp_path: Path) -> None:
 
 def test_sweep_runs_resumes_and_writes_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path)
-    counter = CountingHandler(monkeypatch)
+    counter = CountingRunner(monkeypatch)
     assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
     assert len(counter.ran) == 4
     out = tmp_path / "runs" / "tiny"
@@ -165,25 +166,23 @@ def test_sweep_runs_resumes_and_writes_outputs(tmp_path: Path, monkeypatch: pyte
 
 def test_failed_cell_is_reported_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path, privacy=[{"name": "non-private"}])
-    real = sweep_mod._handler
+    real = sweep_mod.RUNNERS["fedsim"]
 
-    def flaky(runner: str) -> Any:
-        inner = real(runner)
+    class Flaky:
+        check = real.check
 
-        def run(args: argparse.Namespace) -> int:
-            if not args.check and "topk" in args.job:
+        def run(self, job: dict[str, Any], source: str, runs_dir: Path, address: str | None) -> None:
+            if "topk" in job["name"]:
                 raise RuntimeError("boom")
-            return inner(args)
+            real.run(job, source, runs_dir, address)
 
-        return run
-
-    monkeypatch.setattr(sweep_mod, "_handler", flaky)
+    monkeypatch.setitem(sweep_mod.RUNNERS, "fedsim", Flaky())
     assert sweep_mod.run_sweep(_args(path, tmp_path)) == 1
     out = tmp_path / "runs" / "tiny"
     rows = {r["spec_name"]: r["status"] for r in csv.DictReader((out / "results.csv").open())}
     assert rows == {"none": "done", "topk+ef": "failed"}
     assert "failed cells" in (out / "report.md").read_text()
-    monkeypatch.setattr(sweep_mod, "_handler", real)
+    monkeypatch.setitem(sweep_mod.RUNNERS, "fedsim", real)
     assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
     rows = {r["spec_name"]: r["status"] for r in csv.DictReader((out / "results.csv").open())}
     assert rows == {"none": "done", "topk+ef": "done"}

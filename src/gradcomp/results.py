@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,34 @@ class RunRecord:
         rec = cls(run_dir, name, kind, config)
         if rec.path.is_file():
             old = json.loads(rec.path.read_text())
-            rec.data["history"] = old.get("history", [])
-            rec.data["bytes_sent"] = old.get("bytes_sent", 0)
-            rec.data["dense_bytes"] = old.get("dense_bytes", 0)
+            rec.replace_history(
+                old.get("history", []), bytes_sent=old.get("bytes_sent", 0), dense_bytes=old.get("dense_bytes", 0)
+            )
             rec.started -= float(old.get("wall_seconds", 0.0))
         return rec
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The entries logged so far (a copy: change them through the methods)."""
+        return [dict(e) for e in self.data["history"]]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return dict(self.data["final"])
+
+    def replace_history(self, entries: Sequence[Mapping[str, Any]], *, bytes_sent: int, dense_bytes: int) -> None:
+        """Set the whole history and byte totals at once, e.g. from a checkpoint or after dropping
+        entries a restarted run replays; `final` becomes the last entry. Not saved until the next write."""
+        self.data["history"] = [dict(e) for e in entries]
+        self.data["bytes_sent"] = int(bytes_sent)
+        self.data["dense_bytes"] = int(dense_bytes)
+        self.data["final"] = dict(entries[-1]) if entries else {}
+
+    def alias_metric(self, name: str, alias: str) -> None:
+        """Also store `name` under `alias` in every history entry that has it (one name across run kinds)."""
+        for entry in self.data["history"]:
+            if name in entry:
+                entry[alias] = entry[name]
 
     def log(self, entry: Mapping[str, Any], *, bytes_sent: int = 0, dense_bytes: int = 0) -> None:
         """Append one epoch/round entry, add its bytes, and persist."""
@@ -115,10 +138,12 @@ class RunRecord:
         self.save()
 
     def set_privacy(self, epsilon: float | None, delta: float | None) -> None:
+        """The run's privacy guarantee so far (null without DP); saved with the next write."""
         self.data["epsilon"] = epsilon
         self.data["delta"] = delta
 
     def finish(self, **final: Any) -> dict[str, Any]:
+        """Add `final` to the last metrics, stamp the finish time, save; returns the results dict."""
         self.data["final"].update(final)
         self.data["finished_at"] = _iso(time.time())
         self.save()

@@ -89,8 +89,9 @@ def insecure_warning(host: str) -> str:
     )
 
 
-def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None = None) -> Running:
-    """Build and start everything (no round loop); used by run_serve and in-process tests."""
+def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None = None, kind: str = "fed") -> Running:
+    """Build and start everything (no round loop); used by run_serve, `fedsim --grpc` (kind "fedsim")
+    and in-process tests."""
     tokens = load_tokens(job.server)
     host = resolve_host(job, host)
     creds = server_credentials(job.server)
@@ -100,15 +101,13 @@ def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None 
     task = load_task(job.task.name, **job.task.args)
     params = initial_params(task, job.seed)
     config = json.loads(job.model_dump_json())
-    record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, "fed", config)
+    record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, kind, config)
 
     def checkpoint(c: Coordinator) -> None:
         state = c.state_dict()
         store.save_state(run_dir, state)  # the round becomes durable here
-        record.data["history"] = [dict(e) for e in state["log"]]
-        record.data["bytes_sent"] = state["totals"]["uplink_bytes"]
-        record.data["dense_bytes"] = state["totals"]["dense_bytes"]
-        record.data["final"] = dict(state["log"][-1]) if state["log"] else {}
+        totals = state["totals"]
+        record.replace_history(state["log"], bytes_sent=totals["uplink_bytes"], dense_bytes=totals["dense_bytes"])
         record.set_privacy(c.epsilon, job.privacy.delta if c.ledger else None)
         record.save()
 

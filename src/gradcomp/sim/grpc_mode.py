@@ -10,7 +10,6 @@ its straggler delay. Dropouts never answer. Round deadlines are real seconds her
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import secrets
@@ -106,13 +105,12 @@ class GrpcClients:
         self.channel.close()
 
 
-def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
+def run_grpc_simulation(job: FedJob, runs_dir: Path, *, address: str | None, show: bool) -> int:
     from gradcomp.raycluster import connect
     from gradcomp.server import app, store
     from gradcomp.sim.run import make_clients, make_pool
 
     sim = job.simulation or SimulationConfig()
-    show = getattr(args, "progress", True)
     n = job.clients.expected
     names = [client_name(i) for i in range(n)]
     tokens = {name: secrets.token_urlsafe(18) for name in names}
@@ -124,14 +122,14 @@ def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
     job.clients.min = n  # every virtual client is online: round 1 waits until all have joined (as in-process)
     os.environ[job.server.tokens_env] = ",".join(f"{name}={tok}" for name, tok in tokens.items())
     table, _task = make_clients(job, quiet=not show)
-    started_ray = connect(getattr(args, "address", None)) if sim.actors != 0 else False
-    run_dir = Path(args.runs_dir) / job.name
+    started_ray = connect(address) if sim.actors != 0 else False
+    run_dir = runs_dir / job.name
     stale = run_dir / store.FILENAME
     if stale.exists():  # a simulation always starts afresh (there is no fedsim --resume)
         print(f"fedsim: removing the coordinator checkpoint of an earlier simulation: {stale}", flush=True)
         stale.unlink()
     try:
-        run = app.start(job, run_dir, host="127.0.0.1")
+        run = app.start(job, run_dir, host="127.0.0.1", kind="fedsim")
     except BaseException:
         if started_ray:
             import ray
@@ -180,10 +178,7 @@ def run_grpc_simulation(job: FedJob, args: argparse.Namespace) -> int:
 
             ray.shutdown()
     coord = run.coord
-    run.record.data["kind"] = "fedsim"
-    for e in run.record.data["history"]:
-        if "test_accuracy" in e:
-            e["accuracy"] = e["test_accuracy"]
+    run.record.alias_metric("test_accuracy", "accuracy")
     results = run.record.finish(
         status=coord.status,
         reason=coord.reason,

@@ -10,6 +10,7 @@ the real protobuf messages. With `--grpc` the clients talk to the real gRPC serv
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -29,23 +30,28 @@ from gradcomp.sim.state import ClientTable
 
 
 def load_fedsim_job(path: str | Path, overrides: list[str] | None = None) -> FedJob:
-    """Load a federated job for simulation. `simulation.clients`, when given, is the population
+    """Load a federated job file (plus `--set` overrides) for simulation; see `fedsim_job`."""
+    return fedsim_job(apply_overrides(load_yaml(path), overrides), source=str(path))
+
+
+def fedsim_job(data: dict[str, Any], source: str = "job") -> FedJob:
+    """Validate federated job data for simulation. `simulation.clients`, when given, is the population
     (clients.expected); giving both with different values is an error, since the DP sampling
-    rate m / N uses clients.expected."""
-    data = apply_overrides(load_yaml(path), overrides)
+    rate m / N uses clients.expected. `data` itself is left as it is."""
+    data = copy.deepcopy(data)
     sim = data.get("simulation") or {}
     if isinstance(sim, dict) and sim.get("clients") is not None:
         clients = data.setdefault("clients", {}) if isinstance(data.get("clients", {}), dict) else None
         if clients is None:
-            raise ConfigError(f"{path}: clients must be a section")
+            raise ConfigError(f"{source}: clients must be a section")
         expected = clients.get("expected")
         if expected is not None and expected != sim["clients"]:
             raise ConfigError(
-                f"{path}: simulation.clients ({sim['clients']}) disagrees with clients.expected ({expected}); "
+                f"{source}: simulation.clients ({sim['clients']}) disagrees with clients.expected ({expected}); "
                 "give one of them (the simulation's population is clients.expected)"
             )
         clients["expected"] = sim["clients"]
-    job = validate(FedJob, data, source=str(path))
+    job = validate(FedJob, data, source=source)
     if job.simulation is None:
         job.simulation = SimulationConfig()
     return job
@@ -132,23 +138,30 @@ def run_fedsim(args: argparse.Namespace) -> int:
             f"partition {sim.partition}, spec {job.client_spec()!r}, grpc={sim.grpc})"
         )
         return 0
+    address, show = getattr(args, "address", None), getattr(args, "progress", True)
+    return simulate(job, Path(args.runs_dir), address=address, show=show)
+
+
+def simulate(job: FedJob, runs_dir: Path, *, address: str | None = None, show: bool = True) -> int:
+    """Run a validated simulation job (in process, or over gRPC with `simulation.grpc`), writing
+    runs_dir/<name>/results.json; 0 when the job finished, 1 when it failed. `address`: a Ray
+    cluster to join (else a local Ray starts when actors are used); `show`: progress on stdout."""
     if job.simulation is not None and job.simulation.grpc:
         from gradcomp.sim.grpc_mode import run_grpc_simulation
 
-        return run_grpc_simulation(job, args)
-    return _run_in_process(job, args)
+        return run_grpc_simulation(job, runs_dir, address=address, show=show)
+    return _run_in_process(job, runs_dir, address=address, show=show)
 
 
-def _run_in_process(job: FedJob, args: argparse.Namespace) -> int:
+def _run_in_process(job: FedJob, runs_dir: Path, *, address: str | None, show: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gradcomp.raycluster import connect
 
-    show = getattr(args, "progress", True)
     sim_cfg = job.simulation or SimulationConfig()
-    started_ray = connect(getattr(args, "address", None)) if sim_cfg.actors != 0 else False
-    run_dir = Path(args.runs_dir) / job.name
+    started_ray = connect(address) if sim_cfg.actors != 0 else False
+    run_dir = runs_dir / job.name
     record = RunRecord(run_dir, job.name, "fedsim", job.model_dump(mode="json"))
     t0 = time.time()
     pool: ClientPool | None = None

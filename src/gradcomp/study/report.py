@@ -131,14 +131,14 @@ def settings_table(
     `step_name` is what a history entry counts: rounds (federated) or epochs (data-parallel).
     """
     stats = settings(rows)
-    base_bytes = None
-    if baseline_setting is not None and target is not None:
-        base = next((s for s in stats if s.setting == baseline_setting), None)
-        reached = [d.bytes_to_target for d in base.done()] if base else []
-        if reached and all(b is not None for b in reached):
-            base_bytes = sum(reached) / len(reached)
+    base_bytes = _baseline_bytes(stats, target, baseline_setting)
+    table = [_setting_row(st, target, baseline_setting, base_bytes) for st in stats]
+    return _header(target, step_name), table
+
+
+def _header(target: float | None, step_name: str) -> list[str]:
     tgt = f"{target:g}" if target is not None else "target"
-    header = [
+    return [
         "setting",
         "spec",
         "seeds",
@@ -151,44 +151,53 @@ def settings_table(
         "compression",
         "epsilon",
     ]
-    table = []
-    for st in stats:
-        done = st.done()
-        n = len(st.rows)
-        if not done:
-            table.append([st.setting, _code(st.spec), f"0/{n}", *["-"] * 8])
-            continue
-        reached = [d for d in done if d.steps_to_target is not None]
-        if target is None:
-            rounds = bytes_ = saved = "-"
-        elif len(reached) < len(done):
-            rounds = f"not reached ({len(reached)}/{len(done)} seeds)"
-            bytes_ = saved = "-"
-        else:
-            mean_r = sum(d.steps_to_target for d in reached) / len(reached)  # type: ignore[misc]
-            mean_b = sum(d.bytes_to_target for d in reached) / len(reached)  # type: ignore[misc]
-            rounds = f"{mean_r:.1f}" if len(reached) > 1 else f"{mean_r:.0f}"
-            bytes_ = human_bytes(mean_b)
-            saved = f"{base_bytes / mean_b:.1f}x" if base_bytes and mean_b else "-"
-        up = sum(d.uplink_bytes for d in done) / len(done)
-        dense = sum(d.dense_bytes for d in done) / len(done)
-        eps = [d.epsilon for d in done if d.epsilon is not None]
-        table.append(
-            [
-                st.setting + (" **(baseline)**" if st.setting == baseline_setting else ""),
-                _code(st.spec),
-                f"{len(done)}/{n}",
-                _fmt_acc([d.final_accuracy for d in done]),
-                _fmt_acc([d.best_accuracy for d in done]),
-                rounds,
-                bytes_,
-                saved,
-                human_bytes(up),
-                f"{dense / up:.1f}x" if up and dense else "-",
-                f"{sum(eps) / len(eps):.2f}" if eps else "-",
-            ]
-        )
-    return header, table
+
+
+def _baseline_bytes(stats: list[SettingStats], target: float | None, baseline_setting: str | None) -> float | None:
+    """The baseline's mean uplink bytes to the target, when every one of its seeds reached it."""
+    if baseline_setting is None or target is None:
+        return None
+    base = next((s for s in stats if s.setting == baseline_setting), None)
+    reached = [d.bytes_to_target for d in base.done()] if base else []
+    if reached and all(b is not None for b in reached):
+        return sum(reached) / len(reached)  # type: ignore[arg-type]
+    return None
+
+
+def _to_target(done: list[CellSummary], target: float | None, base_bytes: float | None) -> tuple[str, str, str]:
+    """Steps to the target, bytes to the target and bytes saved against the baseline, seeds averaged."""
+    reached = [d for d in done if d.steps_to_target is not None]
+    if target is None:
+        return "-", "-", "-"
+    if len(reached) < len(done):
+        return f"not reached ({len(reached)}/{len(done)} seeds)", "-", "-"
+    mean_r = sum(d.steps_to_target for d in reached) / len(reached)  # type: ignore[misc]
+    mean_b = sum(d.bytes_to_target for d in reached) / len(reached)  # type: ignore[misc]
+    steps = f"{mean_r:.1f}" if len(reached) > 1 else f"{mean_r:.0f}"
+    saved = f"{base_bytes / mean_b:.1f}x" if base_bytes and mean_b else "-"
+    return steps, human_bytes(mean_b), saved
+
+
+def _setting_row(
+    st: SettingStats, target: float | None, baseline_setting: str | None, base_bytes: float | None
+) -> list[str]:
+    done, n = st.done(), len(st.rows)
+    if not done:
+        return [st.setting, _code(st.spec), f"0/{n}", *["-"] * 8]
+    up = sum(d.uplink_bytes for d in done) / len(done)
+    dense = sum(d.dense_bytes for d in done) / len(done)
+    eps = [d.epsilon for d in done if d.epsilon is not None]
+    return [
+        st.setting + (" **(baseline)**" if st.setting == baseline_setting else ""),
+        _code(st.spec),
+        f"{len(done)}/{n}",
+        _fmt_acc([d.final_accuracy for d in done]),
+        _fmt_acc([d.best_accuracy for d in done]),
+        *_to_target(done, target, base_bytes),
+        human_bytes(up),
+        f"{dense / up:.1f}x" if up and dense else "-",
+        f"{sum(eps) / len(eps):.2f}" if eps else "-",
+    ]
 
 
 def markdown_table(header: list[str], table: list[list[str]]) -> str:

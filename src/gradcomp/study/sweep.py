@@ -1,7 +1,7 @@
 """`gradcomp sweep SWEEP.yaml`: run every cell of a grid, resumably, then write results.csv,
 report.md and the plots under `<runs-dir>/<sweep name>/`.
 
-Every cell's job file is checked (with the runner's own `--check`) before the first cell
+Every cell's job is checked (as its runner's `--check` would) before the first cell
 runs, so a typo in the grid fails in seconds rather than hours in. Finished cells are
 skipped when the same command is run again; a cell that failed is reported and retried
 on the next run.
@@ -10,16 +10,11 @@ on the next run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import shlex
-import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -30,39 +25,27 @@ from gradcomp.study import plots
 from gradcomp.study.analysis import curve, summarize
 from gradcomp.study.cells import Cell, CellStore, expand, load_base
 from gradcomp.study.report import Row, write_csv, write_report
+from gradcomp.study.runners import RUNNERS
 
-HANDLERS = {"fedsim": "gradcomp.sim.run:run_fedsim", "train": "gradcomp.worker.launch:run_train"}
-
-
-def _handler(runner: str) -> Callable[[argparse.Namespace], int]:
-    module, func = HANDLERS[runner].split(":")
-    return getattr(importlib.import_module(module), func)
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
-def _cell_args(runner: str, job: Path, runs_dir: Path, address: str | None, check: bool) -> argparse.Namespace:
-    common = {"job": str(job), "overrides": [], "address": address, "runs_dir": str(runs_dir), "check": check}
-    if runner == "fedsim":
-        return argparse.Namespace(**common, grpc=False, progress=False)
-    return argparse.Namespace(**common, workers=None)
+def cell_source(cell: Cell) -> str:
+    """How errors name a cell's job."""
+    return f"cell {cell.cell_id}"
 
 
 def check_cells(sweep: SweepJob, cells: list[Cell]) -> None:
-    """Validate every cell's job with its runner's `--check`, quietly; one error lists every bad cell."""
-    handler = _handler(sweep.runner)
+    """Validate every cell's job as its runner would (train also loads the task); one error lists every bad cell."""
+    runner = RUNNERS[sweep.runner]
     problems = []
-    with tempfile.TemporaryDirectory(prefix="gradcomp-sweep-check-") as tmp:
-        for cell in cells:
-            path = Path(tmp) / f"{cell.cell_id}.yaml"
-            path.write_text(yaml.safe_dump(cell.job, sort_keys=False))
-            sink = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                    rc = handler(_cell_args(sweep.runner, path, Path(tmp) / "runs", None, check=True))
-            except ValueError as err:
-                problems.append(f"cell {cell.cell_id}: {err}")
-                continue
-            if rc:
-                problems.append(f"cell {cell.cell_id}: check failed: {sink.getvalue().strip()[-500:]}")
+    for cell in cells:
+        source = cell_source(cell)
+        try:
+            runner.check(cell.job, source)
+        except ValueError as err:
+            problems.append(str(err) if str(err).startswith(source) else f"{source}: {err}")
     if problems:
         raise ConfigError(f"sweep {sweep.name!r}: {len(problems)} cell(s) are not valid jobs:\n" + "\n".join(problems))
 
@@ -143,10 +126,11 @@ def _ensure_ray(sweep: SweepJob, cells: list[Cell], address: str | None) -> bool
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    """CLI handler of `gradcomp sweep`: check every cell, run those not finished, write the outputs."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    sweep = load_job(SweepJob, args.sweep, getattr(args, "overrides", []))
+    overrides = list(getattr(args, "overrides", None) or [])
+    sweep = load_job(SweepJob, args.sweep, overrides)
     cells = expand(sweep, load_base(sweep, args.sweep))
     check_cells(sweep, cells)
     console = Console(stderr=False)
@@ -156,10 +140,26 @@ def run_sweep(args: argparse.Namespace) -> int:
     store = CellStore(Path(args.runs_dir) / sweep.name)
     store.root.mkdir(parents=True, exist_ok=True)
     (store.root / "sweep.yaml").write_text(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
-    sets = [f"--set {shlex.quote(o)}" for o in getattr(args, "overrides", [])]
+    sets = [f"--set {shlex.quote(o)}" for o in overrides]
     command = " ".join(
         ["gradcomp sweep", shlex.quote(str(args.sweep)), *sets, "--runs-dir", shlex.quote(str(args.runs_dir))]
     )
+    failures = run_cells(sweep, cells, store, command, args.address, console)
+    paths = write_outputs(sweep, store, cells, command)
+    console.print(f"wrote {paths['csv']}, {paths['report']} and plots in {store.root}")
+    console.print(_tail_table(paths["report"]))
+    return 1 if failures else 0
+
+
+def run_cells(
+    sweep: SweepJob, cells: list[Cell], store: CellStore, command: str, address: str | None, console: Console
+) -> int:
+    """Run every cell not finished yet (one bad cell does not stop the others); returns how many failed.
+
+    results.csv and report.md are rewritten after each cell, so a long sweep can be read while it runs.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     todo = [c for c in cells if not store.is_done(c)]
     stale = [c.cell_id for c in todo if store.is_stale(c)]
     if stale:
@@ -168,53 +168,44 @@ def run_sweep(args: argparse.Namespace) -> int:
         f"sweep {sweep.name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
         f"-> {store.root}"
     )
-    started_ray = _ensure_ray(sweep, todo, args.address) if todo else False
-    handler = _handler(sweep.runner) if todo else None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started_ray = _ensure_ray(sweep, todo, address) if todo else False
     failures = 0
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            task = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
             for cell in todo:
-                progress.update(task, description=f"cell {cell.cell_id}")
-                t0 = time.time()
-                job_path = store.prepare(cell)
-                try:
-                    rc = handler(_cell_args(sweep.runner, job_path, store.runs_dir(cell), args.address, check=False))
-                    if rc:
-                        raise RuntimeError(f"runner exited with status {rc}")
-                    store.mark_done(cell)
-                except Exception as err:  # one bad cell must not lose the others
-                    failures += 1
-                    atomic_write_json(
-                        store.cell_dir(cell) / "failed.json", {"error": repr(err), "traceback": traceback.format_exc()}
-                    )
-                    progress.console.print(f"[red]cell {cell.cell_id} failed:[/red] {err}")
-                else:
-                    s = _row(store, cell, sweep).summary
-                    acc = f"{s.final_accuracy:.4f}" if s and s.final_accuracy is not None else "-"
-                    eps = f", eps {s.epsilon:.2f}" if s and s.epsilon is not None else ""
-                    sent = human_bytes(s.uplink_bytes) if s else "-"
-                    progress.console.print(
-                        f"cell {cell.cell_id}: accuracy {acc}, uplink {sent}{eps} ({time.time() - t0:.0f} s)"
-                    )
-                progress.advance(task)
+                progress.update(bar, description=f"cell {cell.cell_id}")
+                failures += not _run_cell(sweep, cell, store, address, progress.console)
+                progress.advance(bar)
                 write_outputs(sweep, store, cells, command, with_plots=False)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    paths = write_outputs(sweep, store, cells, command)
-    console.print(f"wrote {paths['csv']}, {paths['report']} and plots in {store.root}")
-    console.print(_tail_table(paths["report"]))
-    return 1 if failures else 0
+    return failures
+
+
+def _run_cell(sweep: SweepJob, cell: Cell, store: CellStore, address: str | None, console: Console) -> bool:
+    """Run one cell from a clean directory; a failure is kept in failed.json (retried next time)."""
+    t0 = time.time()
+    store.prepare(cell)
+    try:
+        RUNNERS[sweep.runner].run(cell.job, cell_source(cell), store.runs_dir(cell), address)
+        store.mark_done(cell)
+    except Exception as err:  # one bad cell must not lose the others
+        atomic_write_json(
+            store.cell_dir(cell) / "failed.json", {"error": repr(err), "traceback": traceback.format_exc()}
+        )
+        console.print(f"[red]cell {cell.cell_id} failed:[/red] {err}")
+        return False
+    s = _row(store, cell, sweep).summary
+    acc = f"{s.final_accuracy:.4f}" if s and s.final_accuracy is not None else "-"
+    eps = f", eps {s.epsilon:.2f}" if s and s.epsilon is not None else ""
+    sent = human_bytes(s.uplink_bytes) if s else "-"
+    console.print(f"cell {cell.cell_id}: accuracy {acc}, uplink {sent}{eps} ({time.time() - t0:.0f} s)")
+    return True
 
 
 def _tail_table(report: Path) -> str:
@@ -230,4 +221,4 @@ def load_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-__all__ = ["check_cells", "load_rows", "run_sweep", "write_outputs"]
+__all__ = ["check_cells", "load_rows", "run_cells", "run_sweep", "write_outputs"]

@@ -98,21 +98,21 @@ class Recorder:
         config = {**job.model_dump(mode="json"), "info": info}
         existing = (run_dir / "results.json").is_file()
         self.rec = (RunRecord.resume if existing else RunRecord)(run_dir, job.name, "train", config)
-        if self.rec.data["history"]:  # a resumed run that trains no further still reports its last epoch
-            self.rec.data["final"] = dict(self.rec.data["history"][-1])
         self.steps_path = run_dir / "steps.jsonl"
         self.job = job
 
     @property
     def last_epoch(self) -> int:
-        hist = self.rec.data["history"]
+        hist = self.rec.history
         return int(hist[-1]["epoch"]) if hist else 0
 
     def epoch(self, entry: dict[str, Any]) -> None:
-        data = self.rec.data
-        data["history"] = [h for h in data["history"] if h.get("epoch", 0) < entry["epoch"]]
-        data["bytes_sent"] = sum(int(h.get("bytes_sent", 0)) for h in data["history"])
-        data["dense_bytes"] = sum(int(h.get("dense_bytes", 0)) for h in data["history"])
+        kept = [h for h in self.rec.history if h.get("epoch", 0) < entry["epoch"]]
+        self.rec.replace_history(
+            kept,
+            bytes_sent=sum(int(h.get("bytes_sent", 0)) for h in kept),
+            dense_bytes=sum(int(h.get("dense_bytes", 0)) for h in kept),
+        )
         if "epsilon" in entry:
             self.rec.set_privacy(entry["epsilon"], entry.get("delta"))
         self.rec.log(entry, bytes_sent=entry["bytes_sent"], dense_bytes=entry["dense_bytes"])

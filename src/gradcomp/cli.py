@@ -50,37 +50,38 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="gradcomp.audit.run:run_audit")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gradcomp",
-        description="Distributed and federated training with gradient compression and privacy.",
-    )
-    parser.add_argument("--version", action="version", version=f"gradcomp {__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+def _add_run_options(p: argparse.ArgumentParser, ray_help: str | None, check_help: str) -> None:
+    """Options every job verb shares: --set, the Ray address (for verbs that use Ray), --runs-dir, --check."""
+    _add_overrides(p)
+    if ray_help is not None:
+        p.add_argument("--address", default=None, help=ray_help)
+    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
+    p.add_argument("--check", action="store_true", help=check_help)
 
+
+def _add_train(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("train", help="data-parallel training on Ray with compressed all-reduce")
     p.add_argument("job", help="job file (YAML), e.g. examples/digits-rtopk.yaml")
-    _add_overrides(p)
-    p.add_argument(
-        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)"
+    _add_run_options(
+        p, "Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)", "validate the job file and exit"
     )
     p.add_argument("--workers", type=int, default=None, help="override scaling.num_workers")
-    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
-    p.add_argument("--check", action="store_true", help="validate the job file and exit")
     p.add_argument("--fresh", action="store_true", help="discard runs/<name>/ (checkpoints, results) and start over")
     p.set_defaults(handler="gradcomp.worker.launch:run_train")
 
+
+def _add_serve(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("serve", help="federated-averaging coordinator (gRPC)")
     p.add_argument("--config", required=True, help="federated job file (YAML)")
-    _add_overrides(p)
+    _add_run_options(p, None, "validate the job file and exit")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 without TLS)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default from the job file)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
-    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
     p.add_argument("--resume", action="store_true", help="continue from the run directory")
-    p.add_argument("--check", action="store_true", help="validate the job file and exit")
     p.set_defaults(handler="gradcomp.server.app:run_serve")
 
+
+def _add_client(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("client", help="a federated participant")
     p.add_argument("--server", required=True, help="coordinator HOST:PORT")
     p.add_argument("--token", default=os.environ.get("GRADCOMP_TOKEN"), help="bearer token (default $GRADCOMP_TOKEN)")
@@ -95,29 +96,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")
     p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
 
+
+def _add_fedsim(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("fedsim", help="simulate many federated clients on Ray")
     p.add_argument("job", help="federated job file (YAML)")
-    _add_overrides(p)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
+    _add_run_options(p, "Ray cluster address (default: local Ray)", "validate the job file and exit")
     p.add_argument("--grpc", action="store_true", help="send updates over real gRPC on 127.0.0.1")
-    p.add_argument("--check", action="store_true", help="validate the job file and exit")
     p.set_defaults(handler="gradcomp.sim.run:run_fedsim")
 
+
+def _add_sweep(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("sweep", help="run a grid of jobs; write a table, report and plots")
     p.add_argument("sweep", help="sweep file (YAML)")
-    _add_overrides(p)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written")
-    p.add_argument("--check", action="store_true", help="validate the sweep file and exit")
+    _add_run_options(p, "Ray cluster address (default: local Ray)", "validate the sweep file and exit")
     p.set_defaults(handler="gradcomp.study.sweep:run_sweep")
 
-    _add_audit(verbs)
 
+def _add_bench(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("bench", help="run a benchmark from benchmarks/ (prints JSON + table)")
     p.add_argument("name", help="benchmark name, e.g. compress, train_digits, bandwidth")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(handler=run_bench)
+
+
+VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_train,
+    _add_serve,
+    _add_client,
+    _add_fedsim,
+    _add_sweep,
+    _add_audit,
+    _add_bench,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gradcomp` parser: one sub-command per verb, each naming its handler as 'module:function'."""
+    parser = argparse.ArgumentParser(
+        prog="gradcomp",
+        description="Distributed and federated training with gradient compression and privacy.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradcomp {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add_verb in VERBS:
+        add_verb(verbs)
     return parser
 
 

@@ -32,6 +32,13 @@ from gradcomp.server.updates import Rejected
 
 log = logging.getLogger("gradcomp.server")
 
+# The coordinator's task actions ("wait" | "train" | "done") as the wire enum.
+PULL_ACTIONS: dict[str, int] = {
+    "wait": fed_pb2.PullTaskResponse.WAIT,
+    "train": fed_pb2.PullTaskResponse.TRAIN,
+    "done": fed_pb2.PullTaskResponse.DONE,
+}
+
 REASON_CODES: dict[str, grpc.StatusCode] = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "stale_round": grpc.StatusCode.FAILED_PRECONDITION,
@@ -125,9 +132,8 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
     def PullTask(self, request: fed_pb2.PullTaskRequest, context: grpc.ServicerContext) -> fed_pb2.PullTaskResponse:
         name = self._auth(context)
         task = self.coord.task_for(name)
-        action = {"wait": 0, "train": 1, "done": 2}[task.action]
         resp = fed_pb2.PullTaskResponse(
-            action=action,
+            action=PULL_ACTIONS[task.action],
             round=task.round,
             model_version=task.model_version,
             retry_after_seconds=task.retry_after,
@@ -137,7 +143,9 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
         if task.action == "train":
             version, params = self.coord.snapshot()
             if version != task.model_version:  # a round closed in between; ask again shortly
-                return fed_pb2.PullTaskResponse(action=0, round=version + 1, retry_after_seconds=0.05)
+                return fed_pb2.PullTaskResponse(
+                    action=fed_pb2.PullTaskResponse.WAIT, round=version + 1, retry_after_seconds=0.05
+                )
             data = self.cache.get(version, params)
             assert data is not None
             resp.model_bytes = len(data)

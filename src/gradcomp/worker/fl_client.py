@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
@@ -48,6 +49,8 @@ from gradcomp.compression import Pipeline, build, to_fields
 from gradcomp.protocol.codec import deserialize_model, fields_to_pb
 from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.tasks import Task, load_task
+
+log = logging.getLogger("gradcomp.client")
 
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_MESSAGE = 256 * 1024 * 1024  # the client accepts what the coordinator's limits allow
@@ -73,6 +76,7 @@ class Backoff:
     reopen_after: float = 5.0  # seconds of UNAVAILABLE before `reopen` is called (once per stretch)
 
     def call(self, fn: Callable[[], Any], what: str, reopen: Callable[[], None] | None = None) -> Any:
+        """`fn()`, retried on transient errors until the budget is spent; `what` names the call in the log."""
         start, attempt = time.monotonic(), 0
         unavailable_since: float | None = None
         while True:
@@ -80,17 +84,25 @@ class Backoff:
                 return fn()
             except grpc.RpcError as err:
                 code, now = err.code(), time.monotonic()
-                if code not in TRANSIENT or now - start > self.budget:
+                if code not in TRANSIENT:
+                    raise
+                if now - start > self.budget:
+                    log.warning(
+                        "%s: %s for %.1f s, giving up (retry budget %.0f s)", what, code.name, now - start, self.budget
+                    )
                     raise
                 if code != grpc.StatusCode.UNAVAILABLE:
                     unavailable_since = None
                 elif unavailable_since is None:
                     unavailable_since = now
                 elif reopen is not None and now - unavailable_since > self.reopen_after:
+                    log.info("%s: unavailable for %.1f s, reopening the channel", what, now - unavailable_since)
                     reopen()  # a channel stuck in reconnect backoff (grpc/grpc#33593, #38290): start afresh
                     unavailable_since = None
                 attempt += 1
-                time.sleep(random.uniform(0, min(self.cap, self.base * 2**attempt)))
+                delay = random.uniform(0, min(self.cap, self.base * 2**attempt))
+                log.info("%s: %s, retry %d in %.2f s", what, code.name, attempt, delay)
+                time.sleep(delay)
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -222,3 +222,29 @@ def test_bad_specs_name_the_stage_and_argument(spec: object, fragment: str) -> N
 def test_compress_refuses_integer_tensors() -> None:
     with pytest.raises(TypeError, match="floating-point"):
         build("none").compress(torch.arange(4))
+
+
+def test_compress_update_clips_the_whole_update_not_each_tensor() -> None:
+    """dp's sensitivity is the whole update's norm: tensors of norm 3 and 4 come out jointly at clip 1."""
+    update = {"a": torch.full((9,), 1.0), "b": torch.full((4, 4), 1.0)}  # norms 3 and 4, together 5
+    pipe = build("dp(clip=1.0, sigma=0.0)")
+    out = {k: pipe.decompress(p) for k, p in pipe.compress_update(update).items()}
+    whole = torch.cat([t.reshape(-1) for t in out.values()])
+    assert float(whole.norm()) == pytest.approx(1.0, rel=1e-6)
+    torch.testing.assert_close(out["b"], update["b"] / 5)  # one factor for all: the direction is kept
+    per_tensor = build("dp(clip=1.0, sigma=0.0)")
+    alone = torch.cat([per_tensor.decompress(per_tensor.compress(t, key=k)).reshape(-1) for k, t in update.items()])
+    assert float(alone.norm()) == pytest.approx(2**0.5, rel=1e-6)  # what clipping per tensor would send
+
+
+def test_compress_update_noise_covers_the_joint_vector_and_selection_stays_per_key() -> None:
+    update = {"w": torch.zeros(20_000), "b": torch.zeros(100)}
+    pipe = build("randomk(ratio=0.5) | dp(clip=1.0, sigma=2.0) | ef", seed=3)
+    payloads = pipe.compress_update(update)
+    assert all(isinstance(p, Sparse) for p in payloads.values())
+    assert payloads["w"].values.numel() == 10_000 and payloads["b"].values.numel() == 50
+    assert float(payloads["w"].values.std()) == pytest.approx(2.0, rel=0.05)  # noise std sigma * clip
+    single = build("topk(ratio=0.1)", seed=1)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    again = build("topk(ratio=0.1)", seed=1)
+    torch.testing.assert_close(single.compress(x, key="k").to_dense(), again.compress_update({"k": x})["k"].to_dense())

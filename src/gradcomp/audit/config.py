@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ class AuditConfig:
     """The audit's setting; the defaults are the documented audit."""
 
     task: str = "digits-mlp"
+    task_args: dict[str, Any] = field(default_factory=dict)
     batch_sizes: tuple[int, ...] = (1, 4)
     victims: int = 8
     iterations: int = 200

@@ -45,7 +45,7 @@ def _threads(n: int) -> Iterator[None]:
 
 def audit_specs(specs: Sequence[str], config: AuditConfig = AuditConfig()) -> list[SpecAudit]:
     """Audit each spec in the same setting (model, victims); one `SpecAudit` per spec, in order."""
-    task = load_task(config.task)
+    task = load_task(config.task, **config.task_args)
     setting = make_setting(task, config.victims, config.seed)
     with _threads(1):
         return [audit_one(setting, spec, config) for spec in specs]
@@ -89,6 +89,7 @@ def audit_one(setting: Setting, spec: str, config: AuditConfig) -> SpecAudit:
         "thresholds": metrics.THRESHOLDS,
         "setup": {
             "task": config.task,
+            "task_args": config.task_args,
             "victims": len(setting.victim_ids),
             "batch_sizes": list(config.batch_sizes),
             "iterations": config.iterations,

@@ -4,7 +4,7 @@ privacy-order checks that make a spec refuse to build when it would void its gua
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +81,8 @@ class Pipeline:
         dp_at = max((i for i, s in enumerate(work_stages) if isinstance(s, DP)), default=-1)
         # EF compensates every lossy stage after the privacy stage; memory is post-noise,
         # so keeping it is post-processing and costs no privacy.
-        self._pre, self._post = work_stages[: dp_at + 1], work_stages[dp_at + 1 :]
+        self._before_dp, self._post = work_stages[: max(dp_at, 0)], work_stages[dp_at + 1 :]
+        self._dp: DP | None = work_stages[dp_at] if dp_at >= 0 else None  # type: ignore[assignment]
         self._memory: dict[str, torch.Tensor] = {}
         self._steps: dict[str, int] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -127,22 +128,42 @@ class Pipeline:
 
     def compress(self, tensor: torch.Tensor, key: str = "default") -> Payload:
         """Compress `tensor` (not modified). `key` names the error-feedback memory to use."""
-        if not tensor.is_floating_point():
-            raise TypeError(f"compression needs a floating-point tensor, got {tensor.dtype}")
-        step = self._steps.get(key, 0)
-        self._steps[key] = step + 1
-        ctx = StepContext(key, step, self._generator(tensor.device))
-        compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-        flat = tensor.detach().reshape(-1)
-        work = Work(flat.to(compute), None, flat.numel(), tensor.dtype)
-        for stage in self._pre:
-            work = stage.apply(work, ctx)
-        if self.ef:
-            work = self._with_feedback(work, ctx, key)
-        else:
-            for stage in self._post:
+        return self.compress_update({key: tensor})[key]
+
+    def compress_update(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Payload]:
+        """Compress several tensors (one per key) as one update, e.g. a model's parameters.
+
+        The dp stage clips and noises them *jointly*: its L2 (or L1) clip bounds the norm of the
+        whole update, which is the sensitivity the accountant is charged for. A dp stage run
+        per tensor would let an update of L tensors reach clip * sqrt(L). Every other stage
+        works per key, exactly as `compress` does.
+        """
+        works: dict[str, Work] = {}
+        contexts: dict[str, StepContext] = {}
+        for key, tensor in tensors.items():
+            if not tensor.is_floating_point():
+                raise TypeError(f"compression needs a floating-point tensor, got {tensor.dtype} for {key!r}")
+            step = self._steps.get(key, 0)
+            self._steps[key] = step + 1
+            contexts[key] = ctx = StepContext(key, step, self._generator(tensor.device))
+            compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+            flat = tensor.detach().reshape(-1)
+            work = Work(flat.to(compute), None, flat.numel(), tensor.dtype)
+            for stage in self._before_dp:
                 work = stage.apply(work, ctx)
-        return self._payload(work, tuple(tensor.shape), tensor.dtype)
+            works[key] = work
+        if self._dp is not None and works:
+            works = _joint(self._dp, works, next(iter(contexts.values())))
+        out = {}
+        for key, work in works.items():
+            if self.ef:
+                work = self._with_feedback(work, contexts[key], key)
+            else:
+                for stage in self._post:
+                    work = stage.apply(work, contexts[key])
+            tensor = tensors[key]
+            out[key] = self._payload(work, tuple(tensor.shape), tensor.dtype)
+        return out
 
     def _with_feedback(self, work: Work, ctx: StepContext, key: str) -> Work:
         # Length of the EF space: the full tensor, or the positions chosen before dp.
@@ -212,6 +233,19 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.spec!r}, seed={self.seed})"
+
+
+def _joint(dp: DP, works: dict[str, Work], ctx: StepContext) -> dict[str, Work]:
+    """Apply `dp` to all keys' values as one vector, then split the result back per key."""
+    dtype = torch.float64 if any(w.values.dtype == torch.float64 for w in works.values()) else torch.float32
+    joined = torch.cat([w.values.to(dtype) for w in works.values()])
+    noisy = dp.apply(Work(joined, None, joined.numel(), torch.float32), ctx).values
+    out, at = {}, 0
+    for key, w in works.items():
+        n = w.values.numel()
+        out[key] = Work(noisy[at : at + n].to(w.values.dtype), w.indices, w.numel, w.wire_dtype)
+        at += n
+    return out
 
 
 def build(spec: SpecLike, seed: int = 0) -> Pipeline:

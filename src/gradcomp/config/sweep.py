@@ -90,6 +90,28 @@ class PrivacyEntry(StrictModel):
         return self.stage is not None or bool(self.set)
 
 
+class LeakageConfig(StrictModel):
+    """The optional leakage column: `gradcomp audit` on each distinct spec (see README, Leakage audit)."""
+
+    victims: int = Field(8, ge=1, le=256)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
+    iterations: int = Field(200, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> LeakageConfig:
+        bad = [b for b in self.batch_sizes if not 1 <= b <= self.victims]
+        if bad:
+            raise ValueError(f"batch_sizes {bad} must be between 1 and victims ({self.victims})")
+        return self
+
+
+def _leakage_flag(value: Any) -> Any:
+    """`leakage: true` means the default audit, `false` none."""
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
 class SweepJob(StrictModel):
     name: Name
     base: str = Field(description="base job file, relative to the sweep file")
@@ -103,6 +125,9 @@ class SweepJob(StrictModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values")
     target_accuracy: float | None = Field(default=None, gt=0, le=1)
     baseline: str | None = Field(default=None, description="spec name of the dense baseline (default: spec 'none')")
+    leakage: Annotated[LeakageConfig | None, BeforeValidator(_leakage_flag)] = Field(
+        default=None, description="audit each distinct spec once (true, or {victims, batch_sizes, iterations})"
+    )
 
     @field_validator("grid")
     @classmethod

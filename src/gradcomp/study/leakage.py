@@ -48,7 +48,11 @@ def leakage_by_cell(cells: Sequence[Cell], cfg: LeakageConfig, root: Path) -> di
             todo[key] = (task, args, cell.full_spec)
     for key, (task, args, spec) in todo.items():
         config = AuditConfig(
-            task=task, task_args=args, batch_sizes=tuple(cfg.batch_sizes), victims=cfg.victims, iterations=cfg.iterations
+            task=task,
+            task_args=args,
+            batch_sizes=tuple(cfg.batch_sizes),
+            victims=cfg.victims,
+            iterations=cfg.iterations,
         )
         entry = audit_specs([spec], config)[0].entry
         cache[key] = {k: entry[k] for k in ("spec", *SUMMARY_KEYS)}

@@ -2,12 +2,14 @@
 
 One `PrivacyLedger` per run: record each mechanism application (noise multiplier,
 sampling rate, steps), ask epsilon at the run's delta, ask before a step whether it
-would exceed a budget, and checkpoint the ledger with the model.
+would exceed a budget, and checkpoint the ledger with the model. `ParticipationLedger`
+keeps local client-level DP's per-client figures (q = 1, each client's own releases).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from opacus.accountants import create_accountant
@@ -115,3 +117,72 @@ def _check(noise_multiplier: float, sample_rate: float) -> None:
         raise ValueError(f"noise multiplier must be >= 0, got {noise_multiplier}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sampling rate must be in (0, 1], got {sample_rate}")
+
+
+class ParticipationLedger:
+    """Per-client epsilon for local client-level DP, against the coordinator itself.
+
+    The coordinator chooses who takes part and sees each update in the clear (noised by the
+    client), so sampling amplification does not apply: a client's guarantee is the Gaussian
+    mechanism composed over its own participations, q = 1. One participation is one distinct
+    (client, round) release; a round redone after a crash re-sends the same noise (seeded by
+    client and round) and is not a new release.
+    """
+
+    def __init__(self, noise_multiplier: float, delta: float, accountant: str = "rdp", budget: float | None = None):
+        _check(noise_multiplier, 1.0)
+        self.noise_multiplier = noise_multiplier
+        self.delta = delta
+        self.kind = accountant
+        self.budget = budget
+        self.participations: dict[str, int] = {}
+        self._cache: dict[int, float] = {}
+
+    def record(self, clients: Iterable[str]) -> None:
+        """One more participation for each of `clients` (one round's released updates)."""
+        for name in set(clients):
+            self.participations[name] = self.participations.get(name, 0) + 1
+
+    def epsilon_for(self, participations: int) -> float:
+        """Epsilon of `participations` releases at q = 1 (Opacus' accountant, cached per count)."""
+        if participations not in self._cache:
+            self._cache[participations] = gaussian_epsilon(
+                self.noise_multiplier, participations, self.delta, accountant=self.kind
+            )
+        return self._cache[participations]
+
+    def epsilon(self, client: str) -> float:
+        return self.epsilon_for(self.participations.get(client, 0))
+
+    def worst(self) -> float:
+        """The largest per-client epsilon so far (0 before any participation)."""
+        return self.epsilon_for(max(self.participations.values(), default=0))
+
+    def would_exceed(self) -> bool:
+        """Whether one more participation of the most-used client would pass the budget."""
+        if self.budget is None:
+            return False
+        return self.epsilon_for(max(self.participations.values(), default=0) + 1) > self.budget
+
+    def distribution(self) -> dict[str, Any]:
+        """Per-client epsilon over the clients that took part: worst, median, least, and how many."""
+        counts = sorted(self.participations.values())
+        if not counts:
+            return {"clients": 0, "worst": 0.0, "median": 0.0, "least": 0.0}
+        return {
+            "clients": len(counts),
+            "worst": self.epsilon_for(counts[-1]),
+            "median": self.epsilon_for(counts[len(counts) // 2]),
+            "least": self.epsilon_for(counts[0]),
+            "most_participations": counts[-1],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "noise_multiplier": self.noise_multiplier,
+            "participations": dict(self.participations),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.participations = {str(k): int(v) for k, v in state["participations"].items()}

@@ -43,7 +43,7 @@ import torch
 from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
-from gradcomp.privacy import PrivacyLedger
+from gradcomp.privacy import ParticipationLedger, PrivacyLedger
 from gradcomp.server.updates import Params, Rejected, decode_update, dense_update_nbytes, model_spec, update_nbytes
 from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
 from gradcomp.strategies.central_dp import CentralDP
@@ -108,6 +108,20 @@ class RoundResult:
     entry: dict[str, Any]  # the round-log entry (also in coord.log)
 
 
+def _ledgers(job: FedJob, dp: tuple[float, float] | None) -> tuple[PrivacyLedger | None, ParticipationLedger | None]:
+    """The job's privacy ledgers: (subsampled ledger, per-client ledger in local DP).
+
+    In local DP the budget binds the per-client epsilon (the coordinator is the adversary);
+    the subsampled ledger then only reports the released-model figure.
+    """
+    if dp is None:
+        return None, None
+    p = job.privacy
+    if p.mode == "local":
+        return PrivacyLedger(p.delta, p.accountant), ParticipationLedger(dp[1], p.delta, p.accountant, p.epsilon_budget)
+    return PrivacyLedger(p.delta, p.accountant, p.epsilon_budget), None
+
+
 class Coordinator:
     """Thread-safe round bookkeeping for one federated job (see module docstring)."""
 
@@ -127,9 +141,7 @@ class Coordinator:
         self.dense_update_bytes = dense_update_nbytes(self.spec)
         self.strategy: Strategy = strategy_for_job(job)
         self.dp = job.dp_params()
-        self.ledger = (
-            PrivacyLedger(job.privacy.delta, job.privacy.accountant, job.privacy.epsilon_budget) if self.dp else None
-        )
+        self.ledger, self.client_ledger = _ledgers(job, self.dp)
         self.evaluate = evaluate
         self.checkpoint = checkpoint
         self.clock = clock
@@ -158,6 +170,9 @@ class Coordinator:
 
     @property
     def epsilon(self) -> float | None:
+        """The epsilon this job reports: per-client worst case in local DP, the ledger's otherwise."""
+        if self.client_ledger is not None:
+            return self.client_ledger.worst()
         return self.ledger.epsilon() if self.ledger else None
 
     def snapshot(self) -> tuple[int, Params]:
@@ -218,22 +233,35 @@ class Coordinator:
 
     # --- rounds ----------------------------------------------------------------------------
     def _check_budget(self, starting: bool = False) -> bool:
-        if self.ledger is None or self.dp is None or self.ledger.budget is None:
+        msg = self._budget_problem()
+        if msg is None:
             return True
-        z = self.dp[1]
-        if not self.ledger.would_exceed(z, self.job.sample_rate):
-            return True
-        spent = self.ledger.epsilon()
-        nxt = self.ledger.epsilon_after(z, self.job.sample_rate)
-        msg = (
-            f"privacy budget: one more round at noise multiplier {z} and sampling rate "
-            f"{self.job.sample_rate:g} would reach epsilon {nxt:.3f} > budget {self.ledger.budget} "
-            f"(spent {spent:.3f}, delta={self.ledger.delta:g})"
-        )
         if starting and not self.log:
             raise ValueError(f"refusing to start: {msg}")
         self._stop(BUDGET_EXHAUSTED, msg)
         return False
+
+    def _budget_problem(self) -> str | None:
+        """Why one more round would pass `privacy.epsilon_budget`, or None."""
+        if self.dp is None:
+            return None
+        z, cl = self.dp[1], self.client_ledger
+        if cl is not None:
+            if not cl.would_exceed():
+                return None
+            most = max(cl.participations.values(), default=0)
+            return (
+                f"privacy budget: one more participation of the most-selected client ({most} so far) at noise "
+                f"multiplier {z} would reach its epsilon {cl.epsilon_for(most + 1):.3f} > budget {cl.budget} "
+                f"(local DP: q = 1 against the coordinator, delta={cl.delta:g})"
+            )
+        if self.ledger is None or self.ledger.budget is None or not self.ledger.would_exceed(z, self.job.sample_rate):
+            return None
+        return (
+            f"privacy budget: one more round at noise multiplier {z} and sampling rate "
+            f"{self.job.sample_rate:g} would reach epsilon {self.ledger.epsilon_after(z, self.job.sample_rate):.3f} "
+            f"> budget {self.ledger.budget} (spent {self.ledger.epsilon():.3f}, delta={self.ledger.delta:g})"
+        )
 
     def _stop(self, status: str, reason: str) -> None:
         self.status, self.reason = status, reason
@@ -389,6 +417,29 @@ class Coordinator:
         metrics.FED_CLIENTS_SELECTED.set(len(r.selected))
         self._changed.notify_all()
 
+    def _account(self, r: RoundState) -> dict[str, Any]:
+        """Charge the round to the ledgers; the round-log fields they give.
+
+        Local DP: every client selected for the round is charged one participation (an upper bound on
+        who released an update), and `epsilon` is the worst client's; `epsilon_released_model` is the
+        amplified figure for someone who sees only the global models. Central DP: `epsilon` is the
+        subsampled Gaussian mechanism at q = m / N. Cannot raise BudgetExceeded: the same step was
+        checked when the round opened.
+        """
+        if self.ledger is None or self.dp is None:
+            return {}
+        released = self.ledger.step(self.dp[1], self.job.sample_rate)
+        out: dict[str, Any] = {"epsilon": released}
+        if self.client_ledger is not None:
+            self.client_ledger.record(r.selected | set(r.received))
+            out = {
+                "epsilon": self.client_ledger.worst(),
+                "epsilon_clients": self.client_ledger.distribution(),
+                "epsilon_released_model": released,
+            }
+        metrics.FED_EPSILON.set(out["epsilon"])
+        return out
+
     def _aggregate(self, r: RoundState, now: float) -> RoundResult:
         t0 = time.perf_counter()
         names = sorted(r.received)
@@ -397,11 +448,7 @@ class Coordinator:
         agg_seconds = time.perf_counter() - t0
         metrics.FED_AGGREGATE_SECONDS.observe(agg_seconds)
         self.version = r.number
-        epsilon = None
-        if self.ledger is not None and self.dp is not None:
-            # cannot raise BudgetExceeded: the same step was checked when the round opened
-            epsilon = self.ledger.step(self.dp[1], self.job.sample_rate)
-            metrics.FED_EPSILON.set(epsilon)
+        privacy = self._account(r)
         entry: dict[str, Any] = {
             "round": r.number,
             "clients": len(names),
@@ -424,8 +471,7 @@ class Coordinator:
                 metrics.FED_TEST_LOSS.set(ev["loss"])
             if "accuracy" in ev:
                 metrics.FED_TEST_ACCURACY.set(ev["accuracy"])
-        if epsilon is not None:
-            entry["epsilon"] = epsilon
+        entry.update(privacy)
         self.log.append(entry)
         self.totals["uplink_bytes"] += r.uplink_bytes
         self.totals["dense_bytes"] += r.dense_bytes
@@ -481,6 +527,7 @@ class Coordinator:
                 "params": {k: v.clone() for k, v in self.params.items()},
                 "strategy": self.strategy.state_dict(),
                 "ledger": self.ledger.state_dict() if self.ledger else None,
+                "client_ledger": self.client_ledger.state_dict() if self.client_ledger else None,
                 "log": [dict(e) for e in self.log],
                 "totals": dict(self.totals),
             }
@@ -497,6 +544,11 @@ class Coordinator:
             self.strategy.load_state_dict(state["strategy"])
             if self.ledger is not None and state.get("ledger"):
                 self.ledger.load_state_dict(state["ledger"])
+            if self.client_ledger is not None and state.get("client_ledger"):
+                self.client_ledger.load_state_dict(state["client_ledger"])
+            elif self.client_ledger is not None and self.version:
+                # a checkpoint without per-client counts: assume one client took part in every round
+                self.client_ledger.participations = {"(rounds before per-client counts)": self.version}
             self.log = [dict(e) for e in state.get("log", [])]
             self.totals.update(state.get("totals", {}))
             self.current = None

@@ -33,6 +33,7 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
         "reason": state["reason"],
         "strategy_scalars": strategy["scalars"],
         "ledger": state["ledger"],
+        "client_ledger": state.get("client_ledger"),
         "log": state["log"],
         "totals": state["totals"],
     }
@@ -62,6 +63,7 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         "params": pb_to_named(list(msg.model)),
         "strategy": {"tensors": pb_to_named(list(msg.strategy_state)), "scalars": meta["strategy_scalars"]},
         "ledger": meta["ledger"],
+        "client_ledger": meta.get("client_ledger"),
         "log": meta["log"],
         "totals": meta["totals"],
     }

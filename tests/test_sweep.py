@@ -224,3 +224,37 @@ def test_train_runner_sweep_trains_each_cell_on_ray(tmp_path: Path) -> None:
     assert int(rows["none"]["uplink_bytes"]) > 30 * int(rows["rtopk+ef"]["uplink_bytes"])
     assert "epochs to 0.5" in (out / "report.md").read_text()
     _png_ok(out / "accuracy_over_epochs.png")
+
+
+def test_leakage_column_audits_each_distinct_spec_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradcomp.study import leakage as leakage_mod
+
+    audited: list[str] = []
+    real_audit = leakage_mod.audit_specs
+
+    def counting(specs, config):  # type: ignore[no-untyped-def]
+        audited.extend(specs)
+        return real_audit(specs, config)
+
+    monkeypatch.setattr(leakage_mod, "audit_specs", counting)
+    local = {"name": "ldp", "stage": "dp(clip=1.0, sigma=0.5)", "set": {"privacy": {"mode": "local"}}}
+    path = _write(
+        tmp_path,
+        set={"rounds": 1},
+        specs=["none"],
+        privacy=[{"name": "non-private"}, local],
+        seeds=[0, 1],
+        leakage={"victims": 4, "batch_sizes": [1], "iterations": 20},
+    )
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
+    assert len(audited) == 2 and "none" in audited and audited[1].startswith("dp(clip=1.0, sigma=0.5")  # 4 cells
+    out = tmp_path / "runs" / "tiny"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    verdicts = {r["privacy"]: (r["leakage"], float(r["leak_reidentification"])) for r in rows}
+    assert verdicts["non-private"] == ("leaks", 1.0)
+    assert verdicts["ldp"][0] == "resists" and verdicts["ldp"][1] <= 0.2
+    report = (out / "report.md").read_text()
+    assert "leakage (audit)" in report and "leaks (re-id 1.00" in report and "not a proof of privacy" in report
+    audited.clear()
+    assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
+    assert audited == []  # cached in leakage.json

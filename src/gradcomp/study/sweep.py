@@ -24,6 +24,7 @@ from gradcomp.results import atomic_write_json, human_bytes
 from gradcomp.study import plots
 from gradcomp.study.analysis import curve, summarize
 from gradcomp.study.cells import Cell, CellStore, expand, load_base
+from gradcomp.study.leakage import leakage_by_cell
 from gradcomp.study.report import Row, write_csv, write_report
 from gradcomp.study.runners import RUNNERS
 
@@ -68,11 +69,18 @@ def _baseline_setting(sweep: SweepJob, rows: list[Row]) -> str | None:
 
 
 def write_outputs(
-    sweep: SweepJob, store: CellStore, cells: list[Cell], command: str, with_plots: bool = True
+    sweep: SweepJob,
+    store: CellStore,
+    cells: list[Cell],
+    command: str,
+    with_plots: bool = True,
+    leakage: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """results.csv, the three plots and report.md from whatever cells have finished (plots are the slow
-    part, so progress updates between cells skip them)."""
+    part, so progress updates between cells skip them); `leakage` (cell id -> audit figures) adds that column."""
     rows = [_row(store, c, sweep) for c in cells]
+    for row in rows:
+        row.leakage = (leakage or {}).get(row.cell)
     baseline = _baseline_setting(sweep, rows)
     groups: dict[str, plots.Group] = {}
     for cell, row in zip(cells, rows, strict=True):
@@ -145,7 +153,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         ["gradcomp sweep", shlex.quote(str(args.sweep)), *sets, "--runs-dir", shlex.quote(str(args.runs_dir))]
     )
     failures = run_cells(sweep, cells, store, command, args.address, console)
-    paths = write_outputs(sweep, store, cells, command)
+    leakage = None
+    if sweep.leakage is not None:
+        console.print(f"auditing leakage of {len({c.full_spec for c in cells})} distinct spec(s) (gradcomp audit)")
+        leakage = leakage_by_cell(cells, sweep.leakage, store.root)
+    paths = write_outputs(sweep, store, cells, command, leakage=leakage)
     console.print(f"wrote {paths['csv']}, {paths['report']} and plots in {store.root}")
     console.print(_tail_table(paths["report"]))
     return 1 if failures else 0

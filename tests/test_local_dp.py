@@ -116,23 +116,22 @@ def test_a_local_dp_fedsim_run_reports_at_least_one_participations_epsilon(tmp_p
     """End to end (in-process fedsim): the printed epsilon is the per-client figure, q = 1."""
     import json
 
-    import yaml
-
     from gradcomp.cli import main
 
-    job = {
-        "name": "local-dp",
-        "task": {"name": "digits-mlp"},
-        "rounds": 2,
-        "clients": {"expected": 10},
-        "round": {"fraction": 0.3, "min_clients": 2, "deadline_seconds": 10},
-        "local": {"epochs": 1, "batch_size": 32, "lr": 0.1},
-        "compression": "rtopk(ratio=0.1, r=0.3) | ef",
-        "privacy": {"mode": "local", "clip": 1.0, "noise_multiplier": SIGMA, "delta": DELTA},
-        "simulation": {"partition": "iid", "actors": 0},
-    }
     path = tmp_path / "fed.yaml"
-    path.write_text(yaml.safe_dump(job))
+    path.write_text(
+        f"""
+name: local-dp
+task: digits-mlp
+rounds: 2
+clients: {{expected: 10}}
+round: {{fraction: 0.3, min_clients: 2, deadline_seconds: 10}}
+local: {{epochs: 1, batch_size: 32, lr: 0.1}}
+compression: "rtopk(ratio=0.1, r=0.3) | ef"
+privacy: {{mode: local, clip: 1.0, noise_multiplier: {SIGMA}, delta: {DELTA}}}
+simulation: {{partition: iid, actors: 0}}
+"""
+    )
     assert main(["fedsim", str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
     res = json.loads((tmp_path / "runs" / "local-dp" / "results.json").read_text())
     one = gaussian_epsilon(SIGMA, 1, DELTA)

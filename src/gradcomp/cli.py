@@ -67,6 +67,11 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=None, help="override scaling.num_workers")
     p.add_argument("--fresh", action="store_true", help="discard runs/<name>/ (checkpoints, results) and start over")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve training metrics at :PORT/metrics (0: any)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics (default 127.0.0.1)")
+    p.add_argument(
+        "--metrics-linger", type=float, default=0.0, metavar="SECONDS", help="keep /metrics up this long after the run"
+    )
     p.set_defaults(handler="gradcomp.worker.launch:run_train")
 
 

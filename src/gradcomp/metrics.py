@@ -6,10 +6,13 @@ durations in `_seconds`, labels only with a small fixed set of values (never a c
 `REGISTRY` is a dedicated `CollectorRegistry` (not prometheus_client's global one), so
 importing gradcomp never collides with an application's own metrics and tests can read a
 value with `value("gradcomp_fed_updates_accepted_total")`. `serve(port, host)` exposes it
-over HTTP at /metrics.
+over HTTP at /metrics; `start(port, host)` does the same and can be closed again.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -94,6 +97,56 @@ FED_RPCS = Counter(
     registry=REGISTRY,
 )  # fmt: skip
 
+# --- data-parallel training (gradcomp train; set on the driver from the workers' progress events) ---
+# Labels: `run` (the job name) and, for what each worker measures itself, `rank` (0..workers-1).
+TRAIN_RANK_LABELS = ("run", "rank")
+TRAIN_STEPS = Counter("gradcomp_train_steps", "Optimizer steps taken", TRAIN_RANK_LABELS, registry=REGISTRY)
+TRAIN_EXAMPLES = Counter(
+    "gradcomp_train_examples", "Training examples processed (steps x batch_size)", TRAIN_RANK_LABELS, registry=REGISTRY
+)
+TRAIN_BYTES_SENT = Counter(
+    "gradcomp_train_bytes_sent", "Gradient bytes this rank sent in collectives (compressed)", TRAIN_RANK_LABELS,
+    registry=REGISTRY,
+)  # fmt: skip
+TRAIN_DENSE_BYTES = Counter(
+    "gradcomp_train_dense_bytes",
+    "What the same steps would have sent uncompressed (dense all-reduce of the gradient)",
+    TRAIN_RANK_LABELS,
+    registry=REGISTRY,
+)
+TRAIN_COMPRESSION_RATIO = Gauge(
+    "gradcomp_train_compression_ratio", "Dense-equivalent / sent bytes of the last step", TRAIN_RANK_LABELS,
+    registry=REGISTRY,
+)  # fmt: skip
+TRAIN_STEP_SECONDS = Histogram(
+    "gradcomp_train_step_duration_seconds",
+    "Time of one training step: forward, backward, compressed collectives, optimizer",
+    TRAIN_RANK_LABELS,
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+TRAIN_LOSS = Gauge(
+    "gradcomp_train_loss", "Training loss of the last step's minibatch on this rank", TRAIN_RANK_LABELS,
+    registry=REGISTRY,
+)  # fmt: skip
+TRAIN_EPOCH = Gauge("gradcomp_train_epoch", "Epochs completed", ["run"], registry=REGISTRY)
+TRAIN_TEST_ACCURACY = Gauge(
+    "gradcomp_train_test_accuracy", "Test accuracy at the last evaluation (0..1)", ["run"], registry=REGISTRY
+)
+TRAIN_TEST_LOSS = Gauge("gradcomp_train_test_loss", "Test loss at the last evaluation", ["run"], registry=REGISTRY)
+TRAIN_LEARNING_RATE = Gauge(
+    "gradcomp_train_learning_rate", "Learning rate after the last step (schedule applied)", ["run"], registry=REGISTRY
+)
+TRAIN_EPSILON = Gauge(
+    "gradcomp_train_privacy_epsilon",
+    "Example-level epsilon spent (at the job's dp.delta); exported only when DP is on",
+    ["run"],
+    registry=REGISTRY,
+)
+TRAIN_RESTORES = Counter(
+    "gradcomp_train_restores", "Times the workers restarted from a checkpoint", ["run"], registry=REGISTRY
+)
+
 for _reason in REJECT_REASONS:  # export every reason at 0 so dashboards and rate() see them from the start
     FED_UPDATES_REJECTED.labels(reason=_reason)
 
@@ -109,7 +162,26 @@ def metric_names() -> list[str]:
     return sorted(m.name + "_total" if m.type == "counter" else m.name for m in REGISTRY.collect())
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A running /metrics server: the port it bound and how to stop it."""
+
+    port: int
+    close: Callable[[], None]
+
+
+def start(port: int, host: str = "127.0.0.1") -> Endpoint:
+    """Expose REGISTRY at http://host:port/metrics in a daemon thread (port 0: any free port)."""
+    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+
+    def close() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return Endpoint(int(server.server_address[1]), close)
+
+
 def serve(port: int, host: str = "127.0.0.1") -> int:
-    """Expose REGISTRY at http://host:port/metrics in a daemon thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    return int(server.server_address[1])
+    """Expose REGISTRY at http://host:port/metrics for the life of the process; returns the bound port."""
+    return start(port, host).port

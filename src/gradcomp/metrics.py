@@ -102,7 +102,10 @@ FED_RPCS = Counter(
 TRAIN_RANK_LABELS = ("run", "rank")
 TRAIN_STEPS = Counter("gradcomp_train_steps", "Optimizer steps taken", TRAIN_RANK_LABELS, registry=REGISTRY)
 TRAIN_EXAMPLES = Counter(
-    "gradcomp_train_examples", "Training examples processed (steps x batch_size)", TRAIN_RANK_LABELS, registry=REGISTRY
+    "gradcomp_train_examples",
+    "Training examples processed (DP-SGD's Poisson batches vary in size)",
+    TRAIN_RANK_LABELS,
+    registry=REGISTRY,
 )
 TRAIN_BYTES_SENT = Counter(
     "gradcomp_train_bytes_sent", "Gradient bytes this rank sent in collectives (compressed)", TRAIN_RANK_LABELS,

@@ -25,6 +25,7 @@ from gradcomp.config.common import ConfigError, load_job
 from gradcomp.config.train import TrainJob
 from gradcomp.raycluster import cluster_address, connect
 from gradcomp.results import RunRecord, human_bytes, print_summary, strict_json
+from gradcomp.worker.train_metrics import exported
 
 
 def load_train_job(path: str, overrides: list[str] | None = None, workers: int | None = None) -> TrainJob:
@@ -188,8 +189,11 @@ def run_train(args: argparse.Namespace) -> int:
     if getattr(args, "fresh", False) and run_dir.exists():
         shutil.rmtree(run_dir)
     _check_resumable(run_dir, job)
-    results = train(job, run_dir, info, address=getattr(args, "address", None))
-    print_summary(results)
+    port, host = getattr(args, "metrics_port", None), getattr(args, "metrics_host", "127.0.0.1")
+    world, linger = job.scaling.num_workers, getattr(args, "metrics_linger", 0.0)
+    with exported(job.name, world, job.batch_size, port, host, linger) as observe:
+        results = train(job, run_dir, info, address=getattr(args, "address", None), observe=observe)
+        print_summary(results)
     return 0 if results["final"].get("status") == "finished" else 1
 
 
@@ -199,11 +203,13 @@ def train(
     info: dict[str, Any],
     address: str | None = None,
     before_step: Callable[[int, int], None] | None = None,
+    observe: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the job on Ray Train and return the results dict (also written to results.json).
 
     `before_step(global_step, rank)` runs on every worker before each step (see `loop.Session`):
-    tests inject worker faults with it; `gradcomp train` never passes one.
+    tests inject worker faults with it; `gradcomp train` never passes one. `observe` sees every
+    rank's progress events (the training metrics, see worker/train_metrics.py).
     """
     from ray.util.queue import Queue
 
@@ -217,7 +223,7 @@ def train(
         with Display(info["total_steps"], f"train {job.name}") as display:
             _announce(job, recorder, display)
             fit.thread.start()
-            progress = _follow(queue, fit.thread, recorder, display)
+            progress = _follow(queue, fit.thread, recorder, display, observe)
             fit.thread.join()
     finally:  # also on Ctrl-C: the queue is an actor that would outlive the run on a shared cluster
         queue.shutdown()
@@ -286,8 +292,15 @@ def _announce(job: TrainJob, recorder: Recorder, display: Display) -> None:
         display.line(f"resuming run {job.name!r}: {recorder.last_epoch} epoch(s) already recorded")
 
 
-def _follow(queue: Any, thread: threading.Thread, recorder: Recorder, display: Display) -> _Progress:
-    """Drain the workers' event queue into the display and results files until the fit ends."""
+def _follow(
+    queue: Any,
+    thread: threading.Thread,
+    recorder: Recorder,
+    display: Display,
+    observe: Callable[[dict[str, Any]], None] | None = None,
+) -> _Progress:
+    """Drain the workers' event queue into the display and results files (rank 0's events) and
+    `observe` (every rank's) until the fit ends."""
     from ray.util.queue import Empty
 
     progress = _Progress()
@@ -300,6 +313,10 @@ def _follow(queue: Any, thread: threading.Thread, recorder: Recorder, display: D
                 return progress
             continue
         events = message.get("events", [])
+        if observe is not None:
+            for e in events:
+                observe(e)
+        events = [e for e in events if e.get("rank", 0) == 0]
         for e in events:
             _on_event(e, recorder, display, progress)
         recorder.steps([e for e in events if e.get("type") == "step"])

@@ -216,8 +216,7 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tu
         seen = len(y)
         loss_sum = loss * seen if seen else 0.0
         totals += torch.tensor([loss_sum, traffic.bytes_sent, traffic.dense_bytes, 1.0, seen], dtype=torch.float64)
-        if session.rank == 0:
-            _log_step(run, epoch, global_step, loss, traffic, dt)
+        _log_step(run, epoch, global_step, loss, traffic, dt, seen)
         # the epoch's last step is checkpointed by `_end_epoch` (if at all)
         if every_steps and global_step % every_steps == 0 and step + 1 < run.steps_per_epoch:
             _report(run, {"epoch": epoch, "step": global_step}, epoch, step + 1, global_step)
@@ -255,14 +254,19 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     return loss
 
 
-def _log_step(run: _Run, epoch: int, global_step: int, loss: float, traffic: StepTraffic, seconds: float) -> None:
-    """Queue rank 0's step event (loss, bytes, ratio, time, lr) for the launcher."""
+def _log_step(
+    run: _Run, epoch: int, global_step: int, loss: float, traffic: StepTraffic, seconds: float, examples: int
+) -> None:
+    """Queue this rank's step event (loss, examples, bytes, ratio, time, lr) for the launcher: rank 0's
+    drive the display and steps.jsonl, every rank's feed the per-rank training metrics."""
     run.session.events.append(
         {
             "type": "step",
+            "rank": run.session.rank,
             "epoch": epoch,
             "step": global_step,
             "loss": loss,
+            "examples": examples,
             "bytes_sent": traffic.bytes_sent,
             "dense_bytes": traffic.dense_bytes,
             "compression_ratio": round(traffic.ratio, 3),
@@ -302,7 +306,7 @@ def _end_epoch(
         entry["delta"] = dp.cfg.delta
     if session.rank == 0:
         session.events.append({"type": "epoch", **entry})
-        _flush(session, force=True)
+    _flush(session, force=True)  # every rank: its last steps reach the launcher before the run can end
     every = job.checkpoint.every_epochs
     save = bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == job.epochs)
     if save:

@@ -56,7 +56,7 @@ class TrainMetrics:
     def _step(self, e: dict[str, Any]) -> None:
         labels = {"run": self.run, "rank": str(e.get("rank", 0))}
         metrics.TRAIN_STEPS.labels(**labels).inc()
-        metrics.TRAIN_EXAMPLES.labels(**labels).inc(self.batch_size)
+        metrics.TRAIN_EXAMPLES.labels(**labels).inc(e.get("examples", self.batch_size))  # DP batches vary
         metrics.TRAIN_BYTES_SENT.labels(**labels).inc(e["bytes_sent"])
         metrics.TRAIN_DENSE_BYTES.labels(**labels).inc(e["dense_bytes"])
         metrics.TRAIN_COMPRESSION_RATIO.labels(**labels).set(e["compression_ratio"])
@@ -89,7 +89,10 @@ def exported(
         yield None
         return
     observer = TrainMetrics(run, world, batch_size)
-    endpoint = metrics.start(port, host)
+    try:
+        endpoint = metrics.start(port, host)
+    except OSError as err:  # in use, or not an address of this machine: a user error, before Ray starts
+        raise ValueError(f"--metrics-port {port}: cannot serve on {host}: {err.strerror or err}") from None
     print(f"gradcomp train: metrics on http://{host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
     try:
         yield observer.observe

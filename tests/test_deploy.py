@@ -484,6 +484,15 @@ def test_metric_names_and_labels_in_dashboard_and_rules_exist() -> None:
         "gradcomp_fed_privacy_epsilon",
         "gradcomp_fed_updates_rejected_total",
         "gradcomp_fed_round_duration_seconds_bucket",
+        "gradcomp_train_examples_total",
+        "gradcomp_train_bytes_sent_total",
+        "gradcomp_train_dense_bytes_total",
+        "gradcomp_train_step_duration_seconds_bucket",
+        "gradcomp_train_loss",
+        "gradcomp_train_test_accuracy",
+        "gradcomp_train_privacy_epsilon",
+        "gradcomp_train_learning_rate",
+        "gradcomp_train_restores_total",
     ):
         assert needed in seen, f"the dashboard/rules never show {needed}"
 
@@ -511,12 +520,20 @@ def test_prometheus_configs_scrape_the_coordinator_and_ray() -> None:
     for name in ("prometheus.yml", "prometheus-k8s.yml"):
         cfg = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
         jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
-        assert {"gradcomp-coordinator", "ray"} <= set(jobs), name
+        assert {"gradcomp-coordinator", "gradcomp-train", "ray"} <= set(jobs), name
         for rule_file in cfg["rule_files"]:
             assert (DEPLOY / "prometheus" / rule_file).resolve() == rules_file.resolve()
     local = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     coordinator = next(j for j in local["scrape_configs"] if j["job_name"] == "gradcomp-coordinator")
     assert coordinator["static_configs"][0]["targets"][0].endswith(":9100")
+    train_job = next(j for j in local["scrape_configs"] if j["job_name"] == "gradcomp-train")
+    assert train_job["static_configs"][0]["targets"][0].endswith(":9101")
+    # KubeRay: the train RayJob's driver serves :9101 on the head pod's port named "train-metrics"
+    rayjob = load_docs(DEPLOY / "kuberay" / "rayjob-train.yaml")[0]
+    args = build_parser().parse_args(shlex.split(rayjob["spec"]["entrypoint"])[1:])
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "train-metrics", "containerPort": args.metrics_port} in head["ports"]
+    assert args.metrics_host == "0.0.0.0"
     ray_job = next(j for j in local["scrape_configs"] if j["job_name"] == "ray")
     from ray._private import ray_constants
 

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from gradcomp import metrics
 from gradcomp.cli import main
 from gradcomp.raycluster import connect
 from gradcomp.worker.launch import describe, load_train_job, train
+from gradcomp.worker.train_metrics import TrainMetrics
 
 pytestmark = pytest.mark.ray
 
@@ -71,7 +73,8 @@ def local_ray():  # type: ignore[no-untyped-def]
 def _train_with_fault(job_path: Path, runs: Path, fault: KillRank1) -> dict[str, Any]:
     """What `gradcomp train JOB --runs-dir RUNS` does, with a fault injected into the workers."""
     job = load_train_job(str(job_path))
-    return train(job, runs / job.name, describe(job), before_step=fault)
+    observe = TrainMetrics(job.name, job.scaling.num_workers, job.batch_size).observe  # as --metrics-port does
+    return train(job, runs / job.name, describe(job), before_step=fault, observe=observe)
 
 
 def _write_job(tmp_path: Path, name: str, **changes: Any) -> Path:
@@ -108,6 +111,20 @@ def test_rtopk_ef_trains_digits_well_above_chance(crashed_run: dict[str, Any]) -
     steps = [json.loads(line) for line in (crashed_run["runs"] / "crash" / "steps.jsonl").read_text().splitlines()]
     assert all(s["compression_ratio"] > 30 for s in steps)
     assert {s["step"] for s in steps} == set(range(1, 6 * 44 + 1))
+
+
+def test_training_metrics_follow_the_run(crashed_run: dict[str, Any]) -> None:
+    """The driver's Prometheus metrics saw every rank's steps, the restore and the evaluations."""
+    final, run = crashed_run["results"]["final"], {"run": "crash"}
+    assert metrics.value("gradcomp_train_restores_total", run) == final["restores"] == 1
+    assert metrics.value("gradcomp_train_test_accuracy", run) == final["test_accuracy"]
+    assert metrics.value("gradcomp_train_epoch", run) == 6
+    for rank in ("0", "1"):  # steps replayed after the restore were sent again, so they count again
+        labels = {**run, "rank": rank}
+        assert metrics.value("gradcomp_train_steps_total", labels) >= 6 * 44
+        sent = metrics.value("gradcomp_train_bytes_sent_total", labels)
+        assert metrics.value("gradcomp_train_dense_bytes_total", labels) / sent > 30
+    assert metrics.REGISTRY.get_sample_value("gradcomp_train_privacy_epsilon", run) is None  # no DP
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(crashed_run: dict[str, Any]) -> None:

@@ -6,12 +6,16 @@ durations in `_seconds`, labels only with a small fixed set of values (never a c
 `REGISTRY` is a dedicated `CollectorRegistry` (not prometheus_client's global one), so
 importing gradcomp never collides with an application's own metrics and tests can read a
 value with `value("gradcomp_fed_updates_accepted_total")`. `serve(port, host)` exposes it
-over HTTP at /metrics; `start(port, host)` does the same and can be closed again.
+over HTTP at /metrics; `start(port, host)` does the same and can be closed again; `exposed(...)`
+serves it for the length of a `with` block (gradcomp train and fedsim).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -188,3 +192,29 @@ def start(port: int, host: str = "127.0.0.1") -> Endpoint:
 def serve(port: int, host: str = "127.0.0.1") -> int:
     """Expose REGISTRY at http://host:port/metrics for the life of the process; returns the bound port."""
     return start(port, host).port
+
+
+@contextmanager
+def exposed(
+    port: int | None, host: str = "127.0.0.1", linger: float = 0.0, who: str = "gradcomp"
+) -> Iterator[int | None]:
+    """Serve REGISTRY while the block runs; yields the bound port (None, and nothing served, if port is None).
+
+    After a normal end the endpoint stays up `linger` seconds, so that Prometheus scrapes the
+    final values of a short run. A port that cannot be bound is a ValueError (a user error).
+    """
+    if port is None:
+        yield None
+        return
+    try:
+        endpoint = start(port, host)
+    except OSError as err:  # in use, or not an address of this machine
+        raise ValueError(f"--metrics-port {port}: cannot serve on {host}: {err.strerror or err}") from None
+    print(f"{who}: metrics on http://{host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
+    try:
+        yield endpoint.port
+        if linger > 0:
+            print(f"{who}: /metrics stays up {linger:g} s", file=sys.stderr, flush=True)
+            time.sleep(linger)
+    finally:
+        endpoint.close()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradcomp import metrics
 from gradcomp.config.common import ConfigError, apply_overrides, load_yaml, validate
 from gradcomp.config.fed import FedJob, SimulationConfig
 from gradcomp.partition import partition, skew_summary
@@ -139,7 +140,12 @@ def run_fedsim(args: argparse.Namespace) -> int:
         )
         return 0
     address, show = getattr(args, "address", None), getattr(args, "progress", True)
-    return simulate(job, Path(args.runs_dir), address=address, show=show)
+    port = getattr(args, "metrics_port", None)
+    if port is not None:  # served here for both modes, not (also) by the --grpc mode's coordinator
+        job.server.metrics_port = None
+    # The coordinator updates gradcomp.metrics in process, exactly as under `gradcomp serve`.
+    with metrics.exposed(port, linger=job.server.metrics_linger_seconds, who="gradcomp fedsim"):
+        return simulate(job, Path(args.runs_dir), address=address, show=show)
 
 
 def simulate(job: FedJob, runs_dir: Path, *, address: str | None = None, show: bool = True) -> int:

@@ -12,8 +12,6 @@ prefix them with `ray_`).
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,24 +78,7 @@ class TrainMetrics:
 def exported(
     run: str, world: int, batch_size: int, port: int | None, host: str, linger: float
 ) -> Iterator[Observer | None]:
-    """Serve the run's metrics at http://host:port/metrics while the block runs (nothing if port is None).
-
-    Yields the event observer to hand to the launcher. After a normal end the endpoint stays up
-    `linger` seconds, so that Prometheus scrapes the final values of a short run.
-    """
-    if port is None:
-        yield None
-        return
-    observer = TrainMetrics(run, world, batch_size)
-    try:
-        endpoint = metrics.start(port, host)
-    except OSError as err:  # in use, or not an address of this machine: a user error, before Ray starts
-        raise ValueError(f"--metrics-port {port}: cannot serve on {host}: {err.strerror or err}") from None
-    print(f"gradcomp train: metrics on http://{host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
-    try:
-        yield observer.observe
-        if linger > 0:
-            print(f"gradcomp train: /metrics stays up {linger:g} s", file=sys.stderr, flush=True)
-            time.sleep(linger)
-    finally:
-        endpoint.close()
+    """Serve the run's metrics at http://host:port/metrics while the block runs (nothing if port is None);
+    yields the event observer to hand to the launcher. See `metrics.exposed` for `linger`."""
+    with metrics.exposed(port, host, linger, who="gradcomp train") as bound:
+        yield None if bound is None else TrainMetrics(run, world, batch_size).observe

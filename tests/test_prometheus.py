@@ -2,12 +2,12 @@
 
 `promtool` checks the configs and rules. The end-to-end test starts Prometheus on 127.0.0.1
 (its own temp dir, a free port, 1 s scrape and rule intervals) with deploy/prometheus/prometheus.yml's
-scrape jobs pointed at live targets: a `gradcomp serve` coordinator with one `gradcomp client`,
-a `gradcomp train` run (DP-SGD, so epsilon is exported) on a local Ray whose metrics agent
-exports the node metrics. After two scrapes of every target it queries Prometheus' HTTP API
-for every expression of the Grafana dashboard and of rules.yml and asserts each returns a
-series. `.ci/run` installs the package with apt when it is missing; the tests skip only where
-it could not be installed.
+scrape jobs pointed at live targets: a `gradcomp serve` coordinator with one `gradcomp client`
+(examples/fed-digits-dp.yaml), a `gradcomp train` run (examples/digits-dp.yaml: DP-SGD, so epsilon
+is exported) on a local Ray whose metrics agent exports the node metrics. After two scrapes of
+every target it queries Prometheus' HTTP API for every expression of the Grafana dashboard and of
+rules.yml and asserts each returns a series. `.ci/run` installs the package with apt when it is
+missing; the tests skip only where it could not be installed.
 """
 
 from __future__ import annotations
@@ -182,42 +182,12 @@ def wait_for(what: str, check: Any, procs: list[subprocess.Popen[Any]], timeout:
         time.sleep(0.5)
 
 
-def write_fed_job(tmp: Path) -> Path:
-    job = {
-        "name": "prom-fed",
-        "task": {"name": "digits-mlp"},
-        "rounds": 2,
-        "clients": {"expected": 1, "min": 1},
-        "round": {"min_clients": 1, "deadline_seconds": 60},
-        "local": {"epochs": 1, "batch_size": 32, "lr": 0.1},
-        "compression": "rtopk(ratio=0.1, r=0.3) | ef",
-        "privacy": {"mode": "local", "clip": 2.0, "noise_multiplier": 0.3, "delta": 1e-5},
-        # metrics_linger_seconds: /metrics stays up after the 2 rounds until the test stops it
-        "server": {"port": 0, "metrics_port": 0, "heartbeat_seconds": 2, "linger_seconds": 1,
-                   "metrics_linger_seconds": 600},
-    }  # fmt: skip
-    path = tmp / "fed.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
-def write_train_job(tmp: Path) -> Path:
-    """DP-SGD with random-k + error feedback, many epochs: it trains until the test stops it."""
-    job = {
-        "name": TRAIN_RUN,
-        "task": "digits-mlp",
-        "seed": 0,
-        "epochs": 1000,
-        "batch_size": 64,
-        "optimizer": {"name": "momentum", "lr": 0.5, "momentum": 0.5},
-        "compression": ["randomk(ratio=0.1, seed=1)", "ef"],
-        "dp": {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"every_epochs": 0},
-    }
-    path = tmp / "train.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+# The example job files, made small (coordinator) or endless (training: it runs until the test stops it).
+FED_ARGS = ["--config", str(ROOT / "examples" / "fed-digits-dp.yaml"), "--set", "rounds=2", "--set", "local.epochs=1"]
+FED_ARGS += [f"--set={k}=1" for k in ("clients.expected", "clients.min", "round.min_clients", "server.linger_seconds")]
+FED_ARGS += ["--set=server.port=0", "--set=server.metrics_port=0", "--set=server.metrics_linger_seconds=600"]
+TRAIN_ARGS = [str(ROOT / "examples" / "digits-dp.yaml"), f"--set=name={TRAIN_RUN}", "--set=epochs=1000"]
+TRAIN_ARGS += ["--set=checkpoint.every_epochs=0"]
 
 
 def prometheus_config(tmp: Path, targets: dict[str, str]) -> Path:
@@ -285,15 +255,14 @@ def live_stack(tmp_path: Path, local_ray_with_metrics: tuple[str, int]) -> Itera
         return procs[-1]
 
     try:
-        serve = start("serve", [*CLI, "serve", "--config", str(write_fed_job(tmp_path)), "--runs-dir", str(runs)])
-        endpoint = runs / "prom-fed" / "endpoint.json"
+        serve = start("serve", [*CLI, "serve", *FED_ARGS, "--runs-dir", str(runs)])
+        endpoint = runs / "fed-digits-dp" / "endpoint.json"
         wait_for("the coordinator's endpoint.json", endpoint.is_file, [serve], 120, logs)
         ports = json.loads(endpoint.read_text())
         start("client", [*CLI, "client", "--server", f"127.0.0.1:{ports['port']}", "--token", TOKEN, "--quiet"])
         train_port = free_port()
-        train_job = str(write_train_job(tmp_path))
-        train_argv = ["train", train_job, "--address", gcs, "--runs-dir", str(runs), "--metrics-port", str(train_port)]
-        stack["train"] = start("train", [*CLI, *train_argv])
+        train_argv = ["--address", gcs, "--runs-dir", str(runs), "--metrics-port", str(train_port)]
+        stack["train"] = start("train", [*CLI, "train", *TRAIN_ARGS, *train_argv])
         targets = {
             "gradcomp-coordinator": f"127.0.0.1:{ports['metrics_port']}",
             "gradcomp-train": f"127.0.0.1:{train_port}",

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -101,58 +102,47 @@ FED_RPCS = Counter(
     registry=REGISTRY,
 )  # fmt: skip
 
+
 # --- data-parallel training (gradcomp train; set on the driver from the workers' progress events) ---
 # Labels: `run` (the job name) and, for what each worker measures itself, `rank` (0..workers-1).
-TRAIN_RANK_LABELS = ("run", "rank")
-TRAIN_STEPS = Counter("gradcomp_train_steps", "Optimizer steps taken", TRAIN_RANK_LABELS, registry=REGISTRY)
-TRAIN_EXAMPLES = Counter(
-    "gradcomp_train_examples",
-    "Training examples processed (DP-SGD's Poisson batches vary in size)",
-    TRAIN_RANK_LABELS,
-    registry=REGISTRY,
+def _per_rank(kind: type, name: str, doc: str, **kw: Any) -> Any:
+    return kind(name, doc, ("run", "rank"), registry=REGISTRY, **kw)
+
+
+def _per_run(kind: type, name: str, doc: str) -> Any:
+    return kind(name, doc, ("run",), registry=REGISTRY)
+
+
+TRAIN_STEPS = _per_rank(Counter, "gradcomp_train_steps", "Optimizer steps taken")
+TRAIN_EXAMPLES = _per_rank(
+    Counter, "gradcomp_train_examples", "Training examples processed (DP-SGD's Poisson batches vary in size)"
 )
-TRAIN_BYTES_SENT = Counter(
-    "gradcomp_train_bytes_sent", "Gradient bytes this rank sent in collectives (compressed)", TRAIN_RANK_LABELS,
-    registry=REGISTRY,
-)  # fmt: skip
-TRAIN_DENSE_BYTES = Counter(
-    "gradcomp_train_dense_bytes",
-    "What the same steps would have sent uncompressed (dense all-reduce of the gradient)",
-    TRAIN_RANK_LABELS,
-    registry=REGISTRY,
+TRAIN_BYTES_SENT = _per_rank(
+    Counter, "gradcomp_train_bytes_sent", "Gradient bytes this rank sent in collectives (compressed)"
 )
-TRAIN_COMPRESSION_RATIO = Gauge(
-    "gradcomp_train_compression_ratio", "Dense-equivalent / sent bytes of the last step", TRAIN_RANK_LABELS,
-    registry=REGISTRY,
-)  # fmt: skip
-TRAIN_STEP_SECONDS = Histogram(
+TRAIN_DENSE_BYTES = _per_rank(
+    Counter, "gradcomp_train_dense_bytes", "What the same steps would have sent with dense all-reduce"
+)
+TRAIN_COMPRESSION_RATIO = _per_rank(
+    Gauge, "gradcomp_train_compression_ratio", "Dense-equivalent / sent bytes of the last step"
+)
+TRAIN_STEP_SECONDS = _per_rank(
+    Histogram,
     "gradcomp_train_step_duration_seconds",
     "Time of one training step: forward, backward, compressed collectives, optimizer",
-    TRAIN_RANK_LABELS,
     buckets=_DURATION_BUCKETS,
-    registry=REGISTRY,
 )
-TRAIN_LOSS = Gauge(
-    "gradcomp_train_loss", "Training loss of the last step's minibatch on this rank", TRAIN_RANK_LABELS,
-    registry=REGISTRY,
-)  # fmt: skip
-TRAIN_EPOCH = Gauge("gradcomp_train_epoch", "Epochs completed", ["run"], registry=REGISTRY)
-TRAIN_TEST_ACCURACY = Gauge(
-    "gradcomp_train_test_accuracy", "Test accuracy at the last evaluation (0..1)", ["run"], registry=REGISTRY
+TRAIN_LOSS = _per_rank(Gauge, "gradcomp_train_loss", "Training loss of the last step's minibatch on this rank")
+TRAIN_EPOCH = _per_run(Gauge, "gradcomp_train_epoch", "Epochs completed")
+TRAIN_TEST_ACCURACY = _per_run(Gauge, "gradcomp_train_test_accuracy", "Test accuracy at the last evaluation (0..1)")
+TRAIN_TEST_LOSS = _per_run(Gauge, "gradcomp_train_test_loss", "Test loss at the last evaluation")
+TRAIN_LEARNING_RATE = _per_run(
+    Gauge, "gradcomp_train_learning_rate", "Learning rate after the last step (schedule applied)"
 )
-TRAIN_TEST_LOSS = Gauge("gradcomp_train_test_loss", "Test loss at the last evaluation", ["run"], registry=REGISTRY)
-TRAIN_LEARNING_RATE = Gauge(
-    "gradcomp_train_learning_rate", "Learning rate after the last step (schedule applied)", ["run"], registry=REGISTRY
+TRAIN_EPSILON = _per_run(
+    Gauge, "gradcomp_train_privacy_epsilon", "Example-level epsilon spent (at dp.delta); exported only with DP"
 )
-TRAIN_EPSILON = Gauge(
-    "gradcomp_train_privacy_epsilon",
-    "Example-level epsilon spent (at the job's dp.delta); exported only when DP is on",
-    ["run"],
-    registry=REGISTRY,
-)
-TRAIN_RESTORES = Counter(
-    "gradcomp_train_restores", "Times the workers restarted from a checkpoint", ["run"], registry=REGISTRY
-)
+TRAIN_RESTORES = _per_run(Counter, "gradcomp_train_restores", "Times the workers restarted from a checkpoint")
 
 for _reason in REJECT_REASONS:  # export every reason at 0 so dashboards and rate() see them from the start
     FED_UPDATES_REJECTED.labels(reason=_reason)

@@ -107,6 +107,7 @@ def _add_fedsim(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("job", help="federated job file (YAML)")
     _add_run_options(p, "Ray cluster address (default: local Ray)", "validate the job file and exit")
     p.add_argument("--grpc", action="store_true", help="send updates over real gRPC on 127.0.0.1")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve the coordinator's metrics at :PORT/metrics")
     p.set_defaults(handler="gradcomp.sim.run:run_fedsim")
 
 

@@ -108,6 +108,11 @@ class StragglerSection(StrictModel):
     mean_seconds: float = Field(0.0, ge=0, description="mean extra delay of a straggler's update")
 
 
+def _on_off(value: object) -> object:
+    """YAML reads a bare on/off as a boolean; take it back as the word."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class SimulationConfig(StrictModel):
     """`gradcomp fedsim` only (ignored by `gradcomp serve`): many virtual clients on a Ray actor pool."""
 
@@ -126,6 +131,11 @@ class SimulationConfig(StrictModel):
     actors: int | None = Field(None, ge=0, description="Ray actors (default one per CPU); 0 runs in the driver")
     grpc: bool = Field(False, description="send updates over real gRPC on 127.0.0.1 to the coordinator service")
     eval_every: int = Field(1, ge=1, description="evaluate the global model every this many rounds")
+    vectorize: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
+        "auto",
+        description="train each round's clients together with torch.func (vmap over stacked parameters): "
+        "auto falls back to one client at a time for models that cannot (batch norm, dropout), on refuses them",
+    )
 
 
 class FedJob(StrictModel):

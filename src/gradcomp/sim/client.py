@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradcomp.compression import build
+from gradcomp.compression.pipeline import Pipeline, parse_spec
 from gradcomp.protocol.codec import deserialize_model
+from gradcomp.sim.cohort import CohortClient, CohortTrainer, why_not_vectorizable
+from gradcomp.sim.local_sgd import SGDConfig, train_one
 from gradcomp.sim.wire import update_request
 
 
@@ -52,10 +54,16 @@ class LocalConfig:
     batch_size: int
     lr: float
     momentum: float
+    vectorize: str = "auto"  # auto | on | off: train a cohort with torch.func (sim/cohort.py)
 
 
 class LocalTrainer:
-    """Runs clients' local training for one job; reused across thousands of clients."""
+    """Runs clients' local training for one job; reused across thousands of clients.
+
+    `run_many` trains a cohort vectorised (sim/cohort.py) when the job allows it
+    (`LocalConfig.vectorize`: auto | on | off) and one client after another otherwise;
+    `vectorized` says which, `fallback` why not.
+    """
 
     def __init__(self, cfg: LocalConfig, threads: int = 1):
         from gradcomp.tasks import load_task
@@ -66,8 +74,18 @@ class LocalTrainer:
         self.x, self.y = _tensors(task.train_set)
         self.model: nn.Module = task.make_model()
         self.names = [k for k, v in self.model.state_dict().items() if v.is_floating_point()]
+        self.sgd = SGDConfig(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum)
+        self.stages = parse_spec(cfg.spec)  # parsed once; a Pipeline per client holds its state
         self._version: int | None = None
         self._global: dict[str, torch.Tensor] = {}
+        self.fallback = why_not_vectorizable(self.model) if cfg.vectorize != "off" else "simulation.vectorize is off"
+        if cfg.vectorize == "on" and self.fallback is not None:
+            raise ValueError(f"simulation.vectorize is on, but {self.fallback}")
+        self.cohort = CohortTrainer(self.model, self.x, self.y, self.sgd) if self.fallback is None else None
+
+    @property
+    def vectorized(self) -> bool:
+        return self.cohort is not None
 
     def _load_global(self, version: int, model: bytes) -> None:
         """Decode the global model (a serialised `ModelWeights`) once per version per actor."""
@@ -78,54 +96,61 @@ class LocalTrainer:
             self._global, self._version = params, version
 
     def run(self, job: ClientJob, model: bytes) -> ClientResult:
+        """Train one client on its own (the sequential path)."""
         t0 = time.perf_counter()
         self._load_global(job.model_version, model)
-        cfg = self.cfg
-        model = self.model
-        model.load_state_dict(self._global, strict=False)
-        model.train()
-        gen = torch.Generator().manual_seed(job.seed)
+        self.model.load_state_dict(self._global, strict=False)
         idx = torch.from_numpy(job.indices.astype(np.int64))
-        x, y = self.x[idx], self.y[idx]
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        loss_sum, batches = 0.0, 0
-        for _ in range(cfg.epochs):
-            order = torch.randperm(idx.numel(), generator=gen)
-            for start in range(0, idx.numel(), cfg.batch_size):
-                b = order[start : start + cfg.batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(x[b]), y[b])
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item()
-                batches += 1
-        local = model.state_dict()
-        pipe = build(cfg.spec, seed=job.seed)
-        if pipe.ef:
-            # randomk positions follow (seed, key, step): step = round, so all clients of a round agree.
-            state = {"steps": dict.fromkeys(self.names, job.round), "memory": _unflatten(job.ef, self._global)}
-            pipe.load_state_dict(state)
-        else:
-            pipe.load_state_dict({"steps": dict.fromkeys(self.names, job.round)})
-        payloads = {k: pipe.compress((local[k] - self._global[k]).float(), key=k) for k in self.names}
-        ef = _flatten(pipe, self.names, self._global) if pipe.ef else None
+        local, loss, _ = train_one(self.model, self.x[idx], self.y[idx], self.sgd, job.seed)
+        return self._finish(job, local, loss, time.perf_counter() - t0)
+
+    def run_many(self, jobs: list[ClientJob], model: bytes) -> list[ClientResult]:
+        """Train a cohort (all on the same model version); results in job order."""
+        if self.cohort is None or not jobs:
+            return [self.run(job, model) for job in jobs]
+        t0 = time.perf_counter()
+        versions = {job.model_version for job in jobs}
+        if len(versions) != 1:
+            raise ValueError(f"a cohort trains on one model version, got {sorted(versions)}")
+        self._load_global(versions.pop(), model)
+        start = {k: v for k, v in self.model.state_dict().items() if k not in self._global} | self._global
+        trained = self.cohort.train(start, [CohortClient(job.indices, job.seed) for job in jobs])
+        share = (time.perf_counter() - t0) / len(jobs)
+        return [self._finish(job, t.params, t.train_loss, share) for job, t in zip(jobs, trained, strict=True)]
+
+    def _finish(self, job: ClientJob, local: dict[str, torch.Tensor], loss: float, seconds: float) -> ClientResult:
+        """Update = local - global, compressed with the client's error feedback, as request bytes."""
+        t0 = time.perf_counter()
+        pipe = Pipeline(self.stages, seed=job.seed)
+        steps = dict.fromkeys(self.names, job.round)
+        # randomk positions follow (seed, key, step): step = round, so all clients of a round agree.
+        pipe.load_state_dict(
+            {"steps": steps, "memory": _unflatten(job.ef, self._global)} if pipe.ef else {"steps": steps}
+        )
+        payloads = {
+            k: pipe.compress(
+                (local[k] - self._global[k]).float() if k in local else torch.zeros_like(self._global[k]), key=k
+            )
+            for k in self.names
+        }
+        seconds += time.perf_counter() - t0
         request = update_request(
             client_id=f"sim-{job.cid}",
             round=job.round,
             model_version=job.model_version,
-            num_examples=int(idx.numel()),
+            num_examples=int(job.indices.size),
             payloads=payloads,
-            metrics={"train_loss": loss_sum / max(batches, 1), "train_seconds": time.perf_counter() - t0},
+            metrics={"train_loss": loss, "train_seconds": seconds},
         )
         return ClientResult(
             cid=job.cid,
             round=job.round,
             request=request,
             payload_bytes=sum(p.nbytes for p in payloads.values()),
-            num_examples=int(idx.numel()),
-            ef=ef,
-            train_loss=loss_sum / max(batches, 1),
-            seconds=time.perf_counter() - t0,
+            num_examples=int(job.indices.size),
+            ef=_flatten(pipe, self.names, self._global) if pipe.ef else None,
+            train_loss=loss,
+            seconds=seconds,
         )
 
 

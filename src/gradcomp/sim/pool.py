@@ -1,9 +1,13 @@
 """Where clients' local training runs: a bounded pool of Ray actors (one per CPU by default), or
-the driver itself (`simulation.actors: 0`, no Ray; handy for debugging and small tests).
+the driver itself (`simulation.actors: 0`, no Ray).
 
-An actor holds the task's data and one model, never a client's state: each call brings a
-`ClientJob` and the serialised global model (put in the object store once per version) and
-returns a `ClientResult`. The pool size, not the number of clients, bounds memory and CPU.
+An actor holds the task's data and one model, never a client's state. A round's cohort is
+cut into one chunk per actor (`split_cohort`, balanced by shard size); each call brings a
+chunk of `ClientJob`s and a reference to the serialised global model (put in the object
+store once per version, decoded once per version in each actor), and returns the chunk's
+`ClientResult`s with their request bytes already built. So a round costs one call per
+actor, not one per client, and the actors train their chunks vectorised when the model
+allows it. The pool size, not the number of clients, bounds memory and CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ def peak_rss_bytes() -> int:
 
 class ClientPool(Protocol):
     size: int
+    vectorized: bool  # cohorts are trained with torch.func (sim/cohort.py), not one client at a time
 
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
         """Train every job on the model of `version`; results in job order."""
@@ -40,8 +45,12 @@ class LocalPool:
         self.trainer = LocalTrainer(cfg, threads=1)
         self.size = 1
 
+    @property
+    def vectorized(self) -> bool:
+        return self.trainer.vectorized
+
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
-        return [self.trainer.run(job, model) for job in jobs]
+        return self.trainer.run_many(jobs, model)
 
     def peak_rss(self) -> list[int]:
         return []  # the driver's own peak covers it
@@ -56,27 +65,40 @@ class _Runner:
     def __init__(self, cfg: LocalConfig):
         self.trainer = LocalTrainer(cfg, threads=1)
 
-    def run(self, job: ClientJob, model: bytes) -> ClientResult:
-        return self.trainer.run(job, model)
+    def run_many(self, jobs: list[ClientJob], model: bytes) -> list[ClientResult]:
+        return self.trainer.run_many(jobs, model)
+
+    def vectorized(self) -> bool:
+        return self.trainer.vectorized
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
 
 
+def split_cohort(jobs: list[ClientJob], parts: int) -> list[list[int]]:
+    """Positions of `jobs` per chunk: largest shards first, each to the chunk with the least work so far."""
+    chunks: list[list[int]] = [[] for _ in range(min(parts, len(jobs)))]
+    load = [0] * len(chunks)
+    for pos in sorted(range(len(jobs)), key=lambda i: -jobs[i].indices.size):
+        least = load.index(min(load))
+        chunks[least].append(pos)
+        load[least] += jobs[pos].indices.size
+    return [sorted(c) for c in chunks]
+
+
 class RayPool:
-    """A fixed set of actors fed through `ray.util.ActorPool`: a client runs as soon as an actor is free."""
+    """A fixed set of actors; every round sends each actor one chunk of the cohort."""
 
     def __init__(self, cfg: LocalConfig, actors: int):
         import ray
-        from ray.util import ActorPool
 
         if actors < 1:
             raise ValueError(f"a Ray pool needs at least one actor, got {actors}")
         remote = ray.remote(num_cpus=1)(_Runner)
         self.actors = [remote.remote(cfg) for _ in range(actors)]
-        self.pool = ActorPool(self.actors)
         self.size = actors
         self._model_ref: tuple[int, object] | None = None
+        self.vectorized = bool(ray.get(self.actors[0].vectorized.remote()))
 
     def _model(self, model: bytes, version: int) -> object:
         import ray
@@ -86,14 +108,16 @@ class RayPool:
         return self._model_ref[1]
 
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
+        import ray
+
         ref = self._model(model, version)
-        for job in jobs:
-            self.pool.submit(lambda actor, j: actor.run.remote(j, ref), job)
-        out: list[ClientResult] = []
-        while self.pool.has_next():
-            out.append(self.pool.get_next_unordered())
-        order = {j.cid: i for i, j in enumerate(jobs)}
-        return sorted(out, key=lambda r: order[r.cid])
+        chunks = split_cohort(jobs, self.size)
+        calls = [a.run_many.remote([jobs[i] for i in c], ref) for a, c in zip(self.actors, chunks, strict=False)]
+        out: list[ClientResult | None] = [None] * len(jobs)
+        for chunk, results in zip(chunks, ray.get(calls), strict=True):
+            for pos, res in zip(chunk, results, strict=True):
+                out[pos] = res
+        return [r for r in out if r is not None]
 
     def peak_rss(self) -> list[int]:
         import ray

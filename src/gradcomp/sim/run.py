@@ -67,6 +67,7 @@ def local_config(job: FedJob) -> LocalConfig:
         batch_size=job.local.batch_size,
         lr=job.local.lr,
         momentum=job.local.momentum,
+        vectorize=(job.simulation or SimulationConfig()).vectorize,
     )
 
 
@@ -233,6 +234,7 @@ def _run_in_process(job: FedJob, runs_dir: Path, *, address: str | None, show: b
             "dropped_total": totals["dropped"],
             "late_total": totals["late"],
             "actors": sim.pool.size if sim_cfg.actors != 0 else 0,
+            "vectorized": bool(getattr(sim.pool, "vectorized", False)),
             "peak_rss_driver_bytes": rss[0],
             "peak_rss_actors_bytes": int(np.sum(rss[1:])) if len(rss) > 1 else 0,
             "client_state_bytes": sim.clients.nbytes(),

@@ -1,0 +1,180 @@
+"""Vectorised local training: a round's clients trained together with `torch.func`.
+
+Every client of a cohort runs the same model on its own shard with its own SGD state, so
+their local steps can run side by side: the clients' parameters are stacked along a new
+leading dimension and one `vmap(grad(functional_call(...)))` computes every client's
+gradient at once. Each client must take exactly the steps it would take alone:
+
+- batch order: `client_batches` is the one shuffling rule, used by the sequential path too
+  (one `torch.randperm` per epoch from a generator seeded with the client's seed);
+- unequal shards: clients are padded to the cohort's step count and batch size; a padded
+  row has loss weight 0 and a padded step has learning rate 0, so it changes nothing;
+- the mean loss of a partial batch is a weighted sum with weight 1/len(batch) per real row.
+
+The result equals the sequential path's within float rounding (tests/test_cohort.py).
+Clients are grouped by shard size first (`plan_groups`), so one big client does not make a
+hundred small ones run its step count.
+
+Models whose training is not a pure function of (params, batch) cannot run this way:
+batch-norm running statistics are updated in place, dropout draws from the global RNG in a
+different order. `why_not_vectorizable` names the reason and the caller trains sequentially.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradcomp.sim.cohort_step import StepCache, sgd_step_fn
+from gradcomp.sim.local_sgd import SGDConfig, client_batches, num_steps
+
+# Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
+MAX_GROUP_FLOATS = 32 * 1024 * 1024
+# What starting one more group costs, in steps of per-step overhead.
+GROUP_COST_STEPS = 8
+
+
+@dataclass
+class CohortClient:
+    """One client of a cohort: its shard (indices into the task's train set) and its seed."""
+
+    indices: np.ndarray
+    seed: int
+
+
+@dataclass
+class TrainedClient:
+    params: dict[str, torch.Tensor]  # the client's trainable parameters after local training
+    train_loss: float  # mean of the batch losses, as the sequential path reports it
+    steps: int
+
+
+def why_not_vectorizable(model: nn.Module) -> str | None:
+    """Why this model cannot be trained vectorised (None: it can)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            return f"{name or 'model'} ({type(module).__name__}) updates running statistics in place"
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name or 'model'} ({type(module).__name__}) draws random masks in a different order"
+    if any(b.is_floating_point() for b in model.buffers()):
+        return "the model has floating-point buffers, which training may change in place"
+    return None
+
+
+def plan_groups(sizes: Sequence[int], cfg: SGDConfig, num_params: int) -> list[list[int]]:
+    """Split a cohort into groups of similar shard size (positions into `sizes`).
+
+    Cost model of a group: steps x (fixed per-step overhead + rows computed), rows being the
+    padded clients x padded batch, plus a fixed cost per group (a new group is more steps
+    and maybe a new shape to trace). The overhead is counted in rows, about 5e5 / parameters:
+    large models are compute-bound, small ones overhead-bound. Solved exactly by dynamic
+    programming over the clients sorted by size, with groups capped at MAX_GROUP_FLOATS.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    n = len(order)
+    overhead = 5e5 / max(num_params, 1)
+    cap = max(1, MAX_GROUP_FLOATS // max(num_params, 1))
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - cap), end):
+            big = sizes[order[start]]  # the largest shard of the group sets its steps and batch
+            rows = bucket(end - start) * bucket(big, cfg.batch_size)
+            cost = num_steps(big, cfg) * (overhead + rows) + GROUP_COST_STEPS * overhead
+            if best[start] + cost < best[end]:
+                best[end], cut[end] = best[start] + cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+# Padded group sizes: a group of n clients runs as the next of these, so few shapes recur.
+SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket(n: int, limit: int | None = None) -> int:
+    """The padded size for n: the next bucket (or power of two above the table), at most `limit`."""
+    n = int(n) if limit is None else min(int(n), limit)
+    b = next((s for s in SIZE_BUCKETS if s >= n), 1 << (n - 1).bit_length())
+    return b if limit is None else min(b, limit)
+
+
+@dataclass
+class _Schedule:
+    """A group's padded batches: example index, loss weight per row; learning-rate mask per step.
+
+    Groups are padded to `bucket` sizes (dummy clients have weight 0 and never step), so the
+    step's shapes repeat from round to round and its traced graph is reused.
+    """
+
+    index: torch.Tensor  # [steps, clients, batch] int64 positions in the train set
+    weight: torch.Tensor  # [steps, clients, batch] 1/len(batch) for real rows, 0 for padding
+    active: torch.Tensor  # [steps, clients] 1.0 where the client takes this step
+    steps: list[int]
+
+
+def _schedule(clients: Sequence[CohortClient], cfg: SGDConfig) -> _Schedule:
+    sizes = [c.indices.size for c in clients]
+    steps = [num_steps(n, cfg) for n in sizes]
+    width, rows = bucket(max(sizes), cfg.batch_size), bucket(len(clients))
+    index = torch.zeros(max(steps), rows, width, dtype=torch.int64)
+    weight = torch.zeros(max(steps), rows, width)
+    active = torch.zeros(max(steps), rows)
+    for c, client in enumerate(clients):
+        shard = torch.from_numpy(client.indices.astype(np.int64))
+        for s, batch in enumerate(client_batches(shard.numel(), cfg, client.seed)):
+            index[s, c, : batch.numel()] = shard[batch]
+            weight[s, c, : batch.numel()] = 1.0 / batch.numel()
+        active[: steps[c], c] = 1.0
+    return _Schedule(index, weight, active, steps)
+
+
+class CohortTrainer:
+    """Trains cohorts of clients of one model on one train set (see module docstring)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SGDConfig):
+        reason = why_not_vectorizable(model)
+        if reason is not None:
+            raise ValueError(f"cannot train this model vectorised: {reason}")
+        self.x, self.y, self.cfg = x, y, cfg
+        self.trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+        self.fixed = [k for k in model.state_dict() if k not in self.trainable]
+        self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
+        self.step = StepCache(sgd_step_fn(model, self.trainable, self.fixed, cfg.lr, cfg.momentum))
+
+    def train(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
+        """Train every client from the parameters `start`; results in the order of `clients`."""
+        out: list[TrainedClient | None] = [None] * len(clients)
+        sizes = [c.indices.size for c in clients]
+        for group in plan_groups(sizes, self.cfg, self.num_params):
+            for pos, trained in zip(group, self._train_group(start, [clients[i] for i in group]), strict=True):
+                out[pos] = trained
+        return [t for t in out if t is not None]
+
+    @torch.no_grad()
+    def _train_group(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
+        sched = _schedule(clients, self.cfg)
+        rows = sched.active.shape[1]
+        frozen = [start[k] for k in self.fixed]
+        params = [start[k].detach().unsqueeze(0).repeat(rows, *([1] * start[k].dim())) for k in self.trainable]
+        buffers = [torch.zeros_like(p) for p in params] if self.cfg.momentum else []
+        xs, ys = self.x[sched.index], self.y[sched.index]
+        loss_sum = torch.zeros(rows)
+        for s in range(sched.index.shape[0]):
+            params, buffers, loss = self.step(params, buffers, frozen, xs[s], ys[s], sched.weight[s], sched.active[s])
+            loss_sum.add_(loss)
+        return [
+            TrainedClient(
+                {k: p[c] for k, p in zip(self.trainable, params, strict=True)},
+                float(loss_sum[c]) / sched.steps[c],
+                sched.steps[c],
+            )
+            for c in range(len(clients))
+        ]

@@ -1,6 +1,6 @@
 """Anchor benchmark (issue 16): gradcomp's federated simulator against pfl-research and Flower.
 
-    python benchmarks/fl_anchors.py --install-only
+python benchmarks/fl_anchors.py --install-only
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def ensure_anchor(name: str) -> tuple[Path | None, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--install-only", action="store_true")
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     for name in ANCHORS:
-        python, message = ensure_anchor(name)
+        _, message = ensure_anchor(name)
         print(f"{name}: {message}", file=sys.stderr)
     return 0
 

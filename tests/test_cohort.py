@@ -12,10 +12,10 @@ import yaml
 from torch import nn
 
 from gradcomp.cli import main
+from gradcomp.partition import partition
 from gradcomp.sim.client import LocalConfig, LocalTrainer
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, bucket, plan_groups, why_not_vectorizable
 from gradcomp.sim.local_sgd import SGDConfig, num_steps, train_one
-from gradcomp.sim.partition import partition
 from gradcomp.sim.pool import split_cohort
 from gradcomp.sim.run import build_simulation, load_fedsim_job
 from gradcomp.sim.state import client_seed

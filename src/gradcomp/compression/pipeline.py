@@ -13,8 +13,10 @@ from gradcomp.compression.payload import Dense, Payload, Sparse, index_dtype_for
 from gradcomp.compression.spec import PrivacyOrderError, SpecError, split_stages
 from gradcomp.compression.stages import (
     DP,
+    Chooser,
     ErrorFeedback,
     NoneStage,
+    PowerSGD,
     RandomK,
     Stage,
     StepContext,
@@ -36,6 +38,12 @@ def check_order(stages: list[Stage]) -> None:
     names = [s.name for s in stages]
     if any(isinstance(s, NoneStage) for s in stages) and len(stages) > 1:
         raise SpecError(f"'none' means no compression and must stand alone, got {' | '.join(names)}")
+    if any(isinstance(s, PowerSGD) for s in stages) and len(stages) > 1:
+        raise SpecError(
+            f"'powersgd' runs torch's PowerSGD hook, which keeps its own error feedback "
+            f"(powersgd(error_feedback=true)) and sends its own low-rank factors, so it must stand "
+            f"alone, got {' | '.join(names)}"
+        )
     for role, what in (
         ("select", "selection stage (topk, randomk, rtopk)"),
         ("privacy", "dp stage"),
@@ -97,9 +105,28 @@ class Pipeline:
         return next((s for s in self.stages if s.role == "select"), None)
 
     @property
+    def leader(self) -> bool:
+        """True when one rank per step picks the positions for all (`share=leader`)."""
+        return bool(getattr(self.selection, "leader", False))
+
+    @property
     def shared_indices(self) -> bool:
-        """True when every worker picks the same positions in a step (seeded randomk)."""
-        return isinstance(self.selection, RandomK)
+        """True when every worker uses the same positions in a step (seeded randomk, leader mode)."""
+        return isinstance(self.selection, RandomK) or self.leader
+
+    @property
+    def lowrank(self) -> PowerSGD | None:
+        """The `powersgd` stage, when this spec runs torch's PowerSGD hook instead of stages."""
+        return next((s for s in self.stages if isinstance(s, PowerSGD)), None)
+
+    @property
+    def collective_only(self) -> str | None:
+        """Why this spec needs a data-parallel collective (None when it works on any tensor)."""
+        if self.lowrank is not None:
+            return "'powersgd' compresses DDP gradient buckets through torch's hook"
+        if self.leader:
+            return "share=leader needs the ranks of a collective to agree on one rank's positions"
+        return None
 
     @property
     def dp(self) -> DP | None:
@@ -126,11 +153,15 @@ class Pipeline:
             self._generators[str(device)] = gen
         return gen
 
-    def compress(self, tensor: torch.Tensor, key: str = "default") -> Payload:
-        """Compress `tensor` (not modified). `key` names the error-feedback memory to use."""
-        return self.compress_update({key: tensor})[key]
+    def compress(self, tensor: torch.Tensor, key: str = "default", choose: Chooser | None = None) -> Payload:
+        """Compress `tensor` (not modified). `key` names the error-feedback memory to use.
 
-    def compress_update(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Payload]:
+        `choose` (leader mode, given by the collective) agrees the step's positions across
+        ranks; it is called once, after error feedback, with k and this rank's own selection.
+        """
+        return self.compress_update({key: tensor}, choose)[key]
+
+    def compress_update(self, tensors: Mapping[str, torch.Tensor], choose: Chooser | None = None) -> dict[str, Payload]:
         """Compress several tensors (one per key) as one update, e.g. a model's parameters.
 
         The dp stage clips and noises them *jointly*: its L2 (or L1) clip bounds the norm of the
@@ -138,6 +169,8 @@ class Pipeline:
         per tensor would let an update of L tensors reach clip * sqrt(L). Every other stage
         works per key, exactly as `compress` does.
         """
+        if self.lowrank is not None:
+            raise SpecError(f"{self.collective_only}; it has no per-tensor compress")
         works: dict[str, Work] = {}
         contexts: dict[str, StepContext] = {}
         for key, tensor in tensors.items():
@@ -145,7 +178,7 @@ class Pipeline:
                 raise TypeError(f"compression needs a floating-point tensor, got {tensor.dtype} for {key!r}")
             step = self._steps.get(key, 0)
             self._steps[key] = step + 1
-            contexts[key] = ctx = StepContext(key, step, self._generator(tensor.device))
+            contexts[key] = ctx = StepContext(key, step, self._generator(tensor.device), choose)
             compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
             flat = tensor.detach().reshape(-1)
             work = Work(flat.to(compute), None, flat.numel(), tensor.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,13 +30,21 @@ class Work:
     wire_dtype: torch.dtype
 
 
+# Leader mode: given k and a thunk computing this rank's own selection, return the positions
+# every rank uses this step (the leader computes and broadcasts them; the others receive).
+Chooser = Callable[[int, Callable[[], torch.Tensor]], torch.Tensor]
+SHARE_MODES = ("gather", "leader")
+
+
 @dataclass
 class StepContext:
-    """Per-call facts a stage may use: which memory key, its step count, the pipeline's RNG."""
+    """Per-call facts a stage may use: which memory key, its step count, the pipeline's RNG,
+    and (leader mode, inside a collective) how positions are agreed on."""
 
     key: str
     step: int
     generator: torch.Generator
+    choose: Chooser | None = None
 
 
 def keep_count(ratio: float, n: int) -> int:
@@ -59,11 +68,18 @@ class Stage:
         return n
 
     def to_spec(self) -> str:
-        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        fields = [f for f in dataclasses.fields(self) if not self._is_quiet(f)]  # type: ignore[arg-type]
         if not fields:
             return self.name
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
         return f"{self.name}({args})".replace("'", "")
+
+    def _is_quiet(self, f: dataclasses.Field[Any]) -> bool:
+        """Arguments added after specs were in use are left out of `to_spec` at their default,
+        so existing specs (and the runs keyed by them) keep their normalised text."""
+        return f.name in self.quiet and getattr(self, f.name) == f.default
+
+    quiet: ClassVar[tuple[str, ...]] = ()
 
     def _fail(self, arg: str, problem: str) -> None:
         raise SpecError(f"stage {self.name!r}: argument {arg!r} {problem}")
@@ -85,25 +101,56 @@ class NoneStage(Stage):
     role: ClassVar[str] = "identity"
 
 
-@dataclass
-class TopK(Stage):
-    """Keep the k = ratio * n largest-magnitude values."""
+class _Sparsifier(Stage):
+    """A data-dependent selection with two ways to share it (`share`):
+
+    - `gather` (default, as in the rTop-k paper): every rank keeps its own positions, and
+      the collective gathers every rank's (position, value) pairs;
+    - `leader`: one rank per step (rotating) selects on its error-compensated input and its
+      positions are used by all (cyclic local top-k, ScaleCom), so values can be all-reduced.
+    """
 
     ratio: float
-    name: ClassVar[str] = "topk"
+    share: str
     role: ClassVar[str] = "select"
     data_dependent: ClassVar[bool] = True
+    quiet: ClassVar[tuple[str, ...]] = ("share",)
 
     def check(self) -> None:
         self._ratio("ratio")
+        if self.share not in SHARE_MODES:
+            self._fail("share", f"must be one of {', '.join(SHARE_MODES)}, got {self.share!r}")
 
     def kept(self, n: int) -> int:
         return keep_count(self.ratio, n)
 
+    @property
+    def leader(self) -> bool:
+        return self.share == "leader"
+
+    def select(self, values: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """This rank's own choice of positions (int64) in `values`."""
+        raise NotImplementedError
+
     def apply(self, work: Work, ctx: StepContext) -> Work:
         _dense_only(self, work)
-        idx = top_magnitude(work.values, self.kept(work.numel), ctx.generator)
+        if self.leader and ctx.choose is not None:
+            idx = ctx.choose(self.kept(work.numel), lambda: self.select(work.values, ctx)).long()
+        else:  # gather mode, or no collective (a lone rank leads itself)
+            idx = self.select(work.values, ctx)
         return Work(work.values.index_select(0, idx), idx, work.numel, work.wire_dtype)
+
+
+@dataclass
+class TopK(_Sparsifier):
+    """Keep the k = ratio * n largest-magnitude values."""
+
+    ratio: float
+    share: str = "gather"
+    name: ClassVar[str] = "topk"
+
+    def select(self, values: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return top_magnitude(values, self.kept(values.numel()), ctx.generator)
 
 
 @dataclass
@@ -133,32 +180,26 @@ class RandomK(Stage):
 
 
 @dataclass
-class RTopK(Stage):
+class RTopK(_Sparsifier):
     """rTop-k: the r * n largest magnitudes, then k = ratio * n of those uniformly at random."""
 
     ratio: float
     r: float
+    share: str = "gather"
     name: ClassVar[str] = "rtopk"
-    role: ClassVar[str] = "select"
-    data_dependent: ClassVar[bool] = True
 
     def check(self) -> None:
-        self._ratio("ratio")
+        super().check()
         self._ratio("r")
         if self.r < self.ratio:
             self._fail("r", f"({self.r}) must be >= ratio ({self.ratio}): k values are drawn from the top r")
 
-    def kept(self, n: int) -> int:
-        return keep_count(self.ratio, n)
-
-    def apply(self, work: Work, ctx: StepContext) -> Work:
-        _dense_only(self, work)
-        n = work.numel
+    def select(self, values: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        n = values.numel()
         k = self.kept(n)
-        top = top_magnitude(work.values, max(k, keep_count(self.r, n)), ctx.generator)
+        top = top_magnitude(values, max(k, keep_count(self.r, n)), ctx.generator)
         pick = random_subset(top.numel(), k, ctx.generator, top.device)
-        idx = top.index_select(0, pick)
-        return Work(work.values.index_select(0, idx), idx, n, work.wire_dtype)
+        return top.index_select(0, pick)
 
 
 @dataclass
@@ -247,6 +288,45 @@ class BF16(Cast):
 
 
 @dataclass
+class PowerSGD(Stage):
+    """Marker for torch's PowerSGD DDP hook (rank-r factors P and Q, each all-reduced).
+
+    Not a per-tensor stage: the worker hands whole DDP buckets to torch's own
+    `powerSGD_hook` and `PowerSGDState`, which keep their error feedback, warm start and
+    dense first `start_iter` steps. Arguments map one to one onto `PowerSGDState`:
+    rank -> matrix_approximation_rank, start_iter -> start_powerSGD_iter,
+    min_rate -> min_compression_rate, error_feedback -> use_error_feedback,
+    warm_start -> warm_start, seed -> random_seed.
+    """
+
+    rank: int = 1
+    start_iter: int = 2
+    min_rate: float = 2.0
+    error_feedback: bool = True
+    warm_start: bool = True
+    seed: int = 0
+    name: ClassVar[str] = "powersgd"
+    role: ClassVar[str] = "lowrank"
+
+    def check(self) -> None:
+        if self.rank < 1:
+            self._fail("rank", f"must be >= 1, got {self.rank}")
+        if self.min_rate <= 0 or not math.isfinite(self.min_rate):
+            self._fail("min_rate", f"must be a positive number, got {self.min_rate}")
+        if self.start_iter < 0:
+            self._fail("start_iter", f"must be >= 0, got {self.start_iter}")
+        if (self.error_feedback or self.warm_start) and self.start_iter < 2:
+            self._fail(
+                "start_iter",
+                f"must be >= 2 with error_feedback or warm_start (torch's PowerSGD runs them only after "
+                f"DDP's first two iterations), got {self.start_iter}",
+            )
+
+    def apply(self, work: Work, ctx: StepContext) -> Work:
+        raise SpecError("'powersgd' compresses whole DDP buckets through torch's hook; it has no per-tensor form")
+
+
+@dataclass
 class ErrorFeedback(Stage):
     """Marker: the pipeline keeps the residual per key and adds it to the next input."""
 
@@ -255,10 +335,29 @@ class ErrorFeedback(Stage):
 
 
 STAGES: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (NoneStage, TopK, RandomK, RTopK, Unit, DP, FP16, BF16, ErrorFeedback)
+    cls.name: cls for cls in (NoneStage, TopK, RandomK, RTopK, Unit, DP, FP16, BF16, PowerSGD, ErrorFeedback)
 }
 
-_TYPES = {float: float, int: int, str: str, "float": float, "int": int, "str": str}
+_TYPES = {float: float, int: int, str: str, bool: bool, "float": float, "int": int, "str": str, "bool": bool}
+_BOOL_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
+def _coerce(stage: str, arg: str, want: type, value: Any) -> Any:
+    """A spec value as the argument's type, or a SpecError naming stage and argument."""
+    if want is bool:
+        value = _BOOL_WORDS.get(value.lower(), value) if isinstance(value, str) else value
+        if not isinstance(value, bool):
+            raise SpecError(f"stage {stage!r}: argument {arg!r} must be true or false, got {value!r}")
+        return value
+    if want is str:
+        if not isinstance(value, str):
+            raise SpecError(f"stage {stage!r}: argument {arg!r} must be text, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"stage {stage!r}: argument {arg!r} must be a number, got {value!r}")
+    if want is int and float(value) != int(value):
+        raise SpecError(f"stage {stage!r}: argument {arg!r} must be an integer, got {value!r}")
+    return want(value)
 
 
 def make_stage(name: str, args: list[Any], kwargs: dict[str, Any]) -> Stage:
@@ -285,16 +384,7 @@ def make_stage(name: str, args: list[Any], kwargs: dict[str, Any]) -> Stage:
             if f.default is dataclasses.MISSING:
                 raise SpecError(f"stage {name!r}: missing argument {f.name!r}")
             continue
-        want = _TYPES[f.type]
-        value = given[f.name]
-        if want is str and not isinstance(value, str):
-            raise SpecError(f"stage {name!r}: argument {f.name!r} must be text, got {value!r}")
-        if want in (int, float):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise SpecError(f"stage {name!r}: argument {f.name!r} must be a number, got {value!r}")
-            if want is int and float(value) != int(value):
-                raise SpecError(f"stage {name!r}: argument {f.name!r} must be an integer, got {value!r}")
-            given[f.name] = want(value)
+        given[f.name] = _coerce(name, f.name, _TYPES[f.type], given[f.name])
     stage = cls(**given)
     stage.check()
     return stage

@@ -167,7 +167,18 @@ class FedJob(StrictModel):
         if self.limits.chunk_bytes > self.limits.max_message_bytes // 2:
             raise ValueError("limits.chunk_bytes must be at most half of limits.max_message_bytes")
         self._check_privacy()
+        self._check_collective_free()
         return self
+
+    def _check_collective_free(self) -> None:
+        from gradcomp.compression import build
+
+        reason = build(self.compression).collective_only
+        if reason:
+            raise ValueError(
+                f"compression {self.compression!r} works only in data-parallel training ({reason}); "
+                "a federated client compresses its own update alone"
+            )
 
     def _check_privacy(self) -> None:
         from gradcomp.compression import build

@@ -115,6 +115,25 @@ class TrainJob(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _powersgd_fits(self) -> TrainJob:
+        from gradcomp.compression import build
+
+        stage = build(self.compression).lowrank
+        if stage is None:
+            return self
+        if self.dp is not None:
+            raise ValueError(
+                "'powersgd' compresses DDP gradient buckets, but a 'dp' section trains without DDP "
+                "(per-example gradients, one flat all-reduce); use a sparsifier such as randomk with dp"
+            )
+        if self.warmup_dense_steps:
+            raise ValueError(
+                f"'powersgd' has its own dense warm-up: set powersgd(start_iter="
+                f"{stage.start_iter + self.warmup_dense_steps}) instead of warmup_dense_steps"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _schedule_decays(self) -> TrainJob:
         if self.schedule.name == "cosine" and self.schedule.min_lr > self.optimizer.lr:
             raise ValueError(

@@ -1,10 +1,13 @@
-"""The three collectives a compressed gradient needs, each asynchronous and averaging over ranks.
+"""The collectives a compressed gradient needs, averaging over ranks.
 
 - dense all-reduce: every rank sends all values (`Dense` payloads, warm-up, no compression);
 - sparse all-gather: ranks pick different positions (topk, rtopk), so each rank gathers
   every rank's fixed-size (indices, values) and scatter-adds them;
-- shared-index all-reduce: every rank picks the same positions (seeded randomk), so only
-  the k values are all-reduced.
+- shared-index all-reduce: every rank uses the same positions (seeded randomk, or leader
+  mode after `broadcast_positions`), so only the k values are all-reduced.
+
+Per rank, a ring all-reduce of m bytes transmits 2(P-1)/P m, an all-gather (P-1) m, and a
+broadcast of m bytes (P-1) m in all, (P-1)/P m per rank: `wire_bytes` models exactly that.
 
 Each function starts the collective and returns a `torch.futures.Future` resolving to the
 dense *average*, written into a flat tensor the caller passes (DDP's own bucket buffer, so
@@ -99,12 +102,56 @@ def allreduce_shared_mean(
     return summed.then(scatter)
 
 
+def broadcast_positions(
+    k: int,
+    own: Callable[[], torch.Tensor],
+    leader: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Leader mode's first collective: rank `leader` (of `group`) computes `own()` (its k
+    positions) and every rank returns them, as `dtype`.
+
+    Blocking, unlike the others: the value all-reduce that follows needs the positions, and
+    starting it from a future's callback could issue collectives in a different order on
+    different ranks. The broadcast is k small integers, so the wait is one round trip.
+    """
+    if dist.get_rank(group) == leader:
+        idx = own().to(dtype=dtype, device=device)
+        if idx.shape != (k,):
+            raise ValueError(f"leader's selection has shape {tuple(idx.shape)}, expected ({k},)")
+    else:
+        idx = torch.empty(k, dtype=dtype, device=device)
+    src = leader if group is None else dist.get_global_rank(group, leader)
+    dist.broadcast(idx, src=src, group=group)
+    return idx
+
+
+def collective_kind(payload: Payload, shared_indices: bool) -> str:
+    """Which collective `reduce_payload` runs for `payload`: "allreduce" or "allgather"."""
+    return "allgather" if isinstance(payload, Sparse) and not shared_indices else "allreduce"
+
+
+def wire_bytes(handed: dict[str, float], world: int) -> float:
+    """Bytes one rank transmits, given the bytes it handed to each kind of collective
+    (averaged over ranks), for ring all-reduce / all-gather and any broadcast tree."""
+    if world <= 1:
+        return 0.0
+    return (
+        2 * (world - 1) / world * handed.get("allreduce", 0)
+        + (world - 1) * handed.get("allgather", 0)
+        + (world - 1) * handed.get("broadcast", 0)
+    )
+
+
 def sent_bytes(payload: Payload, shared_indices: bool) -> int:
     """Bytes this rank contributes to the collective `reduce_payload` runs for `payload`.
 
     This is what travels here, not the payload's wire encoding: the all-gather ships fixed-size
     int32/int64 positions (gap coding would give ranks different sizes), and shared-seed
-    randomk ships values only, since every rank derives the positions itself.
+    randomk and leader mode ship values only, since every rank has the positions (leader
+    mode's broadcast of them is counted where it runs).
     """
     values = payload.values.numel() * payload.values.element_size()
     if isinstance(payload, Sparse) and not shared_indices:

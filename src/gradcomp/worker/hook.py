@@ -10,6 +10,7 @@ over from the bucket it used to live in, so no feedback is lost or misapplied.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,22 +18,43 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradcomp.compression import Pipeline, build
-from gradcomp.worker.collectives import allreduce_mean, reduce_payload, sent_bytes
+from gradcomp.compression import Pipeline, SpecError, build
+from gradcomp.compression.payload import index_dtype_for
+from gradcomp.compression.stages import Chooser
+from gradcomp.worker import lowrank
+from gradcomp.worker.collectives import (
+    allreduce_mean,
+    broadcast_positions,
+    collective_kind,
+    reduce_payload,
+    sent_bytes,
+    wire_bytes,
+    world_size,
+)
 
 
 @dataclass
 class StepTraffic:
-    """What one rank put on the wire since the last `take_traffic()`."""
+    """What one rank handed to collectives since the last `take_traffic()`, in all
+    (`bytes_sent`) and per kind of collective (`by_collective`: allreduce, allgather, broadcast)."""
 
     bytes_sent: int = 0
     dense_bytes: int = 0
     buckets: int = 0
+    by_collective: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent += nbytes
+        self.by_collective[kind] = self.by_collective.get(kind, 0) + nbytes
 
     @property
     def ratio(self) -> float:
         """Dense bytes per byte sent (1.0 when nothing was sent)."""
         return self.dense_bytes / self.bytes_sent if self.bytes_sent else 1.0
+
+    def wire_bytes(self, world: int) -> float:
+        """Bytes this rank transmits under ring all-reduce/all-gather (see collectives.wire_bytes)."""
+        return wire_bytes(dict(self.by_collective), world)
 
 
 @dataclass
@@ -62,6 +84,8 @@ class CompressionState:
     warmup_steps: int = 0
     step: int = 0
     traffic: StepTraffic = field(default_factory=StepTraffic)
+    lowrank: lowrank.PowerSGDState | None = None  # torch's PowerSGD state, for a `powersgd` spec
+    _lowrank_keys: dict[int, str] = field(default_factory=dict)  # bucket index -> its layout's key
     _layouts: dict[str, _Layout] = field(default_factory=dict)
     _home: dict[str, str] = field(default_factory=dict)  # parameter name -> key holding its residual
 
@@ -77,7 +101,15 @@ class CompressionState:
         """State for `model` (the DDP module or the module it wraps: names are normalised)."""
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         names = {id(p): name for name, p in module.named_parameters()}
-        return cls(build(spec, seed=seed), names, group=group, warmup_steps=warmup_steps)
+        pipeline = build(spec, seed=seed)
+        stage = pipeline.lowrank
+        if stage is not None and warmup_steps:
+            raise SpecError(
+                f"'powersgd' has its own dense warm-up: use powersgd(start_iter={stage.start_iter + warmup_steps}) "
+                f"instead of warmup_dense_steps={warmup_steps}"
+            )
+        powersgd = lowrank.make_state(stage, group) if stage is not None else None
+        return cls(pipeline, names, group=group, warmup_steps=warmup_steps, lowrank=powersgd)
 
     # --- keys and error-feedback migration --------------------------------------------------
     def bucket_key(self, params: list[torch.Tensor], sizes: list[int]) -> str:
@@ -128,21 +160,57 @@ class CompressionState:
         """Whether this round compresses (pipeline is not identity and the dense warm-up is over)."""
         return not self.pipeline.is_identity and self.step >= self.warmup_steps
 
-    def reduce(self, flat: torch.Tensor, key: str) -> torch.futures.Future[torch.Tensor]:
+    def reduce(self, flat: torch.Tensor, key: str, slot: int = 0) -> torch.futures.Future[torch.Tensor]:
         """Compress `flat` under `key`, start the collective, resolve to the flat mean.
 
         `flat` is the caller's to overwrite (a DDP bucket, or the DP path's fresh gradient):
-        the mean is written into it, and the future resolves to it.
+        the mean is written into it, and the future resolves to it. `slot` (the bucket's
+        index in the round) staggers leader mode's leaders across a round's buckets.
         """
         dense = flat.numel() * flat.element_size()  # what an uncompressed all-reduce moves
         self.traffic.dense_bytes += dense
         self.traffic.buckets += 1
         if not self.compressing:
-            self.traffic.bytes_sent += dense
+            self.traffic.add("allreduce", dense)
             return allreduce_mean(flat, self.group)  # in place, like DDP's default hook
-        payload = self.pipeline.compress(self.carry_residual(key, flat), key=key)
-        self.traffic.bytes_sent += sent_bytes(payload, self.pipeline.shared_indices)
-        return reduce_payload(payload, flat, self.pipeline.shared_indices, self.group)
+        shared = self.pipeline.shared_indices
+        choose = self._chooser(slot, index_dtype_for(flat.numel()), flat.device) if self.pipeline.leader else None
+        payload = self.pipeline.compress(self.carry_residual(key, flat), key=key, choose=choose)
+        self.traffic.add(collective_kind(payload, shared), sent_bytes(payload, shared))
+        return reduce_payload(payload, flat, shared, self.group)
+
+    def leader_of(self, slot: int = 0) -> int:
+        """The rank (in `group`) that picks positions for bucket `slot` in this round: it
+        rotates with the round, so each rank leads equally often (cyclic, as in ScaleCom)."""
+        return (self.step + slot) % world_size(self.group)
+
+    def _chooser(self, slot: int, dtype: torch.dtype, device: torch.device) -> Chooser:
+        leader = self.leader_of(slot)
+
+        def choose(k: int, own: Callable[[], torch.Tensor]) -> torch.Tensor:
+            idx = broadcast_positions(k, own, leader, dtype, device, self.group)
+            if dist.get_rank(self.group) == leader:
+                self.traffic.add("broadcast", idx.numel() * idx.element_size())
+            return idx
+
+        return choose
+
+    def reduce_lowrank(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """One bucket through torch's PowerSGD hook, its all-reduced bytes counted."""
+        assert self.lowrank is not None
+        params = bucket.parameters()
+        key = self.bucket_key(params, [p.numel() for p in params])
+        if self._lowrank_keys.get(bucket.index(), key) != key:
+            # torch keys its residual and warm-start factors by bucket index; a new layout
+            # under the same index (DDP's first step after a restore) would misplace them.
+            lowrank.forget_bucket(self.lowrank, bucket.index())
+        self._lowrank_keys[bucket.index()] = key
+        buffer = bucket.buffer()
+        self.traffic.dense_bytes += buffer.numel() * buffer.element_size()
+        self.traffic.buckets += 1
+        fut, nbytes = lowrank.run_bucket(self.lowrank, bucket)
+        self.traffic.add("allreduce", nbytes)
+        return fut
 
     def end_step(self) -> None:
         """Count one finished all-reduce round (ends the dense warm-up after `warmup_steps`)."""
@@ -160,6 +228,8 @@ class CompressionState:
             "step": self.step,
             "layouts": {k: (list(v.names), list(v.sizes)) for k, v in self._layouts.items()},
             "home": dict(self._home),
+            "powersgd": lowrank.state_dict(self.lowrank) if self.lowrank is not None else None,
+            "powersgd_buckets": dict(self._lowrank_keys),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -167,6 +237,9 @@ class CompressionState:
         self.step = int(state["step"])
         self._layouts = {k: _Layout(tuple(n), tuple(s)) for k, (n, s) in state.get("layouts", {}).items()}
         self._home = dict(state.get("home", {}))
+        if self.lowrank is not None and state.get("powersgd") is not None:
+            lowrank.load_state_dict(self.lowrank, state["powersgd"])
+            self._lowrank_keys = dict(state.get("powersgd_buckets", {}))
 
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -174,9 +247,12 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
 
     The mean is written into the bucket's own buffer, and the future resolves to it.
     """
-    params = bucket.parameters()
-    key = state.bucket_key(params, [p.numel() for p in params])
-    fut = state.reduce(bucket.buffer(), key)
+    if state.lowrank is not None:
+        fut = state.reduce_lowrank(bucket)
+    else:
+        params = bucket.parameters()
+        key = state.bucket_key(params, [p.numel() for p in params])
+        fut = state.reduce(bucket.buffer(), key, slot=bucket.index())
     if bucket.is_last():
         state.end_step()
     return fut

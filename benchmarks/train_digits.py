@@ -7,12 +7,23 @@ under Ray Train (gradcomp.worker.loop.train_worker), so the numbers are the prod
 
     python benchmarks/train_digits.py --out runs/bench/train_digits.json
 Target: rtopk(0.01)+ef within 1.5 accuracy points of dense while sending >= 30x fewer bytes.
+
+`--only` with the `@50x` configurations compares the collectives at equal bytes (50x fewer
+than dense at P = 2): all-gather topk/rtopk at 1% (int32 position + fp32 value), leader mode
+at 1.33% (fp32 values, plus k int32 positions from one rank in two), shared-seed randomk at
+2% (values only) and torch's PowerSGD at rank 2 (42x, the nearest rank). Per seed, then merged:
+
+    python benchmarks/train_digits.py --seed S --only dense ...@50x --out runs/bench/digits-50x-sS.json
+    python benchmarks/train_digits.py --merge runs/bench/digits-50x-s*.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +47,56 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "randomk(0.01)+ef": {"compression": "randomk(ratio=0.01) | ef"},
     "unit": {"compression": "unit"},
     "dp(sigma=1.0)": {"compression": "none", "dp": {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}},
+    # Equal bytes (50x fewer than dense at 2 workers), one per collective:
+    "topk+ef gather@50x": {"compression": "topk(ratio=0.01) | ef"},
+    "rtopk+ef gather@50x": {"compression": "rtopk(ratio=0.01, r={r}) | ef"},
+    "topk+ef leader@50x": {"compression": "topk(ratio=0.01333, share=leader) | ef"},
+    "rtopk+ef leader@50x": {"compression": "rtopk(ratio=0.01333, r=0.02667, share=leader) | ef"},
+    "randomk+ef@50x": {"compression": "randomk(ratio=0.02) | ef"},
+    "powersgd(rank=2)@42x": {"compression": "powersgd(rank=2)"},
 }
+
+
+DEFAULT = ["dense", "topk(0.01)+ef", "rtopk(0.01)+ef", "randomk(0.01)+ef", "unit", "dp(sigma=1.0)"]
+BASELINE = "topk+ef gather@50x"  # what the equal-bytes comparison measures against
+
+
+def merge(paths: list[str], out: str | None) -> None:
+    """Average per-seed result files (one run of this script each) into one table."""
+    runs = [json.loads(Path(p).read_text()) for p in sorted(paths)]
+    names = list(dict.fromkeys(name for run in runs for name in run["results"]))
+    summary: dict[str, Any] = {}
+    for name in names:
+        per_seed = [run["results"][name] for run in runs if name in run["results"]]
+        acc = [100 * r["test_accuracy"] for r in per_seed]
+        summary[name] = {
+            "spec": per_seed[0]["spec"],
+            "seeds": [run["settings"]["seed"] for run in runs if name in run["results"]],
+            "test_accuracy_mean": statistics.fmean(acc),
+            "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "accuracy_epochs_1_5_mean": statistics.fmean(100 * r["mean_accuracy_epochs_1_5"] for r in per_seed),
+            "bytes_vs_dense": statistics.fmean(r["dense_bytes"] / r["bytes_sent"] for r in per_seed),
+            "seconds_mean": statistics.fmean(r["seconds"] for r in per_seed),
+        }
+    base = summary.get(BASELINE)
+    rows = []
+    for name, r in summary.items():
+        if base is not None:
+            r["minus_baseline_points"] = r["test_accuracy_mean"] - base["test_accuracy_mean"]
+        rows.append(
+            [
+                f"{name} (`{r['spec']}`)",
+                f"{r['bytes_vs_dense']:.1f}x",
+                f"{r['test_accuracy_mean']:.2f} ± {r['test_accuracy_std']:.2f}",
+                f"{r['minus_baseline_points']:+.2f}" if base is not None else "",
+                f"{r['accuracy_epochs_1_5_mean']:.1f}",
+                len(r["seeds"]),
+            ]
+        )
+    write_json(out, {"benchmark": "train_digits_merged", "files": sorted(paths), "summary": summary})
+    print()
+    headers = ["run", "fewer bytes", "test acc % (mean ± sd)", f"vs {BASELINE} (pts)", "acc % epochs 1-5", "seeds"]
+    print(markdown_table(headers, rows))
 
 
 def _config(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -48,7 +108,7 @@ def _config(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def _job(name: str, args: argparse.Namespace) -> TrainJob:
     return TrainJob.model_validate(
         {
-            "name": name.replace("(", "-").replace(")", "").replace("+", "-").replace("=", ""),
+            "name": re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-"),
             "task": {"name": "digits-cnn"},
             "seed": args.seed,
             "epochs": args.epochs,
@@ -86,6 +146,7 @@ def _worker(rank: int, init: str, names: list[str], args: argparse.Namespace, ou
                 "epsilon": last.get("epsilon"),
                 "seconds": round(seconds, 2),
                 "accuracy_by_epoch": [round(e.get("test_accuracy", float("nan")), 4) for e in epochs],
+                "mean_accuracy_epochs_1_5": statistics.fmean(e.get("test_accuracy", float("nan")) for e in epochs[:5]),
             }
     if rank == 0:
         torch.save(results, out)
@@ -99,10 +160,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--r", type=float, default=0.02, help="rtopk: draw the 1%% from the top r fraction")
-    parser.add_argument("--only", nargs="*", default=None, help=f"subset of {list(CONFIGS)}")
+    parser.add_argument("--only", nargs="*", default=None, choices=list(CONFIGS), metavar="NAME")
+    parser.add_argument("--merge", nargs="*", default=None, help="per-seed JSON files to average instead of training")
     parser.add_argument("--out", default=None, help="write JSON here too")
     args = parser.parse_args()
-    names = args.only or list(CONFIGS)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
+    names = args.only or DEFAULT
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")
         start = time.perf_counter()

@@ -63,8 +63,8 @@ def _scenario(rank: int, spec: str, steps: int, warmup: int = 0) -> dict[str, An
 
     original = state.pipeline.compress
 
-    def recording(tensor: torch.Tensor, key: str = "default") -> Any:
-        payload = original(tensor, key=key)
+    def recording(tensor: torch.Tensor, key: str = "default", choose: Any = None) -> Any:
+        payload = original(tensor, key=key, choose=choose)
         sent.append((key, payload.to_dense().clone(), payload))
         return payload
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,23 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
+from _netns import SHAPES, benchmark_parser, driver_args, namespace
 
 SPECS = {"dense": "none", "rtopk(0.01)+ef": "rtopk(ratio=0.01, r=0.05) | ef"}
-# link name -> tbf rate and burst (burst must exceed the loopback MTU of 64 KiB)
-LINKS = {"loopback": None, "1gbit": ("1gbit", "2mb"), "100mbit": ("100mbit", "512kb")}
-
-
-def _skip_reason() -> str | None:
-    if os.name != "posix" or os.geteuid() != 0:
-        return "needs root (creates a network namespace and shapes it with tc)"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        return f"needs {' and '.join(missing)} (iproute2) on PATH"
-    return None
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+LINKS = SHAPES
+TAG = "gradcomp-bw"
 
 
 # --- worker (runs inside the namespace) ---------------------------------------------------------
@@ -107,42 +93,14 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_link(link: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
-    ns = f"gradcomp-bw-{os.getpid()}"
-    _sh("ip", "netns", "add", ns)
-    try:
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        shape = LINKS[link]
-        if shape is not None:
-            rate, burst = shape
-            _sh(
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "lo",
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                burst,
-                "latency",
-                "100ms",
-            )
+    with namespace(link, TAG) as inside:
         steps = args.slow_steps if link == "100mbit" else args.steps
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "result.json"
             procs = [
                 subprocess.Popen(
                     [
-                        "ip",
-                        "netns",
-                        "exec",
-                        ns,
+                        *inside,
                         sys.executable,
                         __file__,
                         "--worker",
@@ -160,7 +118,7 @@ def run_link(link: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
                         str(result),
                         "--specs",
                         *args.specs,
-                        *(["--interleave"] if shape is None else []),
+                        *(["--interleave"] if SHAPES[link] is None else []),
                     ]
                 )
                 for rank in range(2)
@@ -169,33 +127,14 @@ def run_link(link: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
             if any(codes):
                 raise RuntimeError(f"{link}: workers exited with {codes}")
             return json.loads(result.read_text())
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=int, default=25_000_000)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per spec (loopback, 1 Gbit/s)")
-    parser.add_argument("--slow-steps", type=int, default=2, help="timed steps per spec at 100 Mbit/s")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--links", nargs="*", default=list(LINKS), choices=list(LINKS))
-    parser.add_argument("--specs", nargs="*", default=list(SPECS), choices=list(SPECS))
-    parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=29512, help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--interleave", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    reason = _skip_reason()
-    if reason:
-        print(f"bandwidth benchmark skipped: {reason}")
-        write_json(args.out, {"benchmark": "bandwidth", "skipped": reason})
+    parser = benchmark_parser(
+        __doc__.split("\n\n")[0], params=25_000_000, slow_steps=2, links=LINKS, specs=SPECS, port=29512
+    )
+    args = driver_args(parser, "bandwidth", worker)
+    if args is None:
         return
     start = time.perf_counter()
     results: dict[str, Any] = {}

@@ -12,8 +12,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from opacus.accountants import create_accountant
-
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 
 
@@ -38,7 +36,7 @@ class PrivacyLedger:
         self.delta = delta
         self.kind = accountant
         self.budget = budget
-        self._acc = create_accountant(accountant)
+        self._acc = _create_accountant(accountant)
 
     @property
     def steps(self) -> int:
@@ -55,7 +53,7 @@ class PrivacyLedger:
         _check(noise_multiplier, sample_rate)
         if noise_multiplier == 0:
             return math.inf
-        probe = create_accountant(self.kind)
+        probe = _create_accountant(self.kind)
         probe.history = [*list(self._acc.history), (noise_multiplier, sample_rate, steps)]
         return float(probe.get_epsilon(delta=self.delta))
 
@@ -186,3 +184,10 @@ class ParticipationLedger:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.participations = {str(k): int(v) for k, v in state["participations"].items()}
+
+
+def _create_accountant(kind: str) -> Any:
+    """Opacus accountant, imported on first use: a job without DP never loads Opacus (seconds, ~100 MB)."""
+    from opacus.accountants import create_accountant
+
+    return create_accountant(kind)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -14,8 +18,13 @@ SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 
 
-@lru_cache(maxsize=1)
-def _arrays() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cache_file() -> Path:
+    """Where the split is kept, per scikit-learn version (its data or split could change with it)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gradcomp"
+    return root / f"digits-sklearn{version('scikit-learn')}-seed{SPLIT_SEED}-test{TEST_FRACTION}.npz"
+
+
+def _split() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -23,7 +32,27 @@ def _arrays() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x = digits.data.astype("float32") / 16.0
     y = digits.target.astype("int64")
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te))
+    return {"x_tr": x_tr, "y_tr": y_tr, "x_te": x_te, "y_te": y_te}
+
+
+@lru_cache(maxsize=1)
+def _arrays() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split, from a cache file after the first time: importing scikit-learn costs ~150 MB of
+    memory in every process that loads the task (each simulation actor, each worker)."""
+    path = _cache_file()
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in ("x_tr", "y_tr", "x_te", "y_te")}
+    except (OSError, KeyError, ValueError):
+        arrays = _split()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: load from scikit-learn every time
+    return tuple(torch.from_numpy(arrays[k]) for k in ("x_tr", "y_tr", "x_te", "y_te"))  # type: ignore[return-value]
 
 
 def _datasets(image: bool) -> tuple[TensorDataset, TensorDataset]:

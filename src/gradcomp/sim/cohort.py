@@ -31,12 +31,14 @@ import torch
 from torch import nn
 
 from gradcomp.sim.cohort_step import StepCache, sgd_step_fn
-from gradcomp.sim.local_sgd import SGDConfig, client_batches, num_steps
+from gradcomp.sim.local_sgd import SGDConfig, epoch_orders, num_steps
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
 MAX_GROUP_FLOATS = 32 * 1024 * 1024
 # What starting one more group costs, in steps of per-step overhead.
 GROUP_COST_STEPS = 8
+# Models whose step overhead is worth at least this many rows pad every group to the cohort size.
+PAD_ROWS_BELOW = 8
 
 
 @dataclass
@@ -66,6 +68,20 @@ def why_not_vectorizable(model: nn.Module) -> str | None:
     return None
 
 
+def overhead_rows(num_params: int) -> float:
+    """A step's fixed cost (dispatch, Python) in rows of compute: about 5e5 / parameters."""
+    return 5e5 / max(num_params, 1)
+
+
+def pad_rows(cohort: int, num_params: int) -> int | None:
+    """Rows every group of an overhead-bound model is padded to (None: pad each group to its bucket).
+
+    When a step's overhead is worth more than a few rows, computing padding rows is nearly free
+    and one shape per cohort size means one recording, not one per group size.
+    """
+    return bucket(cohort) if overhead_rows(num_params) >= PAD_ROWS_BELOW else None
+
+
 def plan_groups(sizes: Sequence[int], cfg: SGDConfig, num_params: int) -> list[list[int]]:
     """Split a cohort into groups of similar shard size (positions into `sizes`).
 
@@ -77,14 +93,15 @@ def plan_groups(sizes: Sequence[int], cfg: SGDConfig, num_params: int) -> list[l
     """
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     n = len(order)
-    overhead = 5e5 / max(num_params, 1)
+    overhead = overhead_rows(num_params)
     cap = max(1, MAX_GROUP_FLOATS // max(num_params, 1))
+    padded = pad_rows(n, num_params)
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         for start in range(max(0, end - cap), end):
             big = sizes[order[start]]  # the largest shard of the group sets its steps and batch
-            rows = bucket(end - start) * bucket(big, cfg.batch_size)
+            rows = (padded or bucket(end - start)) * bucket(big, cfg.batch_size)
             cost = num_steps(big, cfg) * (overhead + rows) + GROUP_COST_STEPS * overhead
             if best[start] + cost < best[end]:
                 best[end], cut[end] = best[start] + cost, start
@@ -120,20 +137,35 @@ class _Schedule:
     steps: list[int]
 
 
-def _schedule(clients: Sequence[CohortClient], cfg: SGDConfig) -> _Schedule:
+def _schedule(clients: Sequence[CohortClient], cfg: SGDConfig, rows: int | None) -> _Schedule:
     sizes = [c.indices.size for c in clients]
     steps = [num_steps(n, cfg) for n in sizes]
-    width, rows = bucket(max(sizes), cfg.batch_size), bucket(len(clients))
+    width, rows = bucket(max(sizes), cfg.batch_size), max(rows or 0, bucket(len(clients)))
     index = torch.zeros(max(steps), rows, width, dtype=torch.int64)
     weight = torch.zeros(max(steps), rows, width)
     active = torch.zeros(max(steps), rows)
     for c, client in enumerate(clients):
-        shard = torch.from_numpy(client.indices.astype(np.int64))
-        for s, batch in enumerate(client_batches(shard.numel(), cfg, client.seed)):
-            index[s, c, : batch.numel()] = shard[batch]
-            weight[s, c, : batch.numel()] = 1.0 / batch.numel()
+        rows_c, weight_c = _client_rows(client, cfg, width)
+        index[: steps[c], c] = rows_c
+        weight[: steps[c], c] = weight_c
         active[: steps[c], c] = 1.0
     return _Schedule(index, weight, active, steps)
+
+
+def _client_rows(client: CohortClient, cfg: SGDConfig, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One client's batches as [steps, width] train-set positions and row weights (1/len(batch), 0 = pad).
+
+    The same batches as `client_batches`, built from the same `epoch_orders` with tensor ops.
+    """
+    n, b = int(client.indices.size), cfg.batch_size
+    per_epoch = math.ceil(n / b)
+    orders = epoch_orders(n, cfg, client.seed)
+    padded = torch.cat([orders, orders.new_full((cfg.epochs, per_epoch * b - n), -1)], dim=1)
+    padded = padded.view(cfg.epochs * per_epoch, b)[:, :width]
+    real = padded >= 0
+    shard = torch.from_numpy(client.indices.astype(np.int64))
+    weight = real / real.sum(dim=1, keepdim=True)
+    return shard[padded.clamp(min=0)], weight
 
 
 class CohortTrainer:
@@ -153,14 +185,17 @@ class CohortTrainer:
         """Train every client from the parameters `start`; results in the order of `clients`."""
         out: list[TrainedClient | None] = [None] * len(clients)
         sizes = [c.indices.size for c in clients]
+        rows = pad_rows(len(clients), self.num_params)
         for group in plan_groups(sizes, self.cfg, self.num_params):
-            for pos, trained in zip(group, self._train_group(start, [clients[i] for i in group]), strict=True):
+            for pos, trained in zip(group, self._train_group(start, [clients[i] for i in group], rows), strict=True):
                 out[pos] = trained
         return [t for t in out if t is not None]
 
     @torch.no_grad()
-    def _train_group(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
-        sched = _schedule(clients, self.cfg)
+    def _train_group(
+        self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient], rows: int | None
+    ) -> list[TrainedClient]:
+        sched = _schedule(clients, self.cfg, rows)
         rows = sched.active.shape[1]
         frozen = [start[k] for k in self.fixed]
         params = [start[k].detach().unsqueeze(0).repeat(rows, *([1] * start[k].dim())) for k in self.trainable]

@@ -44,7 +44,7 @@ def test_vectorised_updates_equal_sequential(task_name: str, momentum: float) ->
     start = {k: v.clone() for k, v in model.state_dict().items()}
     want = _sequential(model, start, x, y, clients, cfg)
     trainer = CohortTrainer(model, x, y, cfg)
-    # first call: the eager vmap step; second and third: the recorded replay of each shape
+    # every call replays the recorded step of its shapes (recorded on first use)
     for _ in range(3):
         got = trainer.train(start, clients)
         for (ref, loss, steps), t in zip(want, got, strict=True):

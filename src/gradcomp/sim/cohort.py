@@ -23,8 +23,9 @@ different order. `why_not_vectorizable` names the reason and the caller trains s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -37,8 +38,8 @@ from gradcomp.sim.local_sgd import SGDConfig, epoch_orders, num_steps
 MAX_GROUP_FLOATS = 32 * 1024 * 1024
 # What starting one more group costs, in steps of per-step overhead.
 GROUP_COST_STEPS = 8
-# Models whose step overhead is worth at least this many rows pad every group to the cohort size.
-PAD_ROWS_BELOW = 8
+# A cohort whose full padded step is at most this many step overheads pads every group to its size.
+PAD_OVERHEADS = 4
 
 
 @dataclass
@@ -73,42 +74,71 @@ def overhead_rows(num_params: int) -> float:
     return 5e5 / max(num_params, 1)
 
 
-def pad_rows(cohort: int, num_params: int) -> int | None:
-    """Rows every group of an overhead-bound model is padded to (None: pad each group to its bucket).
+def record_rows(num_params: int) -> float:
+    """Recording a new step shape (make_fx + TorchScript, ~0.15 s) in rows of compute."""
+    return 2.5e8 / max(num_params, 1)
 
-    When a step's overhead is worth more than a few rows, computing padding rows is nearly free
-    and one shape per cohort size means one recording, not one per group size.
+
+def pad_rows(cohort: int, cfg: SGDConfig, num_params: int) -> int | None:
+    """Rows every group of an overhead-bound cohort is padded to (None: each group to its bucket).
+
+    When a whole cohort's step costs little more than a step's fixed overhead, padding rows
+    are nearly free, and one shape per cohort size means one recording, not one per group.
     """
-    return bucket(cohort) if overhead_rows(num_params) >= PAD_ROWS_BELOW else None
+    full = bucket(cohort) * cfg.batch_size
+    return bucket(cohort) if full <= PAD_OVERHEADS * overhead_rows(num_params) else None
 
 
-def plan_groups(sizes: Sequence[int], cfg: SGDConfig, num_params: int) -> list[list[int]]:
+@dataclass(frozen=True)
+class GroupCost:
+    """The cost model of `plan_groups`, in rows of compute (see there)."""
+
+    cfg: SGDConfig
+    num_params: int
+    padded: int | None
+    known: Callable[[int, int], bool]
+
+    def __call__(self, clients: int, largest: int) -> float:
+        width = bucket(largest, self.cfg.batch_size)
+        rows = self.padded or bucket(clients)
+        overhead = overhead_rows(self.num_params)
+        cost = num_steps(largest, self.cfg) * (overhead + rows * width) + GROUP_COST_STEPS * overhead
+        return cost if self.known(rows, width) else cost + record_rows(self.num_params)
+
+
+def plan_groups(
+    sizes: Sequence[int], cfg: SGDConfig, num_params: int, known: Callable[[int, int], bool] = lambda r, w: True
+) -> list[list[int]]:
     """Split a cohort into groups of similar shard size (positions into `sizes`).
 
     Cost model of a group: steps x (fixed per-step overhead + rows computed), rows being the
-    padded clients x padded batch, plus a fixed cost per group (a new group is more steps
-    and maybe a new shape to trace). The overhead is counted in rows, about 5e5 / parameters:
-    large models are compute-bound, small ones overhead-bound. Solved exactly by dynamic
-    programming over the clients sorted by size, with groups capped at MAX_GROUP_FLOATS.
+    padded clients x padded batch, plus a fixed cost per group (more steps) and the cost of
+    recording its shape if `known(rows, width)` says it has not been recorded yet. Costs are
+    counted in rows: large models are compute-bound, small ones overhead-bound. Solved exactly
+    by dynamic programming over the clients sorted by size, with groups capped at MAX_GROUP_FLOATS.
     """
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
     n = len(order)
-    overhead = overhead_rows(num_params)
     cap = max(1, MAX_GROUP_FLOATS // max(num_params, 1))
-    padded = pad_rows(n, num_params)
-    best = [0.0] + [math.inf] * n
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        for start in range(max(0, end - cap), end):
-            big = sizes[order[start]]  # the largest shard of the group sets its steps and batch
-            rows = (padded or bucket(end - start)) * bucket(big, cfg.batch_size)
-            cost = num_steps(big, cfg) * (overhead + rows) + GROUP_COST_STEPS * overhead
-            if best[start] + cost < best[end]:
-                best[end], cut[end] = best[start] + cost, start
+    cost = GroupCost(cfg, num_params, pad_rows(n, cfg, num_params), known)
+    # Clients with the same steps and padded batch are interchangeable, so groups only need to
+    # start or end where that class changes (or where a group reaches the cap).
+    shape = [(num_steps(int(sizes[i]), cfg), bucket(int(sizes[i]), cfg.batch_size)) for i in order]
+    cuts = sorted({0, n} | {i for i in range(1, n) if shape[i] != shape[i - 1]} | set(range(cap, n, cap)))
+    best = {0: 0.0}
+    back: dict[int, int] = {}
+    for j, end in enumerate(cuts[1:], start=1):
+        for start in cuts[:j]:
+            if end - start > cap:
+                continue
+            # the largest shard of the group sets its steps and batch
+            total = best[start] + cost(end - start, int(sizes[order[start]]))
+            if total < best.get(end, math.inf):
+                best[end], back[end] = total, start
     groups, end = [], n
     while end > 0:
-        groups.append(order[cut[end] : end])
-        end = cut[end]
+        groups.append(order[back[end] : end])
+        end = back[end]
     return groups[::-1]
 
 
@@ -116,6 +146,7 @@ def plan_groups(sizes: Sequence[int], cfg: SGDConfig, num_params: int) -> list[l
 SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
+@lru_cache(maxsize=4096)
 def bucket(n: int, limit: int | None = None) -> int:
     """The padded size for n: the next bucket (or power of two above the table), at most `limit`."""
     n = int(n) if limit is None else min(int(n), limit)
@@ -179,14 +210,15 @@ class CohortTrainer:
         self.trainable = [k for k, p in model.named_parameters() if p.requires_grad]
         self.fixed = [k for k in model.state_dict() if k not in self.trainable]
         self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
+        self.shapes: set[tuple[int, int]] = set()  # (rows, width) of the groups run so far
         self.step = StepCache(sgd_step_fn(model, self.trainable, self.fixed, cfg.lr, cfg.momentum))
 
     def train(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
         """Train every client from the parameters `start`; results in the order of `clients`."""
         out: list[TrainedClient | None] = [None] * len(clients)
         sizes = [c.indices.size for c in clients]
-        rows = pad_rows(len(clients), self.num_params)
-        for group in plan_groups(sizes, self.cfg, self.num_params):
+        rows = pad_rows(len(clients), self.cfg, self.num_params)
+        for group in plan_groups(sizes, self.cfg, self.num_params, lambda r, w: (r, w) in self.shapes):
             for pos, trained in zip(group, self._train_group(start, [clients[i] for i in group], rows), strict=True):
                 out[pos] = trained
         return [t for t in out if t is not None]
@@ -196,6 +228,7 @@ class CohortTrainer:
         self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient], rows: int | None
     ) -> list[TrainedClient]:
         sched = _schedule(clients, self.cfg, rows)
+        self.shapes.add((sched.index.shape[1], sched.index.shape[2]))
         rows = sched.active.shape[1]
         frozen = [start[k] for k in self.fixed]
         params = [start[k].detach().unsqueeze(0).repeat(rows, *([1] * start[k].dim())) for k in self.trainable]

@@ -4,14 +4,13 @@
 Python (pytrees, the functorch transforms, swapping module parameters). The step is a fixed
 sequence of aten operations for given tensor shapes, so `make_fx` records that sequence once
 per shape; replaying the recorded graph runs the same operations without the transform
-machinery. Shapes that recur (a round's cohort of the same size) are traced on their second
-use; a shape seen once runs eagerly, so odd shapes never pay for a trace.
+machinery. Each shape is recorded on first use; the cohort planner (sim/cohort.py) prefers
+shapes it has recorded already, so a run records a handful.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,11 +82,10 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 class StepCache:
-    """The eager step, and its recorded replay for every shape that has come up twice."""
+    """The step's recorded replay per input shape, recorded on first use."""
 
     def __init__(self, step: StepFn):
         self.step = step
-        self.seen: Counter[tuple] = Counter()
         self.replays: dict[tuple, Callable[..., tuple[torch.Tensor, ...]]] = {}
 
     def __call__(
@@ -97,9 +95,6 @@ class StepCache:
         key = (*((tuple(t.shape), t.dtype) for t in flat), (len(params), len(buffers)))
         replay = self.replays.get(key)
         if replay is None:
-            self.seen[key] += 1
-            if self.seen[key] < 2:
-                return self.step(params, buffers, frozen, *data)
             replay = self.replays[key] = record(self.step, len(params), len(buffers), len(frozen), flat)
         out = replay(*flat)
         return list(out[: len(params)]), list(out[len(params) : -1]), out[-1]

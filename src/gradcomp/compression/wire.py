@@ -96,7 +96,7 @@ def _dtype(code: int, what: str, allowed: tuple[torch.dtype, ...]) -> torch.dtyp
 
 
 def _from_bytes(data: bytes | memoryview, dtype: torch.dtype, count: int, what: str) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(data) != count * itemsize:
         raise WireError(f"{what}: expected {count * itemsize} bytes for {count} x {dtype}, got {len(data)}")
     if count == 0:
@@ -117,7 +117,7 @@ def from_fields(f: Fields, *, max_numel: int | None = None) -> Payload:
         raise WireError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
     dtype = _dtype(f.dtype, "dtype", FLOAT_DTYPES)
     vdtype = _dtype(f.value_dtype, "value dtype", FLOAT_DTYPES)
-    vsize = torch.empty((), dtype=vdtype).element_size()
+    vsize = vdtype.itemsize
     if len(f.values) % vsize:
         raise WireError(f"values: {len(f.values)} bytes is not a whole number of {vdtype} items")
     count = len(f.values) // vsize
@@ -187,7 +187,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_numel: int | None = None
     shape = tuple(_DIM.unpack_from(view, pos + i * _DIM.size)[0] for i in range(ndim))
     pos += ndim * _DIM.size
     vdt = _dtype(vdtype, "value dtype", FLOAT_DTYPES)
-    vbytes = count * torch.empty((), dtype=vdt).element_size()
+    vbytes = count * vdt.itemsize
     ibytes = 0
     if kind == KIND_SPARSE:
         ibytes = count * torch.empty((), dtype=_index_coding(idtype)[0]).element_size()

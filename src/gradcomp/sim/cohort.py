@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradcomp.sim.cohort_step import StepCache, sgd_step_fn
+from gradcomp.sim.cohort_step import StepCache, grad_fn, sgd_update
 from gradcomp.sim.local_sgd import SGDConfig, epoch_orders, num_steps
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
@@ -75,8 +75,10 @@ def overhead_rows(num_params: int) -> float:
 
 
 def record_rows(num_params: int) -> float:
-    """Recording a new step shape (make_fx + TorchScript, ~0.15 s) in rows of compute."""
-    return 2.5e8 / max(num_params, 1)
+    """Recording a new step shape (make_fx + TorchScript, ~0.15 s) in rows of compute, spread over
+    the ~10 rounds a recorded shape is expected to serve (so a shape that saves work every round
+    gets recorded, and a one-off does not)."""
+    return 2.5e7 / max(num_params, 1)
 
 
 def pad_rows(cohort: int, cfg: SGDConfig, num_params: int) -> int | None:
@@ -211,7 +213,7 @@ class CohortTrainer:
         self.fixed = [k for k in model.state_dict() if k not in self.trainable]
         self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
         self.shapes: set[tuple[int, int]] = set()  # (rows, width) of the groups run so far
-        self.step = StepCache(sgd_step_fn(model, self.trainable, self.fixed, cfg.lr, cfg.momentum))
+        self.step = StepCache(grad_fn(model, self.trainable, self.fixed))
 
     def train(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
         """Train every client from the parameters `start`; results in the order of `clients`."""
@@ -236,8 +238,9 @@ class CohortTrainer:
         xs, ys = self.x[sched.index], self.y[sched.index]
         loss_sum = torch.zeros(rows)
         for s in range(sched.index.shape[0]):
-            params, buffers, loss = self.step(params, buffers, frozen, xs[s], ys[s], sched.weight[s], sched.active[s])
-            loss_sum.add_(loss)
+            grads, loss = self.step(params, frozen, xs[s], ys[s], sched.weight[s])
+            sgd_update(params, buffers, grads, sched.active[s], self.cfg.lr, self.cfg.momentum)
+            loss_sum.add_(loss * sched.active[s])
         return [
             TrainedClient(
                 {k: p[c] for k, p in zip(self.trainable, params, strict=True)},

@@ -1,4 +1,4 @@
-"""One SGD step of a whole cohort, as a function of stacked tensors, and its traced form.
+"""One SGD step of a whole cohort: its gradients (a recorded graph) and the in-place update.
 
 `vmap(grad(functional_call(...)))` is exact but spends most of a small model's step in
 Python (pytrees, the functorch transforms, swapping module parameters). The step is a fixed
@@ -18,18 +18,16 @@ from torch import fx, nn
 from torch.func import functional_call, grad, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
-StepFn = Callable[..., tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]
+StepFn = Callable[..., tuple[list[torch.Tensor], torch.Tensor]]
 
 _aten = torch.ops.aten
 _SAME_SHAPE_NOOPS = (_aten.expand.default, _aten.view.default, _aten._unsafe_view.default)
 
 
-def sgd_step_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str], lr: float, momentum: float) -> StepFn:
-    """step(params, buffers, fixed, x, y, w, active) -> (params, buffers, per-client loss).
+def grad_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str]) -> StepFn:
+    """grads(params, frozen, x, y, w) -> (per-client gradients, per-client loss).
 
-    Row weights `w` make each client's loss the mean over its real rows; `active` (1 or 0
-    per client) gates the update, so a padded step leaves parameters and momentum unchanged:
-    buffer = buffer * (momentum if active else 1) + grad * active, as torch.optim.SGD does.
+    Row weights `w` make each client's loss the mean over its real rows (0 for padding).
     """
 
     def loss(params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], xb, yb, wb):
@@ -39,19 +37,36 @@ def sgd_step_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str]
 
     per_client = vmap(grad(loss, has_aux=True), in_dims=(0, None, 0, 0, 0))
 
-    def step(params, buffers, frozen, x, y, w, active):
-        grads, value = per_client(
-            dict(zip(trainable, params, strict=True)), dict(zip(fixed, frozen, strict=True)), x, y, w
-        )
-        g = [grads[k] for k in trainable]
-        if momentum:
-            keep = active * momentum + (1 - active)
-            buffers = [b * _lead(keep, b) + gi * _lead(active, gi) for b, gi in zip(buffers, g, strict=True)]
-            g = buffers
-        new = [p - gi * _lead(active * lr, gi) for p, gi in zip(params, g, strict=True)]
-        return new, buffers, value * active
+    def grads(params, frozen, x, y, w):
+        g, value = per_client(dict(zip(trainable, params, strict=True)), dict(zip(fixed, frozen, strict=True)), x, y, w)
+        return [g[k] for k in trainable], value
 
-    return step
+    return grads
+
+
+@torch.no_grad()
+def sgd_update(
+    params: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    active: torch.Tensor,
+    lr: float,
+    momentum: float,
+) -> None:
+    """torch.optim.SGD's step for every client at once, in place; `active` (1 or 0 per client) gates it.
+
+    p += -lr * g * active, and with momentum buf = buf * (momentum if active else 1) + g * active
+    first: a client that sits a padded step out keeps its parameters and momentum exactly.
+    In place, because a cohort's parameters are many megabytes and fresh tensors per step
+    cost more than the arithmetic.
+    """
+    if momentum:
+        keep = active * momentum + (1 - active)
+        for b, g in zip(buffers, grads, strict=True):
+            b.mul_(_lead(keep, b)).addcmul_(g, _lead(active, g))
+        grads = buffers
+    for p, g in zip(params, grads, strict=True):
+        p.addcmul_(g, _lead(active, g), value=-lr)
 
 
 def _lead(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -82,26 +97,26 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 class StepCache:
-    """The step's recorded replay per input shape, recorded on first use."""
+    """The gradient function's recorded replay per input shape, recorded on first use."""
 
-    def __init__(self, step: StepFn):
-        self.step = step
+    def __init__(self, fn: StepFn):
+        self.fn = fn
         self.replays: dict[tuple, Callable[..., tuple[torch.Tensor, ...]]] = {}
 
     def __call__(
-        self, params: list[torch.Tensor], buffers: list[torch.Tensor], frozen: list[torch.Tensor], *data: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        flat = (*params, *buffers, *frozen, *data)
-        key = (*((tuple(t.shape), t.dtype) for t in flat), (len(params), len(buffers)))
+        self, params: list[torch.Tensor], frozen: list[torch.Tensor], *data: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        flat = (*params, *frozen, *data)
+        key = (*((tuple(t.shape), t.dtype) for t in flat), len(params))
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = record(self.step, len(params), len(buffers), len(frozen), flat)
+            replay = self.replays[key] = record(self.fn, len(params), len(frozen), flat)
         out = replay(*flat)
-        return list(out[: len(params)]), list(out[len(params) : -1]), out[-1]
+        return list(out[:-1]), out[-1]
 
 
-def record(step: StepFn, n_params: int, n_buffers: int, n_frozen: int, example: tuple[torch.Tensor, ...]):
-    """The step as a flat function of tensors: its aten graph (make_fx), replayed by TorchScript.
+def record(fn: StepFn, n_params: int, n_frozen: int, example: tuple[torch.Tensor, ...]):
+    """The gradient function as a flat function of tensors: its aten graph (make_fx), replayed by TorchScript.
 
     TorchScript runs the graph's operations without a Python call per operation (about a
     third of the per-step overhead of replaying the FX graph in Python). `torch.jit` is
@@ -109,14 +124,14 @@ def record(step: StepFn, n_params: int, n_buffers: int, n_frozen: int, example: 
     would exceed a whole small simulation; where `torch.jit.trace` is missing or fails, the
     FX graph itself is the replay.
     """
-    a, b, c = n_params, n_params + n_buffers, n_params + n_buffers + n_frozen
+    a, b = n_params, n_params + n_frozen
 
-    def flat_step(*t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        new, buffers, loss = step(list(t[:a]), list(t[a:b]), list(t[b:c]), *t[c:])
-        return (*new, *buffers, loss)
+    def flat_fn(*t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads, loss = fn(list(t[:a]), list(t[a:b]), *t[b:])
+        return (*grads, loss)
 
     with torch.enable_grad():
-        gm = simplify(make_fx(flat_step, tracing_mode="fake")(*example))
+        gm = simplify(make_fx(flat_fn, tracing_mode="fake")(*example))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

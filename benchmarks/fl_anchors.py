@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anchors", nargs="*", default=["pfl", "flower"])
     parser.add_argument("--install-only", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--append", action="store_true", help="add these parts to an existing --out report")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for key, default in (("clients", 100), ("per-round", 10), ("seed", 0), ("actors", 0)):
         parser.add_argument(f"--{key}", type=int, default=default, help=argparse.SUPPRESS)
@@ -409,9 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in ANCHORS:
             print(f"{name}: {ensure_anchor(name)[1]}", file=sys.stderr)
         return 0
-    report: dict[str, Any] = {"environment": environment(), "load_before": os.getloadavg(), "unfairness": UNFAIRNESS}
+    report: dict[str, Any] = {"environment": environment(), "unfairness": UNFAIRNESS}
+    if args.append and args.out and Path(args.out).exists():  # parts measured in separate lock holds
+        report = json.loads(Path(args.out).read_text())
+    load = os.getloadavg()
     report.update(run_parts(args))
-    report["load_after"] = os.getloadavg()
+    report.setdefault("load", {})[" ".join(args.parts)] = {"before": load, "after": os.getloadavg()}
+    if "task" in report:
+        report["targets"] = targets(report["task"], report.get("scale"), report.get("accuracy"))
     write_json(args.out, report)
     for key in ("task_table", "scale_table"):
         if key in report:
@@ -421,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_parts(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    task = scale = acc = None
     if "anchors" in args.parts:
         runs, skipped = part_runs(100, 10, args.rounds, list(GRADCOMP_MODES), args.passes, args.anchors)
         task = summarise(runs)
@@ -434,9 +439,7 @@ def run_parts(args: argparse.Namespace) -> dict[str, Any]:
     if "crossover" in args.parts:
         out["crossover"] = crossover(args.crossover_rounds)
     if "accuracy" in args.parts:
-        acc = out["accuracy"] = accuracy_seeds(args.rounds)
-    if task is not None:
-        out["targets"] = targets(task, scale, acc)
+        out["accuracy"] = accuracy_seeds(args.rounds)
     return out
 
 

@@ -44,7 +44,7 @@ def one(job_path: str, address: str) -> dict:
     """Run one configuration in this process (connected to `address`) and measure it."""
     from gradcomp.raycluster import connect
     from gradcomp.sim.pool import peak_rss_bytes
-    from gradcomp.sim.run import build_simulation, load_fedsim_job
+    from gradcomp.sim.setup import build_simulation, load_fedsim_job
 
     connect(address)
     job = load_fedsim_job(job_path)

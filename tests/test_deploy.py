@@ -229,7 +229,7 @@ def test_job_files_named_in_commands_validate(where: str, argv: list[str], tmp_p
 
         load_train_job(str(local), args.overrides, args.workers)
     elif args.verb == "fedsim":
-        from gradcomp.sim.run import load_fedsim_job
+        from gradcomp.sim.setup import load_fedsim_job
 
         load_fedsim_job(local, args.overrides)
     else:

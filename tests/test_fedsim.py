@@ -12,14 +12,15 @@ import pytest
 import yaml
 
 from gradcomp import metrics
+from gradcomp._proto import fed_pb2
 from gradcomp.cli import main
 from gradcomp.compression import encode, from_fields
+from gradcomp.protocol.messages import update_fields
 from gradcomp.raycluster import connect
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.pool import ClientPool
-from gradcomp.sim.run import build_simulation, load_fedsim_job, make_pool
+from gradcomp.sim.setup import build_simulation, load_fedsim_job, make_pool
 from gradcomp.sim.state import client_dropouts
-from gradcomp.sim.wire import parse_request
 
 BASE: dict[str, Any] = {
     "name": "t",
@@ -67,8 +68,8 @@ class Recording:
 
 def _encoded_size(res: ClientResult) -> int:
     """Bytes of the update as the compression wire format encodes it, recomputed from the message."""
-    upd = parse_request(res.request)
-    return sum(len(encode(from_fields(f))) for f in upd.update.values())
+    upd = update_fields(fed_pb2.SubmitUpdateRequest.FromString(res.request))
+    return sum(len(encode(from_fields(f))) for f in upd.values())
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,19 +89,8 @@ def insecure_warning(host: str) -> str:
     )
 
 
-def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None = None, kind: str = "fed") -> Running:
-    """Build and start everything (no round loop); used by run_serve, `fedsim --grpc` (kind "fedsim")
-    and in-process tests."""
-    tokens = load_tokens(job.server)
-    host = resolve_host(job, host)
-    creds = server_credentials(job.server)
-    ckpt = run_dir / store.FILENAME
-    if ckpt.exists() and not resume:
-        raise ValueError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
-    task = load_task(job.task.name, **job.task.args)
-    params = initial_params(task, job.seed)
-    config = json.loads(job.model_dump_json())
-    record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, kind, config)
+def checkpointer(job: FedJob, run_dir: Path, record: RunRecord) -> Callable[[Coordinator], None]:
+    """What runs after every round: the coordinator state to disk, then results.json from it."""
 
     def checkpoint(c: Coordinator) -> None:
         state = c.state_dict()
@@ -111,6 +100,32 @@ def start(job: FedJob, run_dir: Path, *, resume: bool = False, host: str | None 
         record.set_privacy(c.epsilon, job.privacy.delta if c.ledger else None)
         record.save()
 
+    return checkpoint
+
+
+def start(
+    job: FedJob,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    host: str | None = None,
+    kind: str = "fed",
+    tokens: Mapping[str, str] | None = None,
+) -> Running:
+    """Build and start everything (no round loop); used by run_serve, `fedsim --grpc` (kind "fedsim")
+    and in-process tests. `tokens` (bearer token -> client name) replaces the job's tokens file or
+    environment variable."""
+    tokens = dict(tokens) if tokens is not None else load_tokens(job.server)
+    host = resolve_host(job, host)
+    creds = server_credentials(job.server)
+    ckpt = run_dir / store.FILENAME
+    if ckpt.exists() and not resume:
+        raise ValueError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
+    task = load_task(job.task.name, **job.task.args)
+    params = initial_params(task, job.seed)
+    config = json.loads(job.model_dump_json())
+    record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, kind, config)
+    checkpoint = checkpointer(job, run_dir, record)
     coord = Coordinator(
         job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=sorted(tokens.values())
     )

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradcomp.fedclient.train import SGDConfig, epoch_orders, num_steps
 from gradcomp.sim.cohort_step import StepCache, grad_fn, sgd_update
-from gradcomp.sim.local_sgd import SGDConfig, epoch_orders, num_steps
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
 MAX_GROUP_FLOATS = 32 * 1024 * 1024

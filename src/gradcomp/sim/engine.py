@@ -21,28 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from gradcomp._proto import fed_pb2
 from gradcomp.config.fed import FedJob, SimulationConfig
+from gradcomp.protocol.messages import update_fields
 from gradcomp.server.core import Coordinator
 from gradcomp.server.model_cache import ModelCache
 from gradcomp.server.updates import Rejected
 from gradcomp.sim.client import ClientJob, ClientResult
+from gradcomp.sim.fate import client_fate
 from gradcomp.sim.pool import ClientPool
-from gradcomp.sim.state import ClientState, ClientTable, client_seed
-from gradcomp.sim.wire import parse_request
-
-
-def straggler_delay(sim: SimulationConfig, client: ClientState, rng: np.random.Generator) -> float:
-    """Extra seconds before a straggler's update arrives (0 for everyone else)."""
-    st = sim.stragglers
-    if not client.straggler or st.mean_seconds == 0:
-        return 0.0
-    if st.delay == "fixed":
-        return st.mean_seconds
-    if st.delay == "uniform":
-        return float(rng.uniform(0, 2 * st.mean_seconds))
-    return float(rng.exponential(st.mean_seconds))
+from gradcomp.sim.state import ClientTable, client_id, client_name
 
 
 class VirtualClock:
@@ -51,14 +39,6 @@ class VirtualClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def client_name(cid: int) -> str:
-    return f"sim-{cid}"
-
-
-def client_id(name: str) -> int:
-    return int(name.rsplit("-", 1)[1])
 
 
 @dataclass
@@ -91,37 +71,23 @@ class Simulation:
         self.updates_trained = 0
         self.payload_sizes: list[int] = []  # per accepted update, for checks against the coordinator's counters
 
-    # --- heterogeneity ------------------------------------------------------------------------
-    def _rng(self, number: int, attempt: int) -> np.random.Generator:
-        return np.random.default_rng([self.job.seed, number, attempt, 11])
-
-    def _delay(self, cid: int, rng: np.random.Generator) -> float:
-        return straggler_delay(self.sim, self.clients[cid], rng)
-
     def _heartbeat(self) -> None:
         for name in self.names:
             self.coord.touch(name, self.clock.now)
 
     # --- one round ----------------------------------------------------------------------------
-    def _train(
-        self, names: list[str], number: int, attempt: int, stats: RoundStats
-    ) -> list[tuple[float, ClientResult]]:
+    def _train(self, names: list[str], number: int, stats: RoundStats) -> list[tuple[float, ClientResult]]:
         """Train the selected clients that do not drop out; (virtual arrival time, result) each."""
-        rng = self._rng(number, attempt)
         start = self.clock.now
         jobs, arrivals = [], []
         for name in names:
-            cid = client_id(name)
-            c = self.clients[cid]
-            if rng.random() < c.dropout:
+            c = self.clients[client_id(name)]
+            fate = client_fate(self.job.seed, self.sim, c, number)
+            if fate.dropped:
                 stats.dropped += 1
                 continue
-            arrivals.append(start + self._delay(cid, rng))
-            jobs.append(
-                ClientJob(
-                    cid, number, self.coord.version, c.indices, client_seed(self.job.seed, cid, c.participations), c.ef
-                )
-            )
+            arrivals.append(start + fate.delay)
+            jobs.append(ClientJob(c.cid, number, self.coord.version, c.indices, c.ef))
         if not jobs:
             return []
         model = self.cache.get(self.coord.version, self.coord.params)
@@ -142,9 +108,10 @@ class Simulation:
 
     def _submit(self, at: float, res: ClientResult, stats: RoundStats) -> None:
         self.clock.now = max(self.clock.now, at)
-        upd = parse_request(res.request)
+        msg = fed_pb2.SubmitUpdateRequest.FromString(res.request)
         try:
-            self.coord.accept_update(upd.client_id, upd.round, upd.num_examples, upd.update, upd.metrics, now=at)
+            update = update_fields(msg)
+            self.coord.accept_update(msg.client_id, msg.round, msg.num_examples, update, dict(msg.metrics), now=at)
             self.payload_sizes.append(res.payload_bytes)
         except Rejected as err:
             stats.rejected[err.reason] += 1
@@ -161,7 +128,7 @@ class Simulation:
         r = self.coord.current
         assert r is not None
         number, tried = r.number, set(chosen)
-        inflight = self._train(chosen, number, 0, stats)
+        inflight = self._train(chosen, number, stats)
         result = None
         while result is None and not self.coord.done:
             r = self.coord.current
@@ -180,7 +147,7 @@ class Simulation:
             if result is None and cur is not None and cur.attempt > attempt:  # retried: train the new picks
                 fresh = sorted(set(cur.selected) - tried)
                 tried |= set(fresh)
-                inflight = sorted(inflight + self._train(fresh, number, cur.attempt, stats), key=lambda ar: ar[0])
+                inflight = sorted(inflight + self._train(fresh, number, stats), key=lambda ar: ar[0])
         for at, res in inflight:  # arrive after their round closed
             self._submit(at, res, stats)
         return (result.entry if result is not None else None), stats

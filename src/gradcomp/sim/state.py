@@ -1,18 +1,20 @@
 """Per-client state of a simulation, kept in the driver, compact, and only as big as it must be.
 
 A virtual client is: its shard (int32 example indices), its dropout probability and
-straggler flag, how often it has trained (which seeds its RNG), and, once it has trained
-with an error-feedback spec, its residual as one flat float32 vector. Actors hold none of
+straggler flag, how often it has trained, and, once it has trained with an error-feedback
+spec, its residual as one flat float32 vector (`pack_residuals`). Its randomness needs no
+state: it is keyed by (job seed, client name, round), see `fedclient.seeds`. Actors hold none of
 it between calls, so a thousand clients cost a thousand of these records, not a thousand
 models, and any actor can serve any client.
 """
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -32,9 +34,35 @@ class ClientState:
         return int(self.indices.nbytes + (self.ef.nbytes if self.ef is not None else 0) + 64)
 
 
-def client_seed(job_seed: int, cid: int, participation: int) -> int:
-    """A reproducible seed for one client's one participation (its RNG 'state' is this counter)."""
-    return zlib.crc32(f"{job_seed}/{cid}/{participation}".encode()) & 0x7FFFFFFF
+def client_name(cid: int) -> str:
+    """The name virtual client `cid` has at the coordinator (and its randomness is keyed by)."""
+    return f"sim-{cid}"
+
+
+def client_id(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+def pack_residuals(residuals: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Error-feedback residuals as one float32 vector in model order (zeros where a tensor has none)."""
+    parts = []
+    for k, t in like.items():
+        r = residuals.get(k)
+        n = t.numel()
+        parts.append(np.zeros(n, dtype=np.float32) if r is None else r.detach().reshape(-1).float().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def unpack_residuals(flat: np.ndarray | None, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `pack_residuals` (empty for a client without memory yet)."""
+    if flat is None:
+        return {}
+    out, at = {}, 0
+    for k, t in like.items():
+        n = t.numel()
+        out[k] = torch.from_numpy(flat[at : at + n].copy())
+        at += n
+    return out
 
 
 @dataclass

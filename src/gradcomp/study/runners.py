@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 from gradcomp.config.common import validate
 from gradcomp.config.train import TrainJob
-from gradcomp.sim.run import fedsim_job, simulate
+from gradcomp.sim.run import simulate
+from gradcomp.sim.setup import fedsim_job
 from gradcomp.worker.launch import describe, train
 
 

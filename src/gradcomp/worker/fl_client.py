@@ -1,9 +1,10 @@
-"""`gradcomp client`: a federated participant.
+"""`gradcomp client`: a federated participant over gRPC.
 
-Loop: join -> pull task -> (TRAIN) fetch the global model in chunks (cached by version),
-train `local_epochs` on this client's shard, update = local - global, compress every tensor
-with the job's pipeline (error-feedback memory lives in this process across rounds), submit
--> ... until the coordinator says DONE, then leave and exit 0.
+Loop: join -> pull task -> (TRAIN) fetch the global model in chunks (once per version), let
+the shared client runtime (`fedclient/`) train on this client's shard and build the update
+(error-feedback memory lives in this process across rounds), submit -> ... until the
+coordinator says DONE, then leave and exit 0. Asked again for a round it already trained
+(its submit was lost), it resends the same update instead of training twice.
 
 Transient gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff
 and jitter for up to --retry-seconds, which also rides out a coordinator restart (`gradcomp
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import random
@@ -34,21 +35,19 @@ import socket
 import sys
 import threading
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
-from gradcomp.compression import Pipeline, build, to_fields
-from gradcomp.protocol.codec import deserialize_model, fields_to_pb
+from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig
+from gradcomp.fedclient.data import ClientData, iid_shard
+from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
+from gradcomp.protocol.channel import channel_credentials
 from gradcomp.protocol.messages import PROTOCOL_VERSION
-from gradcomp.tasks import Task, load_task
 
 log = logging.getLogger("gradcomp.client")
 
@@ -117,45 +116,10 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_indices(num_examples: int, index: int, num_shards: int, seed: int) -> list[int]:
-    """IID shard: a seeded permutation dealt round-robin (same on every client for the same seed)."""
-    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
-    return perm[index::num_shards].tolist()
-
-
-def local_train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, momentum: float) -> tuple[float, int]:
-    """Plain local SGD (heavy-ball momentum, as torch.optim.SGD with dampening 0); returns (mean loss of
-    the last epoch, examples seen per epoch). Written out because the first `torch.optim` optimizer in a
-    process imports torch._dynamo, sympy and torch.distributed (~3 s of CPU per client start)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    bufs: list[torch.Tensor | None] = [None] * len(params)
-    model.train()
-    loss_sum, seen = 0.0, 0
-    for _ in range(epochs):
-        loss_sum, seen = 0.0, 0
-        for x, y in loader:
-            for p in params:
-                p.grad = None
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            with torch.no_grad():
-                for i, p in enumerate(params):
-                    if p.grad is None:
-                        continue
-                    step = p.grad
-                    if momentum:
-                        buf = bufs[i]
-                        step = bufs[i] = step.clone() if buf is None else buf.mul_(momentum).add_(step)
-                    p.add_(step, alpha=-lr)
-            loss_sum += float(loss.detach()) * int(y.numel())
-            seen += int(y.numel())
-    return loss_sum / max(seen, 1), seen
-
-
 class FLClient:
     """One participant; `run()` returns when the job is done."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, checks: Sequence[ConfigCheck] = ()):
         if not args.token:
             raise ValueError("no token: pass --token or set $GRADCOMP_TOKEN")
         self.args = args
@@ -165,17 +129,15 @@ class FLClient:
         self.client_id = args.client_id or f"{socket.gethostname()}-{os.getpid()}"
         self._creds = None
         if args.tls_ca or args.tls_cert:
-            from gradcomp.protocol.channel import channel_credentials
-
             self._creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
         self.channel, self.stub = self._open()
-        self.task: Task | None = None
+        self.checks = checks  # the client's own checks on a task before it trains (fedclient.config)
         self.task_key: str | None = None
-        self.model: nn.Module | None = None
-        self.pipe: Pipeline | None = None
-        self.global_version: int | None = None
-        self.global_params: dict[str, torch.Tensor] = {}
+        self.runtime: ClientRuntime | None = None
+        self.data: ClientData | None = None
+        self.memory = ClientMemory()
+        self.last_request: fed_pb2.SubmitUpdateRequest | None = None
         self.rounds_done = 0
         self._stop = threading.Event()
         self._beat_lock = threading.Lock()
@@ -258,22 +220,23 @@ class FLClient:
         self.stop_heartbeat()
         self.channel.close()
 
-    def _setup(self, cfg: fed_pb2.TrainingConfig) -> None:
+    def _setup(self, cfg: fed_pb2.TrainingConfig) -> ClientRuntime:
+        """The runtime for this training config (rebuilt, with fresh memory, only when it changes)."""
         key = cfg.SerializeToString(deterministic=True).hex()
-        if key == self.task_key:
-            return
-        assert self.shard is not None
-        self.task = load_task(cfg.task, **json.loads(cfg.task_args_json or "{}"))
-        self.model = self.task.make_model()
-        # Each client draws its own DP noise / random selection: seed from the job seed and the client name.
-        seed = (self.args.seed or 0) * 1_000_003 + zlib.crc32(self.client_id.encode()) + cfg.seed
-        self.pipe = build(cfg.compression, seed=seed)
-        idx = shard_indices(len(self.task.train_set), self.shard[0], self.shard[1], cfg.seed)
-        self.shard_set = Subset(self.task.train_set, idx)
-        self.task_key = key
+        if key != self.task_key or self.runtime is None:
+            assert self.shard is not None
+            config = LocalTrainingConfig.from_pb(cfg)
+            # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
+            local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
+            self.runtime = ClientRuntime(local, checks=self.checks)
+            self.data = iid_shard(self.runtime.task, self.shard[0], self.shard[1], config.seed)
+            self.memory, self.last_request, self.task_key = ClientMemory(), None, key
+        return self.runtime
 
     def fetch_model(self, version: int, num_chunks: int, total: int) -> None:
-        if version == self.global_version:
+        """Download and decode the global model of `version` unless the runtime holds it already."""
+        assert self.runtime is not None
+        if self.runtime.has_global(version):
             return
         parts = []
         for i in range(num_chunks):
@@ -282,33 +245,28 @@ class FLClient:
         data = b"".join(parts)
         if len(data) != total:
             raise ClientError(f"model v{version}: got {len(data)} bytes, announced {total}")
-        got, params = deserialize_model(data)
-        if got != version:
-            raise ClientError(f"asked for model v{version}, received v{got}")
-        self.global_params, self.global_version = params, version
+        try:
+            self.runtime.load_global(version, data)
+        except ValueError as err:
+            raise ClientError(str(err)) from None
 
     def train_round(self, task: fed_pb2.PullTaskResponse) -> fed_pb2.SubmitUpdateRequest:
-        cfg = task.config
-        self._setup(cfg)
+        """This round's update: trained now, or the one already built for it (resent unchanged)."""
+        runtime = self._setup(task.config)
+        last = self.last_request
+        if self.memory.already_trained(task.round) and last is not None and last.round == task.round:
+            return last
         self.fetch_model(task.model_version, task.num_chunks, task.model_bytes)
-        assert self.model is not None and self.pipe is not None
-        self.model.load_state_dict(self.global_params, strict=False)
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + task.round + zlib.crc32(self.client_id.encode()))
-        loader = DataLoader(self.shard_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
-        t0 = time.perf_counter()
-        loss, seen = local_train(self.model, loader, cfg.local_epochs, cfg.lr, cfg.momentum)
-        local = self.model.state_dict()
-        req = fed_pb2.SubmitUpdateRequest(
-            client_id=self.client_id, round=task.round, model_version=task.model_version, num_examples=seen
+        assert self.data is not None
+        out = runtime.train_round(
+            client=self.client_id,
+            round=task.round,
+            model_version=task.model_version,
+            data=self.data,
+            memory=self.memory,
         )
-        for name, g in self.global_params.items():
-            delta = local[name].detach().float() - g
-            payload = self.pipe.compress(delta, key=name)
-            nt = req.update.add(name=name)
-            fields_to_pb(to_fields(payload), nt.tensor)
-        req.metrics["train_loss"] = loss
-        req.metrics["train_seconds"] = time.perf_counter() - t0
-        return req
+        self.memory, self.last_request = out.memory, out.request
+        return out.request
 
     def submit(self, req: fed_pb2.SubmitUpdateRequest) -> bool:
         try:

@@ -1,0 +1,18 @@
+"""The federated client runtime: one implementation of a client's round, whatever carries it.
+
+`gradcomp client` (worker/fl_client.py, over gRPC), the in-process simulation and the `--grpc`
+simulation (sim/) all build their updates here, so for the same job, seed, client and round
+they send byte-identical `SubmitUpdateRequest` messages (tests/test_client_drift.py).
+
+- `config.LocalTrainingConfig`: what the coordinator's `TrainingConfig` says (task, local SGD,
+  client compression spec, job seed); `checks` run on it before anything trains.
+- `data.ClientData`: a client's examples as tensors; `iid_shard` for a real client's shard.
+- `train.LocalTrainer` / `train.SGDTrainer`: local training, `train(params, data, cfg, seed) ->
+  TrainResult`; the one place a vectorised cohort trainer replaces.
+- `runtime.ClientRuntime`: the global model once per version, then train -> update = local -
+  global -> compression with the client's error-feedback memory -> the protobuf request.
+- `runtime.ClientMemory`: what a client carries between rounds (residuals, last round trained).
+- `seeds.round_seed`: the one key of a client's randomness in a round.
+
+Nothing here imports `server/` or `sim/`; both sides share only `protocol/`.
+"""

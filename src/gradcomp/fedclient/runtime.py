@@ -1,0 +1,145 @@
+"""One client's round: the global model (decoded once per version), local training, update =
+local - global, compression with the client's error-feedback memory, the protobuf request.
+
+    runtime = ClientRuntime(LocalTrainingConfig.from_pb(task.config), checks=[...])
+    if not runtime.has_global(version):
+        runtime.load_global(version, model_bytes)
+    out = runtime.train_round(client=name, round=r, model_version=version, data=data, memory=memory)
+    out.request  # fed_pb2.SubmitUpdateRequest; out.memory is what the client keeps for next time
+
+`train_round` = `train` (the `LocalTrainer`, replaceable by a cohort trainer) + `build_update`.
+The compression pipeline is rebuilt every round from `round_seed(job seed, client, round)` with
+its step counters at the round number and the client's residuals loaded, so the result depends
+only on (job, client, round, global model, data, memory), not on where the client runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gradcomp._proto import fed_pb2
+from gradcomp.compression import Payload, Pipeline, build
+from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, run_checks
+from gradcomp.fedclient.data import ClientData
+from gradcomp.fedclient.seeds import round_seed
+from gradcomp.fedclient.train import LocalTrainer, SGDTrainer, TrainResult
+from gradcomp.protocol.codec import deserialize_model
+from gradcomp.protocol.messages import update_request
+from gradcomp.tasks import Task, load_task
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientMemory:
+    """What a client carries from round to round."""
+
+    residuals: Params = field(default_factory=dict)  # error-feedback memory per tensor (full-size only)
+    last_round: int = 0  # the last round this client trained for (0: none yet)
+
+    def already_trained(self, round: int) -> bool:
+        return round <= self.last_round
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    request: fed_pb2.SubmitUpdateRequest
+    payload_bytes: int  # sum of the tensors' compression wire sizes
+    num_examples: int
+    train_loss: float
+    memory: ClientMemory  # the client's memory after this round
+    seconds: float  # local training + compression time
+
+
+class ClientRuntime:
+    """Holds the task, one model (inside the trainer) and the decoded global model; no client state."""
+
+    def __init__(
+        self,
+        config: LocalTrainingConfig,
+        *,
+        task: Task | None = None,
+        trainer: LocalTrainer | None = None,
+        checks: Sequence[ConfigCheck] = (),
+    ):
+        run_checks(config, checks)  # before the task is even loaded
+        self.config = config
+        self.task = task if task is not None else load_task(config.task, **config.task_args)
+        self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(self.task.make_model())
+        self.global_version: int | None = None
+        self.global_params: Params = {}
+
+    def has_global(self, version: int) -> bool:
+        return version == self.global_version
+
+    def load_global(self, version: int, model: bytes) -> None:
+        """Decode a serialised `ModelWeights` (no-op when this version is already loaded)."""
+        if self.has_global(version):
+            return
+        got, params = deserialize_model(model)
+        if got != version:
+            raise ValueError(f"model bytes hold version {got}, expected {version}")
+        self.global_params, self.global_version = params, version
+
+    def seed_for(self, client: str, round: int) -> int:
+        """The seed of `client`'s batch order, DP noise and random selection in `round`."""
+        return round_seed(self.config.seed, client, round)
+
+    def train(self, client: str, round: int, data: ClientData) -> TrainResult:
+        if self.global_version is None:
+            raise RuntimeError("no global model loaded: call load_global first")
+        return self.trainer.train(self.global_params, data, self.config, self.seed_for(client, round))
+
+    def build_update(
+        self, client: str, round: int, model_version: int, result: TrainResult, memory: ClientMemory
+    ) -> tuple[fed_pb2.SubmitUpdateRequest, dict[str, Payload], ClientMemory]:
+        """Compress local - global (tensors in the global model's order) into the request. The tensors
+        are compressed as one update: a dp stage clips and noises the whole update jointly."""
+        pipe = build(self.config.spec, seed=self.seed_for(client, round))
+        names = list(self.global_params)
+        # Step counters at the round number: shared-seed randomk positions agree across a round's clients.
+        state: dict[str, object] = {"steps": dict.fromkeys(names, round)}
+        if pipe.ef:
+            state["memory"] = dict(memory.residuals)
+        pipe.load_state_dict(state)
+        payloads = pipe.compress_update({k: result.params[k].float() - self.global_params[k] for k in names})
+        request = update_request(
+            client_id=client,
+            round=round,
+            model_version=model_version,
+            num_examples=result.num_examples,
+            payloads=payloads,
+            metrics={"train_loss": result.train_loss},
+        )
+        return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round)
+
+    def train_round(
+        self, *, client: str, round: int, model_version: int, data: ClientData, memory: ClientMemory
+    ) -> RoundUpdate:
+        if model_version != self.global_version:
+            raise ValueError(f"round {round} wants model v{model_version}; v{self.global_version} is loaded")
+        t0 = time.perf_counter()
+        result = self.train(client, round, data)
+        request, payloads, kept = self.build_update(client, round, model_version, result, memory)
+        return RoundUpdate(
+            request=request,
+            payload_bytes=sum(p.nbytes for p in payloads.values()),
+            num_examples=result.num_examples,
+            train_loss=result.train_loss,
+            memory=kept,
+            seconds=time.perf_counter() - t0,
+        )
+
+
+def _full_residuals(pipe: Pipeline, like: Mapping[str, torch.Tensor]) -> Params:
+    """Residuals worth keeping: full-size ones (a residual over a dp-chosen subset starts afresh)."""
+    out: Params = {}
+    for k, t in like.items():
+        r = pipe.residual(k)
+        if r is not None and r.numel() == t.numel():
+            out[k] = r.detach().reshape(-1).to(torch.float32).clone()
+    return out

@@ -1,0 +1,14 @@
+"""The one key of a client's randomness in a round (batch order, DP noise, random selection).
+
+Keyed by (job seed, client name, round), never by a counter the client keeps, so a restarted
+client, a simulated one and a real one draw the same numbers for the same round.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+
+def round_seed(job_seed: int, client: str, round: int) -> int:
+    """A 31-bit seed for `client`'s local training and compression in `round`."""
+    return zlib.crc32(f"{job_seed}/{client}/{round}".encode()) & 0x7FFFFFFF

@@ -1,0 +1,110 @@
+"""Local training: from the global parameters and a client's data to its local parameters.
+
+`LocalTrainer.train(params, data, cfg, seed) -> TrainResult` is the seam a vectorised cohort
+trainer replaces (`sim/cohort.py` does, for a whole cohort at once): it sees only tensors,
+the training config and a seed, and returns new parameters. The reference semantics, which
+the cohort path must match, are here: `epochs` passes over the client's shard in batches of
+`batch_size`, reshuffled every epoch by `client_batches` (one `torch.randperm` per epoch from a
+generator seeded with `seed`), cross-entropy, SGD with heavy-ball momentum exactly as
+torch.optim.SGD (dampening 0). `train_loss` is the mean of the batch losses over all local
+steps. The step is written out because the first `torch.optim` optimiser in a process imports
+torch._dynamo, sympy and torch.distributed (~3 s of CPU per client start).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from gradcomp.fedclient.config import LocalTrainingConfig
+from gradcomp.fedclient.data import ClientData
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: LocalTrainingConfig) -> SGDConfig:
+        return cls(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum)
+
+
+def client_batches(num_examples: int, cfg: SGDConfig, seed: int) -> list[torch.Tensor]:
+    """The client's batches (positions in its shard), in the order it trains on them."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(num_examples, generator=gen)
+        out.extend(order[start : start + cfg.batch_size] for start in range(0, num_examples, cfg.batch_size))
+    return out
+
+
+def num_steps(num_examples: int, cfg: SGDConfig) -> int:
+    return cfg.epochs * math.ceil(num_examples / cfg.batch_size)
+
+
+def train_one(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SGDConfig, seed: int
+) -> tuple[dict[str, torch.Tensor], float, int]:
+    """Train `model` in place on (x, y); returns (state_dict, mean batch loss, steps)."""
+    model.train()
+    weights = [p for p in model.parameters() if p.requires_grad]
+    velocity: list[torch.Tensor | None] = [None] * len(weights)
+    losses = []
+    for batch in client_batches(y.numel(), cfg, seed):
+        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+        _sgd_step(weights, velocity, loss, cfg.lr, cfg.momentum)
+        losses.append(loss.detach())
+    mean = float(torch.stack(losses).mean()) if losses else 0.0
+    return model.state_dict(), mean, len(losses)
+
+
+def _sgd_step(
+    weights: list[torch.Tensor], velocity: list[torch.Tensor | None], loss: torch.Tensor, lr: float, momentum: float
+) -> None:
+    for w in weights:
+        w.grad = None
+    loss.backward()
+    with torch.no_grad():
+        for i, w in enumerate(weights):
+            if w.grad is None:
+                continue
+            step = w.grad
+            if momentum:
+                buf = velocity[i]
+                step = velocity[i] = step.clone() if buf is None else buf.mul_(momentum).add_(step)
+            w.add_(step, alpha=-lr)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    params: Params  # the local model after training: the same names as the global params given
+    train_loss: float  # mean of the batch losses over all local steps
+    num_examples: int  # examples in one epoch (the FedAvg weight)
+
+
+class LocalTrainer(Protocol):
+    def train(self, params: Params, data: ClientData, cfg: LocalTrainingConfig, seed: int) -> TrainResult:
+        """Train from `params` on `data` for `cfg.epochs`; randomness only from `seed`."""
+        ...
+
+
+class SGDTrainer:
+    """`train_one` on one model object, reused across rounds and clients."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def train(self, params: Params, data: ClientData, cfg: LocalTrainingConfig, seed: int) -> TrainResult:
+        self.model.load_state_dict(params, strict=False)
+        state, loss, _ = train_one(self.model, data.x, data.y, SGDConfig.of(cfg), seed)
+        return TrainResult({k: state[k].detach().clone() for k in params}, loss, data.num_examples)

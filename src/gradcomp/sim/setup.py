@@ -1,0 +1,120 @@
+"""Setting a simulation up: the job file (with `simulation:`), the virtual clients' shards and
+state, the worker pool, and the coordinator the clients report to (`build_simulation`).
+
+Both transports start here: the in-process loop (`sim/engine.py`) and `--grpc` (`sim/grpc_mode.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradcomp.config.common import ConfigError, apply_overrides, load_yaml, validate
+from gradcomp.config.fed import FedJob, SimulationConfig
+from gradcomp.fedclient.config import LocalTrainingConfig
+from gradcomp.partition import partition, skew_summary
+from gradcomp.protocol.messages import training_config
+from gradcomp.protocol.model import initial_params
+from gradcomp.raycluster import cluster_cpus
+from gradcomp.server.core import Coordinator
+from gradcomp.sim.engine import Simulation, VirtualClock
+from gradcomp.sim.pool import ClientPool, LocalPool, RayPool
+from gradcomp.sim.state import ClientTable, client_name
+from gradcomp.tasks import Task, evaluate, load_task
+
+
+def load_fedsim_job(path: str | Path, overrides: list[str] | None = None) -> FedJob:
+    """Load a federated job file (plus `--set` overrides) for simulation; see `fedsim_job`."""
+    return fedsim_job(apply_overrides(load_yaml(path), overrides), source=str(path))
+
+
+def fedsim_job(data: dict[str, Any], source: str = "job") -> FedJob:
+    """Validate federated job data for simulation. `simulation.clients`, when given, is the population
+    (clients.expected); giving both with different values is an error, since the DP sampling
+    rate m / N uses clients.expected. `data` itself is left as it is."""
+    data = copy.deepcopy(data)
+    sim = data.get("simulation") or {}
+    if isinstance(sim, dict) and sim.get("clients") is not None:
+        clients = data.setdefault("clients", {}) if isinstance(data.get("clients", {}), dict) else None
+        if clients is None:
+            raise ConfigError(f"{source}: clients must be a section")
+        expected = clients.get("expected")
+        if expected is not None and expected != sim["clients"]:
+            raise ConfigError(
+                f"{source}: simulation.clients ({sim['clients']}) disagrees with clients.expected ({expected}); "
+                "give one of them (the simulation's population is clients.expected)"
+            )
+        clients["expected"] = sim["clients"]
+    job = validate(FedJob, data, source=source)
+    if job.simulation is None:
+        job.simulation = SimulationConfig()
+    return job
+
+
+def client_config(job: FedJob) -> LocalTrainingConfig:
+    """What every virtual client trains with: the `TrainingConfig` a real client would receive."""
+    return LocalTrainingConfig.from_pb(training_config(job))
+
+
+def make_pool(job: FedJob, actors: int | None) -> ClientPool:
+    """`actors` 0: in the driver; None: one Ray actor per CPU of the cluster (at most one per client)."""
+    vectorize = (job.simulation or SimulationConfig()).vectorize
+    if actors == 0:
+        return LocalPool(client_config(job), vectorize)
+    n = actors if actors is not None else cluster_cpus()
+    return RayPool(client_config(job), max(1, min(n, job.clients.expected)), vectorize)
+
+
+def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
+    """Partition the task's training set over the virtual clients (skew summary printed); (clients, task)."""
+    sim = job.simulation or SimulationConfig()
+    task = load_task(job.task.name, **job.task.args)
+    labels = task.labels().numpy()
+    parts = partition(labels, job.clients.expected, sim.partition, seed=job.seed)
+    if not quiet:
+        print(skew_summary(labels, parts).format(sim.partition), flush=True)
+    table = ClientTable.build(
+        parts,
+        dropout=sim.dropout,
+        dropout_spread=sim.dropout_spread,
+        straggler_fraction=sim.stragglers.fraction,
+        seed=job.seed,
+    )
+    return table, task
+
+
+def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool = False) -> tuple[Simulation, Any]:
+    """Partition the data, make the clients, the coordinator and the pool; returns (simulation, task)."""
+    sim = job.simulation or SimulationConfig()
+    table, task = make_clients(job, quiet)
+    eval_model = task.make_model()
+    last = job.rounds
+
+    def evaluate_global(params: dict[str, torch.Tensor]) -> dict[str, float]:
+        version = coord.version
+        if task.test_set is None or (version % sim.eval_every and version != last):
+            return {}
+        eval_model.load_state_dict(params, strict=False)
+        return evaluate(eval_model, task.test_set)
+
+    clock = VirtualClock()
+    names = [client_name(i) for i in range(len(table))]
+    coord = Coordinator(job, initial_params(task, job.seed), evaluate=evaluate_global, clock=clock, client_names=names)
+    for name in names:
+        coord.register(name, clock.now)
+    if pool is None:
+        pool = make_pool(job, sim.actors)
+    return Simulation(job, sim, coord, clock, pool, table), task
+
+
+def release(pool: ClientPool | None, started_ray: bool) -> None:
+    """Close the pool (its actors would outlive ray.shutdown() in a cluster we joined), then Ray if we started it."""
+    if pool is not None:
+        pool.close()
+    if started_ray:
+        import ray  # only when this process started Ray: importing it costs seconds
+
+        ray.shutdown()

@@ -5,6 +5,7 @@ both simulations make the same dropout and straggler decisions."""
 from __future__ import annotations
 
 import argparse
+import ast
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ JOB: dict[str, Any] = {
     "task": "digits-mlp",
     "rounds": 2,
     "clients": {"expected": N},
-    "round": {"fraction": 0.5, "min_clients": 1, "deadline_seconds": 4, "max_retries": 0},
+    "round": {"fraction": 0.5, "min_clients": 1, "deadline_seconds": 6, "max_retries": 0},  # no update is late
     "local": {"epochs": 1, "batch_size": 32, "lr": 0.1, "momentum": 0.5},
     "compression": "rtopk(ratio=0.1, r=0.3) | ef",  # random selection and error feedback across rounds
     "privacy": {"mode": "local", "clip": 2.0, "noise_multiplier": 0.1},  # and each client's DP noise
@@ -159,7 +160,8 @@ def test_a_real_client_sends_the_simulations_bytes(simulations: dict[str, Any], 
             for (cid, r), data in sent.items():  # the simulation's other updates of this round
                 if r == round_ and cid != me:
                     stub.SubmitUpdate(fed_pb2.SubmitUpdateRequest.FromString(data), metadata=_md(cid))
-            while run.coord.version < round_ and not run.coord.done:
+            # until the round is aggregated (after the last one: until the job is over)
+            while (run.coord.version < round_ or round_ == JOB["rounds"]) and not run.coord.done:
                 for i in range(N):  # heartbeats, so no replayed client times out while the round waits
                     stub.Heartbeat(
                         fed_pb2.HeartbeatRequest(client_id=client_name(i)),
@@ -173,3 +175,23 @@ def test_a_real_client_sends_the_simulations_bytes(simulations: dict[str, Any], 
         stop.set()
         loop.join(5)
         run.stop(0)
+
+
+def _imports(package: str) -> set[str]:
+    """Every gradcomp module a package's files import (top level or inside functions)."""
+    root = Path(__file__).resolve().parents[1] / "src" / "gradcomp" / package
+    found: set[str] = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+    return {m for m in found if m.startswith("gradcomp.")}
+
+
+def test_client_runtime_and_server_do_not_import_each_other() -> None:
+    client = _imports("fedclient")
+    assert not {m for m in client if m.startswith(("gradcomp.server", "gradcomp.sim", "gradcomp.worker"))}, client
+    assert not {m for m in _imports("server") if m.startswith("gradcomp.fedclient")}
+    assert not {m for m in _imports("protocol") if m.startswith(("gradcomp.server", "gradcomp.fedclient"))}

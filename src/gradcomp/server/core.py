@@ -23,6 +23,10 @@ in-process. Public interface (kept stable):
     coord.params, coord.version, coord.round, coord.done, coord.status, coord.log, coord.epsilon
     coord.state_dict() / coord.load_state_dict(state)   # everything --resume needs
 
+Who is asked each round, how the received updates combine and how the global model moves are
+the job's strategy's (`strategies/`; `strategy_for_job` wraps it in central DP when the job says
+so); the coordinator only hands it the round's accepted updates.
+
 Round numbers: `version` = rounds completed (the global model's version); the open round
 has number version + 1. Each round is appended to `log` exactly once, and `checkpoint`
 (if given) is called inside `finish_round` before the next round can open, so a persisted

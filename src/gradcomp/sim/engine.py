@@ -1,7 +1,8 @@
 """The in-process simulation loop: the real `Coordinator` driven on a virtual clock.
 
-Per round: every virtual client heartbeats; the coordinator samples the round (its own
-seeded sampler); each selected client drops out with its probability or trains on the pool.
+Per round: every virtual client heartbeats; the coordinator samples the round (its strategy's
+seeded sampler); each selected client drops out or trains on the pool, and a straggler's delay
+is drawn, both from `sim/fate.py` (the stream `--grpc` uses too).
 An update "arrives" at round start + its straggler delay, and is handed, parsed from its
 protobuf bytes, to `Coordinator.accept_update` at that virtual time. Between arrivals the
 coordinator's own `finish_round` decides: aggregate when all selected clients reported,

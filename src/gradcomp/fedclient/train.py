@@ -38,14 +38,19 @@ class SGDConfig:
         return cls(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum)
 
 
+def epoch_orders(num_examples: int, cfg: SGDConfig, seed: int) -> torch.Tensor:
+    """[epochs, num_examples]: the shard's order in each epoch (the client's only randomness)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(num_examples, generator=gen) for _ in range(cfg.epochs)])
+
+
 def client_batches(num_examples: int, cfg: SGDConfig, seed: int) -> list[torch.Tensor]:
     """The client's batches (positions in its shard), in the order it trains on them."""
-    gen = torch.Generator().manual_seed(seed)
-    out: list[torch.Tensor] = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(num_examples, generator=gen)
-        out.extend(order[start : start + cfg.batch_size] for start in range(0, num_examples, cfg.batch_size))
-    return out
+    return [
+        order[start : start + cfg.batch_size]
+        for order in epoch_orders(num_examples, cfg, seed)
+        for start in range(0, num_examples, cfg.batch_size)
+    ]
 
 
 def num_steps(num_examples: int, cfg: SGDConfig) -> int:

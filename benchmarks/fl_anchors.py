@@ -215,7 +215,7 @@ def gradcomp_worker(args: argparse.Namespace) -> None:
     import yaml
 
     from gradcomp.raycluster import connect
-    from gradcomp.sim.run import build_simulation, load_fedsim_job
+    from gradcomp.sim.setup import build_simulation, load_fedsim_job
 
     if args.actors:
         connect(None, num_cpus=args.actors)

@@ -51,3 +51,7 @@ def test_long_functions_are_found_and_a_clean_package_passes(tmp_path: Path, cap
     assert "a.py:5 long (61 lines > 60)" in capsys.readouterr().out
     (found,) = archcheck.long_functions(archcheck.find_modules(src, "pkg"), 60)
     assert found[1:] == (5, "long", 61)
+
+
+def test_gradcomp_has_no_import_cycle_and_no_long_function(capsys: pytest.CaptureFixture) -> None:
+    assert archcheck.main(["--src", str(ROOT / "src")]) == 0, capsys.readouterr().out

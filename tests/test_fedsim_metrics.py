@@ -1,5 +1,6 @@
 """`gradcomp fedsim --metrics-port`: the simulated job's coordinator metrics over real HTTP, the same
-families `gradcomp serve` exports, with values that match the run's results.json."""
+families `gradcomp serve` exports, with values that match the run's results.json, in process and
+with `--grpc` (where the job's coordinator must not bind a /metrics port of its own)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,7 +39,9 @@ def _scrape(port: int) -> dict[str, float]:
     return out | {f"family:{fam.name}": 1.0 for fam in families}
 
 
-def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grpc", [False, True], ids=["in-process", "grpc"])
+def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path, grpc: bool) -> None:
+    port = _free_port()
     job = {
         "name": "fedsim-metrics",
         "task": {"name": "digits-mlp"},
@@ -47,14 +51,15 @@ def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path) -> None:
         "local": {"epochs": 1, "batch_size": 32, "lr": 0.1},
         "compression": "rtopk(ratio=0.1, r=0.3) | ef",
         "privacy": {"mode": "local", "clip": 2.0, "noise_multiplier": 0.5, "delta": 1e-5},
-        "server": {"metrics_linger_seconds": 120},  # the test reads the final values, then stops it
+        # the test reads the final values, then stops it; the job's own metrics_port gives way to the flag's
+        "server": {"metrics_linger_seconds": 120, "metrics_port": port},
         "simulation": {"actors": 0},  # clients train in the driver: no Ray needed
     }
     path = tmp_path / "fed.yaml"
     path.write_text(yaml.safe_dump(job))
-    port = _free_port()
     argv = [sys.executable, "-m", "gradcomp.cli", "fedsim", str(path), "--runs-dir", str(tmp_path), "--metrics-port"]
-    proc = subprocess.Popen([*argv, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv += [str(port), "--grpc"] if grpc else [str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         end, seen = time.monotonic() + 180, {}
         while seen.get("gradcomp_fed_round") != ROUNDS or not (tmp_path / job["name"] / "results.json").is_file():
@@ -75,7 +80,10 @@ def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path) -> None:
     assert seen["gradcomp_fed_uplink_bytes_total"] == results["bytes_sent"] > 0
     assert seen["gradcomp_fed_uplink_dense_bytes_total"] == results["dense_bytes"]
     assert seen["gradcomp_fed_privacy_epsilon"] == results["epsilon"] > 0
-    assert seen["gradcomp_fed_global_test_accuracy"] == results["final"]["accuracy"]
+    last_eval = [h for h in results["history"] if "test_accuracy" in h][-1]
+    assert seen["gradcomp_fed_global_test_accuracy"] == last_eval["test_accuracy"]
+    if grpc:  # the simulated clients' RPCs went through the real gRPC service
+        assert any(name.startswith("family:gradcomp_fed_rpcs") for name in seen)
     # every family `gradcomp serve` exports (the training ones are on the page too, without series)
     served = {m.name for m in metrics.REGISTRY.collect() if m.name.startswith("gradcomp_fed_")}
     assert {f"family:{name}" for name in served} <= set(seen)

@@ -154,8 +154,10 @@ def test_a_real_client_sends_the_simulations_bytes(simulations: dict[str, Any], 
                 )
         real.join()
         for round_ in (1, 2):
-            request = real.train_round(_pull_until_train(real, round_))
+            task = _pull_until_train(real, round_)
+            request = real.train_round(task)
             assert request.SerializeToString(deterministic=True) == sent[(me, round_)], f"round {round_}"
+            assert real.train_round(task) is request  # asked again (a lost submit): resent, not retrained
             real.submit(request)
             for (cid, r), data in sent.items():  # the simulation's other updates of this round
                 if r == round_ and cid != me:

@@ -95,7 +95,7 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-ca", default=None, help="CA certificate to verify the coordinator")
     p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="added to the job seed for this client's randomness")
     p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")

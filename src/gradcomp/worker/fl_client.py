@@ -43,7 +43,7 @@ import grpc
 import torch
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
-from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig
+from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.protocol.channel import channel_credentials
@@ -228,7 +228,10 @@ class FLClient:
             config = LocalTrainingConfig.from_pb(cfg)
             # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
             local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
-            self.runtime = ClientRuntime(local, checks=self.checks)
+            try:
+                self.runtime = ClientRuntime(local, checks=self.checks)
+            except TaskRefused as err:
+                raise ClientError(f"refusing the coordinator's task: {err}") from None
             self.data = iid_shard(self.runtime.task, self.shard[0], self.shard[1], config.seed)
             self.memory, self.last_request, self.task_key = ClientMemory(), None, key
         return self.runtime

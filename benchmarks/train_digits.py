@@ -54,6 +54,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "rtopk+ef leader@50x": {"compression": "rtopk(ratio=0.01333, r=0.02667, share=leader) | ef"},
     "randomk+ef@50x": {"compression": "randomk(ratio=0.02) | ef"},
     "powersgd(rank=2)@42x": {"compression": "powersgd(rank=2)"},
+    "powersgd(rank=1)@79x": {"compression": "powersgd(rank=1)"},
 }
 
 

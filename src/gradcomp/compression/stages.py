@@ -204,7 +204,12 @@ class RTopK(_Sparsifier):
 
 @dataclass
 class Unit(Stage):
-    """SSGD: send the direction (unit L2 norm, times `scale`), hide the length."""
+    """SSGD: send the direction (unit L2 norm, times `scale`) instead of the gradient.
+
+    It removes the gradient's length and nothing else: inversion attacks that match by cosine
+    or by ratios of entries reconstruct inputs from it as well as from the raw gradient
+    (`gradcomp audit`). It is a compression/robustness choice, not a privacy mechanism.
+    """
 
     scale: float = 1.0
     name: ClassVar[str] = "unit"

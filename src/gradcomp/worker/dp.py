@@ -80,25 +80,40 @@ class ExampleDP:
         """Whether one more step would pass `epsilon_budget`: the loop stops *before* overspending."""
         return self.ledger.would_exceed(self.cfg.noise_multiplier, self.sample_rate)
 
-    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def gradient(
+        self, x: torch.Tensor, y: torch.Tensor, canaries: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
         """Flat noisy gradient of this rank's batch / expected local batch, and the batch's summed loss.
 
         Averaging over ranks then gives (sum of all clipped gradients + noise) / expected global
         batch, Opacus' estimator for Poisson batches. An empty batch gives noise alone.
+        `canaries` ([k, P]) are extra per-example gradients, clipped like the others: the one-run
+        privacy audit (`audit/onerun.py`) inserts its gradient canaries here.
         """
-        summed, loss_sum = self._clipped_sum(x, y)
+        summed, loss_sum = self._clipped_sum(x, y, canaries)
         if self.cfg.noise_multiplier > 0:
             noise = torch.randn(summed.shape, generator=self.generator, device=summed.device, dtype=summed.dtype)
             summed.add_(noise, alpha=self.noise_std)
         return summed.div_(self.expected_batch), loss_sum
 
-    def _clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Sum of the per-example gradients, each clipped to L2 norm `clip`, and the summed loss."""
+    def _clipped_sum(self, x: torch.Tensor, y: torch.Tensor, extra: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """Sum of the per-example gradients (and `extra` rows), each clipped to L2 norm `clip`; the summed loss."""
+        rows, loss_sum = self._per_example(x, y)
+        if extra is not None:
+            rows = torch.cat([rows, extra.to(rows)])
+        if rows.shape[0] == 0:
+            return rows.new_zeros(rows.shape[1]), loss_sum
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        factor = (self.cfg.clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+        return factor @ rows, loss_sum
+
+    def _per_example(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Per-example flat gradients [B, P] (B may be 0) and the summed loss."""
         model = self.model
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         if x.shape[0] == 0:
             size = sum(p.numel() for p in params.values())
-            return torch.zeros(size, device=x.device, dtype=next(iter(params.values())).dtype), 0.0
+            return torch.zeros(0, size, device=x.device, dtype=next(iter(params.values())).dtype), 0.0
         buffers = {n: b.detach() for n, b in model.named_buffers()}
 
         def loss_one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
@@ -108,9 +123,7 @@ class ExampleDP:
         grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, None, 0, 0))(params, buffers, x, y)
         batch = x.shape[0]
         flat = torch.cat([grads[n].reshape(batch, -1) for n in self.names], dim=1)
-        norms = torch.linalg.vector_norm(flat, dim=1)
-        factor = (self.cfg.clip / norms.clamp_min(1e-12)).clamp(max=1.0)
-        return factor @ flat, float(losses.sum())
+        return flat, float(losses.sum())
 
     def account(self) -> float:
         """Charge one step to the ledger; returns epsilon so far."""

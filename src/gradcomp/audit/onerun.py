@@ -1,0 +1,157 @@
+"""One-run privacy audit of the DP-SGD path (Steinke, Nasr and Jagielski 2023, white box).
+
+m gradient canaries are each put in the training set independently with probability 1/2. A
+canary is a Dirac gradient: clip x a unit vector on a coordinate of its own (a parameter block
+the model's forward never reads, so real examples never touch it). Training runs on the real
+DP-SGD parts: `PoissonPlan` batches over examples + included canaries, `ExampleDP` clipping and
+noise, its Opacus ledger. The auditor sees every step's released noisy gradient (white box),
+scores each canary by the sum of its coordinate over the steps, guesses "in" for the k highest
+scores and "out" for the k lowest, and counts the correct guesses. If the run were
+(epsilon, delta)-DP, that count could exceed a Binomial(2k, e^eps / (1 + e^eps)) tail only
+with small probability (their Theorem 3.1, with its delta term); the largest epsilon rejected
+at the chosen confidence is an empirical lower bound, which must stay at or below the
+accountant's epsilon. A lower bound above it means the implementation or its accounting is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from scipy.stats import binom
+from torch import nn
+
+from gradcomp.config.train import DPConfig
+from gradcomp.privacy import gaussian_epsilon
+from gradcomp.tasks import load_task
+from gradcomp.worker.dp import ExampleDP
+from gradcomp.worker.sampling import PoissonPlan
+
+
+@dataclass(frozen=True)
+class OneRunConfig:
+    """The audited DP-SGD run and the audit's own choices (fixed before the run, as the bound requires)."""
+
+    task: str = "digits-mlp"
+    canaries: int = 1000
+    guesses: int = 100  # k = guesses / 2 "in" and k "out"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.5
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    accounted_noise_multiplier: float | None = None  # None: the noise actually added (a test sets a wrong one)
+    delta: float = 1e-5
+    confidence: float = 0.95
+    seed: int = 0
+
+
+class _WithCanarySlots(nn.Module):
+    """The task's model plus one parameter per canary that the forward pass never reads."""
+
+    def __init__(self, inner: nn.Module, canaries: int):
+        super().__init__()
+        self.inner = inner
+        self.canary_slots = nn.Parameter(torch.zeros(canaries))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def one_run_audit(cfg: OneRunConfig) -> dict[str, Any]:
+    """Train once with canaries; the empirical epsilon lower bound next to the accountant's epsilon."""
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task)
+    x_all, y_all = task.train_set.tensors  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    included = torch.rand(cfg.canaries, generator=gen) < 0.5
+    members = included.nonzero().flatten()  # canary i joins as example n + rank among the included
+    model = _WithCanarySlots(task.make_model(), cfg.canaries)
+    plan = PoissonPlan.for_job(len(x_all) + len(members), cfg.batch_size, 1)
+    dp = ExampleDP(
+        model,
+        DPConfig(clip=cfg.clip, noise_multiplier=cfg.noise_multiplier, delta=cfg.delta),
+        rank=0,
+        world=1,
+        seed=cfg.seed,
+        split_noise=True,
+        sample_rate=plan.sample_rate,
+        expected_batch=plan.expected_local_batch,
+    )
+    scores = _train_and_score(cfg, model, dp, plan, x_all, y_all, members)
+    return _judge(cfg, scores, included, plan, plan.steps_per_epoch * cfg.epochs)
+
+
+def _train_and_score(
+    cfg: OneRunConfig,
+    model: nn.Module,
+    dp: ExampleDP,
+    plan: PoissonPlan,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    members: torch.Tensor,
+) -> torch.Tensor:
+    """Run DP-SGD; each canary's score is the sum over steps of its coordinate in the released gradient."""
+    n, size = len(x_all), sum(p.numel() for p in model.parameters())
+    slots = size - cfg.canaries  # the canary block is the last parameter
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    scores = torch.zeros(cfg.canaries, dtype=torch.float64)
+    for epoch in range(cfg.epochs):
+        for batch in plan.batches(0, cfg.seed, epoch):
+            real, canary = batch[batch < n], members[batch[batch >= n] - n]
+            rows = torch.zeros(len(canary), size)
+            rows[torch.arange(len(canary)), slots + canary] = cfg.clip
+            flat, _ = dp.gradient(x_all[real], y_all[real], canaries=rows)
+            scores += flat[slots:].double()
+            optimizer.zero_grad(set_to_none=True)
+            dp.write_grads(flat)
+            optimizer.step()
+    return scores
+
+
+def _judge(
+    cfg: OneRunConfig, scores: torch.Tensor, included: torch.Tensor, plan: PoissonPlan, steps: int
+) -> dict[str, Any]:
+    k = cfg.guesses // 2
+    order = torch.argsort(scores, descending=True)
+    correct = int(included[order[:k]].sum()) + int((~included[order[-k:]]).sum())
+    accounted = cfg.accounted_noise_multiplier or cfg.noise_multiplier
+    upper = gaussian_epsilon(accounted, steps, cfg.delta, sample_rate=plan.sample_rate)
+    lower = epsilon_lower_bound(cfg.canaries, 2 * k, correct, cfg.delta, 1 - cfg.confidence)
+    return {
+        "epsilon_lower_bound": lower,
+        "epsilon_accountant": upper,
+        "consistent": lower <= upper,
+        "correct_guesses": correct,
+        "guesses": 2 * k,
+        "steps": steps,
+        "sample_rate": plan.sample_rate,
+        "config": asdict(cfg),
+    }
+
+
+def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[at least v of r guesses correct] if the run were (epsilon, delta)-DP (Steinke et al., Thm 3.1).
+
+    A Binomial(r, e^eps / (1 + e^eps)) tail, plus the delta term 2 m delta max_i P[v-i <= B < v] / i.
+    """
+    q = 1 / (1 + math.exp(-epsilon))
+    tail = float(binom.sf(v - 1, r, q))
+    below = binom.pmf(torch.arange(v - 1, -1, -1).numpy(), r, q).cumsum()  # P[v-i <= B < v], i = 1..v
+    alpha = float((below / torch.arange(1, v + 1).numpy()).max()) if v > 0 else 0.0
+    return min(1.0, tail + 2 * m * delta * alpha)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float) -> float:
+    """The largest epsilon whose p-value is below `alpha` (bisection); 0 when none is rejected."""
+    if r == 0 or p_value(m, r, v, 0.0, delta) >= alpha:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p_value(m, r, v, hi, delta) < alpha:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p_value(m, r, v, mid, delta) < alpha else (lo, mid)
+    return lo

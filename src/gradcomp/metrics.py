@@ -95,7 +95,9 @@ FED_TEST_ACCURACY = Gauge(
     "gradcomp_fed_global_test_accuracy", "Test accuracy of the global model (0..1)", registry=REGISTRY
 )
 FED_EPSILON = Gauge(
-    "gradcomp_fed_privacy_epsilon", "Client-level epsilon spent (at the job's delta)", registry=REGISTRY
+    "gradcomp_fed_privacy_epsilon",
+    "Client-level epsilon spent (at the job's delta; local DP: the worst client's, q = 1)",
+    registry=REGISTRY,
 )
 FED_RPCS = Counter(
     "gradcomp_fed_rpcs", "Coordinator RPCs handled, by method and gRPC status code", ["method", "code"],

@@ -716,11 +716,14 @@ def test_make_certs_writes_a_verifiable_chain(certs: Path) -> None:
     for p in certs.iterdir():
         if p.suffix in (".key", ".token") or p.name == "tokens.txt":
             assert p.stat().st_mode & 0o077 == 0, f"{p.name} is readable by others"
-    from gradcomp.server.tls import parse_tokens_text
+    from gradcomp.server.auth import parse_tokens_text
 
     tokens = parse_tokens_text((certs / "tokens.txt").read_text(), "tokens.txt")
-    assert sorted(tokens.values()) == ["client-0", "client-1"]
-    assert tokens[(certs / "client-1.token").read_text()] == "client-1"
+    assert sorted(c.name for c in tokens.values()) == ["client-0", "client-1"]
+    assert tokens[(certs / "client-1.token").read_text()].name == "client-1"
+    for ident in tokens.values():  # each token is bound to the CN of its client's certificate (mutual TLS)
+        subject = _openssl("x509", "-in", str(certs / f"{ident.name}.crt"), "-noout", "-subject")
+        assert re.search(rf"CN ?= ?{ident.cert_identity}$", subject.strip()), (ident, subject)
 
 
 def test_make_certs_refuses_to_overwrite_keys(certs: Path) -> None:

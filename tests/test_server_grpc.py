@@ -243,6 +243,9 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
                 "tls_cert": str(certs["server_cert"]), "tls_key": str(certs["server_key"]),
                 "tls_client_ca": str(certs["ca"])},
     )  # fmt: skip
+    # With client certificates required, each token is bound to a certificate identity.
+    (tmp_path / "tokens.txt").write_text("".join(f"{n} {t} client-0\n" if n == "alice" else f"{n} {t} {n}\n"
+                                                 for n, t in TOKENS.items()))  # fmt: skip
     run = start(job, tmp_path / "run")
     h = Harness(run)
     try:

@@ -11,7 +11,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gradcomp.server import tls
-from gradcomp.server.tls import generate, parse_tokens_text, write_secret
+from gradcomp.server.auth import parse_tokens_text
+from gradcomp.server.tls import generate, write_secret
 
 
 def _mode(path: Path) -> int:
@@ -45,7 +46,8 @@ def test_keys_and_tokens_are_0600_before_they_get_their_name(
         assert _mode(path) == (0o600 if key in secret else 0o666), key  # certificates are public
     assert sorted(os.listdir(tmp_path / "certs")) == sorted(p.name for p in paths.values())  # no temp files left
     tokens = parse_tokens_text(paths["tokens"].read_text(), "tokens.txt")
-    assert sorted(tokens.values()) == ["client-0", "client-1"]
+    assert sorted(c.name for c in tokens.values()) == ["client-0", "client-1"]
+    assert all(c.cert_identity == c.name for c in tokens.values())  # each token bound to its certificate's CN
 
 
 def test_certificates_name_the_hosts_and_usages(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@
 #   -f              overwrite existing files in OUT_DIR (default: refuse)
 #
 # Output: ca.crt ca.key server.crt server.key client-<i>.crt client-<i>.key client-<i>.token
-#         tokens.txt (the coordinator's server.tokens_file: one 'client-<i> <token>' per line)
+#         tokens.txt (the coordinator's server.tokens_file: one 'client-<i> <token> client-<i>' per line:
+#         name, token, and the certificate CN the token is bound to under mutual TLS)
 # Keys are EC P-256, files written with mode 0600. The server certificate also allows clientAuth
 # so the coordinator's own health probe can pass mutual TLS. ca.key is only needed to sign more
 # certificates: keep it offline.
@@ -108,7 +109,7 @@ for ((i = 0; i < clients; i++)); do
   sign "client-$i" "client-$i" "$tmp/client.ext"
   token="$(openssl rand -hex 32)"
   printf '%s' "$token" >"$out/client-$i.token"
-  printf 'client-%d %s\n' "$i" "$token" >>"$out/tokens.txt"
+  printf 'client-%d %s client-%d\n' "$i" "$token" "$i" >>"$out/tokens.txt"
 done
 
 # umask 077 made every key and token 0600; certificates are public.

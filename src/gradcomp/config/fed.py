@@ -61,6 +61,13 @@ class LimitsSection(StrictModel):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC send/receive limit, both ends")
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=64, description="largest compressed update accepted")
     chunk_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="global model is sent in chunks of this size")
+    stream_window_bytes: int = Field(
+        1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="HTTP/2 receive window per call: bytes a peer may send ahead of the coordinator reading them "
+        "(bounds what unauthenticated calls can make it buffer; larger helps uploads over high-latency links)",
+    )
     rpc_timeout_seconds: float = Field(30.0, gt=0, description="deadline of every RPC a client makes")
     max_examples: int = Field(
         1_000_000,
@@ -77,8 +84,13 @@ class ServerSection(StrictModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
-    tokens_file: Path | None = Field(None, description="lines 'client-name token'")
+    tokens_file: Path | None = Field(
+        None, description="lines 'client-name token [cert-identity]' (identity: CN/SAN required with mutual TLS)"
+    )
     tokens_env: str = Field("GRADCOMP_TOKENS", description="env var 'name=token,name=token' (used if no file)")
+    max_concurrent_rpcs: int = Field(
+        64, ge=4, description="calls served at once; more are refused with RESOURCE_EXHAUSTED (clients retry)"
+    )
     heartbeat_seconds: float = Field(5.0, gt=0)
     linger_seconds: float = Field(10.0, ge=0, description="keep answering 'done' this long after the last round")
     metrics_linger_seconds: float = Field(

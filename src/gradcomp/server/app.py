@@ -28,13 +28,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2_grpc
 from gradcomp.config.fed import FedJob, load_fed_job
-from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.model import initial_params
 from gradcomp.results import RunRecord, atomic_write_json, human_bytes, print_summary
 from gradcomp.server import store
+from gradcomp.server.auth import AuthGate, TokenBook, load_tokens, server_options
 from gradcomp.server.core import FAILED, Coordinator
 from gradcomp.server.service import CoordinatorService
-from gradcomp.server.tls import load_tokens, server_credentials
+from gradcomp.server.tls import server_credentials
 from gradcomp.tasks import Task, evaluate, load_task
 
 log = logging.getLogger("gradcomp.server")
@@ -103,6 +103,29 @@ def checkpointer(job: FedJob, run_dir: Path, record: RunRecord) -> Callable[[Coo
     return checkpoint
 
 
+def make_grpc_server(job: FedJob, book: TokenBook, coord: Coordinator) -> grpc.Server:
+    """A gRPC server whose calls pass the `AuthGate` (token, certificate, size) before being read."""
+
+    def refused(method: str, code: grpc.StatusCode, reason: str | None, message: str) -> None:
+        metrics.FED_RPCS.labels(method=method, code=code.name).inc()
+        if method == "SubmitUpdate" and reason is not None:
+            coord.reject(reason, message)
+
+    gate = AuthGate(
+        book,
+        require_cert=job.server.tls_client_ca is not None,
+        max_request_bytes=job.limits.max_message_bytes,
+        refused=refused,
+    )
+    limit = job.server.max_concurrent_rpcs
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limit),
+        interceptors=[gate],
+        options=server_options(job.limits.max_message_bytes, job.limits.stream_window_bytes),
+        maximum_concurrent_rpcs=limit,
+    )
+
+
 def start(
     job: FedJob,
     run_dir: Path,
@@ -115,7 +138,7 @@ def start(
     """Build and start everything (no round loop); used by run_serve, `fedsim --grpc` (kind "fedsim")
     and in-process tests. `tokens` (bearer token -> client name) replaces the job's tokens file or
     environment variable."""
-    tokens = dict(tokens) if tokens is not None else load_tokens(job.server)
+    book = TokenBook.from_names(tokens) if tokens is not None else TokenBook(load_tokens(job.server))
     host = resolve_host(job, host)
     creds = server_credentials(job.server)
     ckpt = run_dir / store.FILENAME
@@ -126,16 +149,12 @@ def start(
     config = json.loads(job.model_dump_json())
     record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, kind, config)
     checkpoint = checkpointer(job, run_dir, record)
-    coord = Coordinator(
-        job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=sorted(tokens.values())
-    )
+    coord = Coordinator(job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=book.names)
     if resume:
         coord.load_state_dict(store.load_state(run_dir))
         checkpoint(coord)  # results.json from the checkpoint's log (no round lost or doubled)
-    # No SO_REUSEPORT: a second coordinator on the same port must fail, not silently share the clients.
-    options = [*message_options(job.limits.max_message_bytes), ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
-    service = CoordinatorService(coord, job, tokens)
+    server = make_grpc_server(job, book, coord)
+    service = CoordinatorService(coord, job, book)
     fed_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -3,7 +3,8 @@
 All round logic lives in `server.core.Coordinator`; this module only translates. Every
 refusal carries a precise status code and a message that says what was wrong:
 
-  bad/missing token           UNAUTHENTICATED
+  bad/missing token, or a client certificate that is not the token's   UNAUTHENTICATED
+  request that does not parse INVALID_ARGUMENT (both checked by server.auth.AuthGate first)
   stale round, not selected   FAILED_PRECONDITION (the client should pull a new task)
   job over                    FAILED_PRECONDITION
   duplicate submit            ALREADY_EXISTS
@@ -15,9 +16,8 @@ refusal carries a precise status code and a message that says what was wrong:
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,6 +26,7 @@ from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.messages import PROTOCOL_VERSION, DuplicateTensor, training_config, update_fields
+from gradcomp.server.auth import TokenBook
 from gradcomp.server.core import Coordinator
 from gradcomp.server.model_cache import ModelCache
 from gradcomp.server.updates import Rejected
@@ -83,26 +84,19 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
-    """gRPC face of a `Coordinator`. `tokens` maps bearer token -> client name."""
+    """gRPC face of a `Coordinator`; `book` says which client a bearer token names."""
 
-    def __init__(self, coord: Coordinator, job: FedJob, tokens: Mapping[str, str], cache: ModelCache | None = None):
+    def __init__(self, coord: Coordinator, job: FedJob, book: TokenBook, cache: ModelCache | None = None):
         self.coord = coord
         self.job = job
-        self._tokens = [(t.encode(), n) for t, n in tokens.items()]
+        self.book = book
         self.cache = cache or ModelCache(job.limits.chunk_bytes)
         self._config = training_config(job)
 
     # --- helpers ---------------------------------------------------------------------------
     def _client(self, context: grpc.ServicerContext) -> str | None:
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        if not header.startswith("Bearer "):
-            return None
-        given = header[len("Bearer ") :].strip().encode()
-        name = None
-        for token, who in self._tokens:  # compare against every token: no early exit on a match
-            if hmac.compare_digest(token, given):
-                name = who
-        return name
+        ident = self.book.lookup(context.invocation_metadata())
+        return ident.name if ident else None
 
     def _auth(self, context: grpc.ServicerContext) -> str:
         name = self._client(context)

@@ -2,8 +2,9 @@
 
 `python -m gradcomp.server.tls --out certs --host coord.example.org --clients 3` writes a
 private CA (ca.pem), a server certificate for the given hosts (server.pem / server.key) and,
-with --clients N, client certificates for mutual TLS (client-I.pem / client-I.key), plus a
-tokens file (tokens.txt: 'client-I <random token>' lines). Keys and tokens are written 0600.
+with --clients N, client certificates for mutual TLS (client-I.pem / client-I.key, CN client-I),
+plus a tokens file (tokens.txt: 'client-I <random token> client-I' lines: name, token, and the
+certificate identity the token is bound to; see server/auth.py). Keys and tokens are written 0600.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import secrets
 import sys
 from collections.abc import Sequence
@@ -24,43 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gradcomp.config.fed import ServerSection
-
-
-# --- tokens ------------------------------------------------------------------------------------
-def parse_tokens_text(text: str, source: str) -> dict[str, str]:
-    """'name token' lines (or 'name=token' items separated by commas) -> {token: name}."""
-    out: dict[str, str] = {}
-    items = [ln for ln in text.replace(",", "\n").splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    for i, raw in enumerate(items, 1):
-        parts = raw.replace("=", " ").split()
-        if len(parts) != 2:
-            raise ValueError(f"{source}: entry {i} must be 'client-name token', got {raw.strip()!r}")
-        name, token = parts
-        if len(token) < 8:
-            raise ValueError(f"{source}: token of {name!r} is shorter than 8 characters")
-        if token in out:
-            raise ValueError(f"{source}: clients {out[token]!r} and {name!r} share a token")
-        if name in out.values():
-            raise ValueError(f"{source}: client {name!r} has two tokens")
-        out[token] = name
-    return out
-
-
-def load_tokens(server: ServerSection) -> dict[str, str]:
-    """Tokens from server.tokens_file, else from the env var server.tokens_env."""
-    if server.tokens_file is not None:
-        path = Path(server.tokens_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"server.tokens_file: {path} does not exist")
-        tokens = parse_tokens_text(path.read_text(), str(path))
-    else:
-        tokens = parse_tokens_text(os.environ.get(server.tokens_env, ""), f"${server.tokens_env}")
-    if not tokens:
-        raise ValueError(
-            f"no client tokens: set server.tokens_file (lines 'client-name token') or "
-            f"${server.tokens_env}='name=token,name=token' (generate some with python -m gradcomp.server.tls)"
-        )
-    return tokens
 
 
 # --- gRPC credentials ---------------------------------------------------------------------------
@@ -171,7 +134,7 @@ def generate(out: str | Path, hosts: Sequence[str], clients: int = 0, days: int 
     lines = []
     for i in range(clients):
         paths.update(_write_leaf(ca, out, f"client-{i}", f"client-{i}", [], ExtendedKeyUsageOID.CLIENT_AUTH, days))
-        lines.append(f"client-{i} {secrets.token_urlsafe(24)}")
+        lines.append(f"client-{i} {secrets.token_urlsafe(24)} client-{i}")
     if clients:
         paths["tokens"] = out / "tokens.txt"
         write_secret(paths["tokens"], ("\n".join(lines) + "\n").encode())

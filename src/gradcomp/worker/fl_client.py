@@ -52,6 +52,16 @@ from gradcomp.protocol.messages import PROTOCOL_VERSION
 log = logging.getLogger("gradcomp.client")
 
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# gRPC's own answer when the coordinator serves server.max_concurrent_rpcs calls already: try again later.
+BUSY_DETAILS = "Concurrent RPC limit exceeded"
+
+
+def is_transient(err: grpc.RpcError) -> bool:
+    """Worth retrying: the coordinator is unreachable, slow, or momentarily at its concurrent-call limit."""
+    code = err.code()
+    return code in TRANSIENT or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY_DETAILS in (err.details() or ""))
+
+
 MAX_MESSAGE = 256 * 1024 * 1024  # the client accepts what the coordinator's limits allow
 # Reconnect to a restarted coordinator within about a second (see module docstring).
 RECONNECT_OPTIONS = [
@@ -83,7 +93,7 @@ class Backoff:
                 return fn()
             except grpc.RpcError as err:
                 code, now = err.code(), time.monotonic()
-                if code not in TRANSIENT:
+                if not is_transient(err):
                     raise
                 if now - start > self.budget:
                     log.warning(
@@ -278,7 +288,7 @@ class FLClient:
             code = err.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise ClientError(f"coordinator refused the token: {err.details()}") from None
-            if code in TRANSIENT:
+            if is_transient(err):
                 raise
             self.log(f"round {req.round}: update refused ({code.name}): {err.details()}")
             return False

@@ -1,0 +1,217 @@
+"""Who is calling the coordinator, decided before a request's bytes are read.
+
+Every client holds a bearer token (`authorization: Bearer <token>` metadata) that names it.
+With mutual TLS the token is also bound to a certificate: the tokens file says which
+certificate identity (CN or a SAN; by default the client's name) must present it, so a
+stolen token is useless without the matching key and one client's certificate cannot carry
+another client's token.
+
+`AuthGate` is a gRPC server interceptor. gRPC Python calls interceptors with the method
+name and the call's metadata only, before any request message is received, but a unary
+handler then receives and deserialises the whole message before the servicer runs. So the
+gate answers a call with a bad token through a request-streaming handler that never reads
+its request: the bytes of an unauthenticated call stay in HTTP/2 flow control (a bounded
+window, see `server_options`) and are dropped with the stream. An authenticated call is
+served by the same kind of handler, which checks the peer certificate, then reads exactly
+one message as raw bytes, refuses it when it is over the size limit (counted as
+`too_large`) or does not parse (`INVALID_ARGUMENT`, never gRPC's own `INTERNAL`
+"Exception deserializing request!"), and only then calls the servicer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gradcomp.config.fed import ServerSection
+
+SERVICE_PREFIX = "/gradcomp.v1.Coordinator/"
+# Called for every refusal the gate makes: (method, status code, rejected_total reason or None, message).
+RefusalHook = Callable[[str, grpc.StatusCode, "str | None", str], None]
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A client as the coordinator knows it: its name and the certificate identity bound to its token."""
+
+    name: str
+    cert_identity: str
+
+
+# --- the tokens file -------------------------------------------------------------------------
+def parse_tokens_text(text: str, source: str) -> dict[str, ClientIdentity]:
+    """'name token [cert-identity]' lines (or 'name=token[=identity]' items separated by commas)."""
+    out: dict[str, ClientIdentity] = {}
+    items = [ln for ln in text.replace(",", "\n").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    for i, raw in enumerate(items, 1):
+        parts = raw.replace("=", " ").split()
+        if len(parts) not in (2, 3):
+            raise ValueError(f"{source}: entry {i} must be 'client-name token [cert-identity]', got {raw.strip()!r}")
+        name, token = parts[:2]
+        if len(token) < 8:
+            raise ValueError(f"{source}: token of {name!r} is shorter than 8 characters")
+        if token in out:
+            raise ValueError(f"{source}: clients {out[token].name!r} and {name!r} share a token")
+        if any(c.name == name for c in out.values()):
+            raise ValueError(f"{source}: client {name!r} has two tokens")
+        out[token] = ClientIdentity(name, parts[2] if len(parts) == 3 else name)
+    return out
+
+
+def load_tokens(server: ServerSection) -> dict[str, ClientIdentity]:
+    """Tokens from server.tokens_file, else from the env var server.tokens_env."""
+    if server.tokens_file is not None:
+        path = Path(server.tokens_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"server.tokens_file: {path} does not exist")
+        tokens = parse_tokens_text(path.read_text(), str(path))
+    else:
+        tokens = parse_tokens_text(os.environ.get(server.tokens_env, ""), f"${server.tokens_env}")
+    if not tokens:
+        raise ValueError(
+            f"no client tokens: set server.tokens_file (lines 'client-name token [cert-identity]') or "
+            f"${server.tokens_env}='name=token,name=token' (generate some with python -m gradcomp.server.tls)"
+        )
+    return tokens
+
+
+class TokenBook:
+    """Bearer token -> client, compared in constant time against every token (no early exit)."""
+
+    def __init__(self, entries: Mapping[str, ClientIdentity]):
+        self._entries = [(token.encode(), ident) for token, ident in entries.items()]
+
+    @classmethod
+    def from_names(cls, tokens: Mapping[str, str]) -> TokenBook:
+        """A book whose clients' certificate identities are their names ({token: name})."""
+        return cls({t: ClientIdentity(n, n) for t, n in tokens.items()})
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(ident.name for _, ident in self._entries)
+
+    def lookup(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> ClientIdentity | None:
+        header = next((v for k, v in metadata or () if k == "authorization"), "")
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        if not header.startswith("Bearer "):
+            return None
+        given = header[len("Bearer ") :].strip().encode()
+        found = None
+        for token, ident in self._entries:
+            if hmac.compare_digest(token, given):
+                found = ident
+        return found
+
+
+def certificate_problem(ident: ClientIdentity, auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
+    """Why the peer's certificate may not carry `ident`'s token, or None when it may."""
+    names = [
+        v.decode(errors="replace")
+        for key in ("x509_common_name", "x509_subject_alternative_name")
+        for v in auth_context.get(key, ())
+    ]
+    if not names:
+        return f"client {ident.name!r} presented no client certificate (mutual TLS is required)"
+    if ident.cert_identity not in names:
+        return (
+            f"the certificate of {', '.join(sorted(set(names)))} does not belong to the token of client "
+            f"{ident.name!r} (expected {ident.cert_identity!r})"
+        )
+    return None
+
+
+# --- the interceptor -------------------------------------------------------------------------
+class AuthGate(grpc.ServerInterceptor):
+    """Authenticate coordinator calls before their request is read (see module docstring)."""
+
+    def __init__(self, book: TokenBook, *, require_cert: bool, max_request_bytes: int, refused: RefusalHook):
+        self.book = book
+        self.require_cert = require_cert
+        self.max_request_bytes = max_request_bytes
+        self.refused = refused
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler  # unknown methods (UNIMPLEMENTED) and the health service pass untouched
+        method = details.method[len(SERVICE_PREFIX) :]
+        ident = self.book.lookup(details.invocation_metadata)
+        if ident is None:
+            return grpc.stream_unary_rpc_method_handler(self._turn_away(method))
+        if handler.request_streaming or handler.response_streaming:
+            return handler  # the coordinator has none; nothing to read ahead of
+        return grpc.stream_unary_rpc_method_handler(
+            self._guarded(method, ident, handler), response_serializer=handler.response_serializer
+        )
+
+    def _refuse(
+        self, context: grpc.ServicerContext, method: str, code: grpc.StatusCode, reason: str | None, msg: str
+    ) -> None:
+        self.refused(method, code, reason, msg)
+        context.abort(code, msg)
+
+    def _turn_away(self, method: str) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
+        def behaviour(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                         "missing or unknown bearer token")  # fmt: skip
+
+        return behaviour
+
+    def _guarded(
+        self, method: str, ident: ClientIdentity, inner: grpc.RpcMethodHandler
+    ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
+        def behaviour(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            if self.require_cert:
+                problem = certificate_problem(ident, context.auth_context())
+                if problem is not None:
+                    self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", problem)
+            raw = self._read_one(method, requests, context)
+            try:
+                request = inner.request_deserializer(raw) if inner.request_deserializer else raw
+            except Exception as err:  # protobuf's DecodeError, or anything a forged message triggers
+                self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                             f"request is not a valid {method} message: {type(err).__name__}")  # fmt: skip
+            return inner.unary_unary(request, context)
+
+        return behaviour
+
+    def _read_one(self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        try:
+            raw = next(requests)
+        except StopIteration:
+            self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "no request message")
+        except grpc.RpcError:  # the client went away, or the message broke gRPC's own hard limit
+            self.refused(method, grpc.StatusCode.CANCELLED, None, "call ended before its request arrived")
+            raise
+        if len(raw) > self.max_request_bytes:
+            self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
+                         f"request of {len(raw)} bytes is over limits.max_message_bytes "
+                         f"({self.max_request_bytes})")  # fmt: skip
+        return raw
+
+
+def server_options(max_message_bytes: int, window_bytes: int) -> list[tuple[str, int]]:
+    """gRPC server options that bound what a peer can make the coordinator buffer.
+
+    The receive limit is twice `limits.max_message_bytes` so that the gate, not gRPC, sees
+    (and counts) an oversized request; gRPC's own refusal reaches a handler only as a
+    cancelled call. HTTP/2's bandwidth-delay probing is off and the stream window fixed: with
+    probing on, a flood of unauthenticated requests grew the window and the coordinator
+    buffered megabytes per stream before the refusal went out.
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", 2 * max_message_bytes),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", window_bytes),
+        ("grpc.so_reuseport", 0),  # a second coordinator on the same port must fail, not share the clients
+    ]

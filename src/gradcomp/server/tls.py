@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import os
 import secrets
 import sys
 from collections.abc import Sequence

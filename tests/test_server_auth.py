@@ -226,7 +226,7 @@ def test_a_valid_update_still_goes_through_the_gate(served) -> None:  # type: ig
     coord.register("client-0")
     coord.select_clients()
     req = fed_pb2.SubmitUpdateRequest(round=1, num_examples=5)
-    from gradcomp.server.codec import named_to_pb
+    from gradcomp.protocol.codec import named_to_pb
 
     req.update.extend(named_to_pb({k: torch.zeros_like(v) for k, v in coord.params.items()}))
     resp = fed_pb2_grpc.CoordinatorStub(channel).SubmitUpdate(req, metadata=md(TOKENS["client-0"]), timeout=10)
@@ -236,8 +236,9 @@ def test_a_valid_update_still_goes_through_the_gate(served) -> None:  # type: ig
 # --- mutual TLS: the certificate must be the token's --------------------------------------------
 def test_a_client_certificate_cannot_carry_another_clients_token(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
+    from gradcomp.protocol.channel import channel_credentials
     from gradcomp.server.auth import parse_tokens_text
-    from gradcomp.server.tls import channel_credentials, generate
+    from gradcomp.server.tls import generate
 
     certs = generate(tmp_path / "certs", ["localhost", "127.0.0.1"], clients=2)
     tokens = {ident.name: tok for tok, ident in parse_tokens_text(certs["tokens"].read_text(), "tokens").items()}

@@ -55,3 +55,33 @@ def test_long_functions_are_found_and_a_clean_package_passes(tmp_path: Path, cap
 
 def test_gradcomp_has_no_import_cycle_and_no_long_function(capsys: pytest.CaptureFixture) -> None:
     assert archcheck.main(["--src", str(ROOT / "src")]) == 0, capsys.readouterr().out
+
+
+def _documented_layers() -> dict[str, int]:
+    """docs/architecture.md's package table: `pkg/` or `module.py` -> its layer number."""
+    layers = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit() and cells[1].startswith("`"):
+            name = cells[1].strip("`").removesuffix("/").removesuffix(".py")
+            layers[f"gradcomp.{name}"] = int(cells[0])
+    return layers
+
+
+def _package_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_architecture_page_lists_every_package_and_imports_run_down_its_layers() -> None:
+    layers = _documented_layers()
+    modules = archcheck.find_modules(ROOT / "src", "gradcomp")
+    packages = {_package_of(m) for m in modules if m != "gradcomp"} | {"gradcomp._proto"}
+    assert packages == set(layers), "docs/architecture.md: the package table must name every package, once"
+    upward = sorted(
+        f"{module} (layer {layers[_package_of(module)]}) imports {target} (layer {layers[_package_of(target)]})"
+        for module, targets in archcheck.import_graph(modules).items()
+        if module != "gradcomp"
+        for target in targets
+        if layers[_package_of(target)] > layers[_package_of(module)]
+    )
+    assert upward == [], "imports that run up the layers of docs/architecture.md:\n" + "\n".join(upward)

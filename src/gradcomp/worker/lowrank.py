@@ -11,6 +11,7 @@ what `run_bucket` reports, times the bucket's element size.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -54,8 +55,9 @@ def state_dict(state: PowerSGDState) -> dict[str, Any]:
 
 
 def load_state_dict(state: PowerSGDState, saved: dict[str, Any]) -> None:
+    """Restore `state_dict`'s output (copied: torch's hook replaces entries of its dicts)."""
     group = state.process_group
-    state.__setstate__(saved)
+    state.__setstate__(copy.deepcopy(saved))
     state.process_group = group
 
 

@@ -105,10 +105,10 @@ def test_round_aggregates_when_all_report() -> None:
     c.accept_update("a", 1, 10, dense_update(1.0))
     c.accept_update("b", 1, 30, dense_update(2.0))
     assert c.finish_round() is None  # c still missing, deadline not reached
-    c.accept_update("c", 1, 60, dense_update(0.0))
+    c.accept_update("c", 1, 40, dense_update(0.0))  # half the round: at limits.max_weight_share, not above
     res = c.finish_round()
     assert res is not None and res.round == 1 and c.version == 1
-    torch.testing.assert_close(c.params["b"], torch.full((3,), (10 * 1 + 30 * 2) / 100))
+    torch.testing.assert_close(c.params["b"], torch.full((3,), (10 * 1 + 30 * 2) / 80))
     assert c.task_for("a").action == "wait"
 
 
@@ -139,7 +139,7 @@ def test_rejections_do_not_disturb_round() -> None:
 
 def test_an_inflated_example_count_cannot_take_over_the_average() -> None:
     clock = Clock()
-    c = Coordinator(job(limits={"max_examples": 1000}), PARAMS, clock=clock)
+    c = Coordinator(job(limits={"max_examples": 1000, "max_update_norm": 100.0}), PARAMS, clock=clock)
     for n in ("a", "b", "c"):
         c.register(n)
     c.select_clients()

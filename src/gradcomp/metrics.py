@@ -62,6 +62,11 @@ FED_UPDATES_ACCEPTED = Counter(
 FED_UPDATES_REJECTED = Counter(
     "gradcomp_fed_updates_rejected", "Client updates refused, by reason", ["reason"], registry=REGISTRY
 )
+FED_UPDATES_CLIPPED = Counter(
+    "gradcomp_fed_updates_clipped",
+    "Accepted updates scaled down to limits.max_update_norm (their L2 norm was above it)",
+    registry=REGISTRY,
+)
 FED_UPLINK_BYTES = Counter(
     "gradcomp_fed_uplink_bytes", "Compressed update bytes received from clients (accepted)", registry=REGISTRY
 )

@@ -70,10 +70,24 @@ class LimitsSection(StrictModel):
     )
     rpc_timeout_seconds: float = Field(30.0, gt=0, description="deadline of every RPC a client makes")
     max_examples: int = Field(
-        1_000_000,
+        10_000,
         ge=1,
         description="largest num_examples one update may claim: FedAvg weights by it, so an unbounded claim "
-        "would let one client outweigh the rest",
+        "would let one client outweigh the rest (a digits client holds a few hundred; raise it for larger shards)",
+    )
+    max_weight_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="largest share of a round's weighted mean one client gets, whatever it claims (the excess "
+        "goes to the others in proportion; uniform weights when the round is too small to meet it)",
+    )
+    max_update_norm: float = Field(
+        10.0,
+        gt=0,
+        description="L2 bound on every accepted update, in every privacy mode: a larger one is scaled down to it "
+        "(counted in gradcomp_fed_updates_clipped_total) rather than refused, so an honest client with a large "
+        "step still counts (digits-MLP updates are 0.5 to 5; raise it for larger models)",
     )
 
 

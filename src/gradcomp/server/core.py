@@ -23,6 +23,11 @@ in-process. Public interface (kept stable):
     coord.params, coord.version, coord.round, coord.done, coord.status, coord.log, coord.epsilon
     coord.state_dict() / coord.load_state_dict(state)   # everything --resume needs
 
+Every accepted update is first scaled to L2 norm <= `limits.max_update_norm` (any privacy mode),
+and the weights a mean-aggregating strategy sees are the example counts capped at
+`limits.max_weight_share` of the round (`ClientUpdate.weight`): one client cannot dominate a
+round by its update's size or by the count it claims.
+
 Who is asked each round, how the received updates combine and how the global model moves are
 the job's strategy's (`strategies/`; `strategy_for_job` wraps it in central DP when the job says
 so); the coordinator only hands it the round's accepted updates.
@@ -50,6 +55,7 @@ from gradcomp.config.fed import FedJob
 from gradcomp.privacy import ParticipationLedger, PrivacyLedger
 from gradcomp.server.updates import Params, Rejected, decode_update, dense_update_nbytes, model_spec, update_nbytes
 from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
+from gradcomp.strategies.aggregate import capped_shares, clip_update
 from gradcomp.strategies.central_dp import CentralDP
 
 RUNNING, FINISHED, BUDGET_EXHAUSTED, FAILED = "running", "finished", "budget_exhausted", "failed"
@@ -104,6 +110,7 @@ class RoundState:
     uplink_bytes: int = 0
     dense_bytes: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    clipped: int = 0  # accepted updates scaled down to limits.max_update_norm
 
 
 @dataclass(frozen=True)
@@ -353,7 +360,7 @@ class Coordinator:
         # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
         # Any failure must drop the pending mark, or `_all_in` would wait for this client until the deadline.
         try:
-            dense = decode_update(update, self.spec, max_bytes=self.job.limits.max_update_bytes)
+            dense, norm = self._decode(update)
             nbytes = update_nbytes(update)
         except Rejected as err:
             with self._lock:
@@ -370,15 +377,25 @@ class Coordinator:
                 raise self._reject("stale_round", f"round {round_id} closed before the update was decoded")
             r.received[name] = (int(num_examples), dense)
             r.client_metrics[name] = {k: float(v) for k, v in (metrics_ or {}).items()}
-            r.uplink_bytes += nbytes
-            r.dense_bytes += self.dense_update_bytes
-            self.totals["accepted"] += 1
-            metrics.FED_UPDATES_ACCEPTED.inc()
-            metrics.FED_UPLINK_BYTES.inc(nbytes)
-            metrics.FED_UPLINK_DENSE_BYTES.inc(self.dense_update_bytes)
-            metrics.FED_CLIENTS_REPORTED.set(len(r.received))
+            self._count_accepted(r, nbytes, clipped=norm > self.job.limits.max_update_norm)
             self._changed.notify_all()
             return len(r.received)
+
+    def _count_accepted(self, r: RoundState, nbytes: int, clipped: bool) -> None:
+        r.uplink_bytes += nbytes
+        r.dense_bytes += self.dense_update_bytes
+        r.clipped += clipped
+        self.totals["accepted"] += 1
+        metrics.FED_UPDATES_ACCEPTED.inc()
+        metrics.FED_UPDATES_CLIPPED.inc(clipped)
+        metrics.FED_UPLINK_BYTES.inc(nbytes)
+        metrics.FED_UPLINK_DENSE_BYTES.inc(self.dense_update_bytes)
+        metrics.FED_CLIENTS_REPORTED.set(len(r.received))
+
+    def _decode(self, update: Mapping[str, Fields | Payload]) -> tuple[Params, float]:
+        """The validated dense update scaled to norm <= limits.max_update_norm, and its norm as sent."""
+        dense = decode_update(update, self.spec, max_bytes=self.job.limits.max_update_bytes)
+        return clip_update(dense, self.job.limits.max_update_norm)
 
     def _all_in(self, r: RoundState) -> bool:
         gone = {n for n in r.selected if self.clients.get(n) is not None and self.clients[n].left}
@@ -447,7 +464,8 @@ class Coordinator:
     def _aggregate(self, r: RoundState, now: float) -> RoundResult:
         t0 = time.perf_counter()
         names = sorted(r.received)
-        updates = [ClientUpdate(n, r.received[n][0], r.received[n][1]) for n in names]
+        shares = capped_shares([r.received[n][0] for n in names], self.job.limits.max_weight_share)
+        updates = [ClientUpdate(n, r.received[n][0], r.received[n][1], w) for n, w in zip(names, shares, strict=True)]
         self.params = self.strategy.apply(self.params, self.strategy.aggregate(r.number, updates))
         agg_seconds = time.perf_counter() - t0
         metrics.FED_AGGREGATE_SECONDS.observe(agg_seconds)
@@ -462,6 +480,7 @@ class Coordinator:
             "uplink_bytes": r.uplink_bytes,
             "dense_bytes": r.dense_bytes,
             "rejected": dict(r.rejected),
+            "clipped": r.clipped,
             "aggregate_seconds": round(agg_seconds, 6),
             "round_seconds": round(now - r.started_at, 3),
         }

@@ -52,3 +52,51 @@ def clipped_sum(updates: Sequence[Mapping[str, torch.Tensor]], clip: float) -> P
         for k in keys:
             total[k].add_(clipped[k].float())
     return total
+
+
+def capped_shares(weights: Sequence[float], max_share: float) -> list[float]:
+    """Normalised weights with none above `max_share` (water-filling: the excess of a capped
+    weight goes to the others in proportion to theirs). One client claiming a huge example
+    count then moves the mean by at most `max_share` of the round. Uniform when the cap cannot
+    be met (max_share * n <= 1)."""
+    n = len(weights)
+    total = float(sum(weights))
+    if n == 0 or total <= 0:
+        raise ValueError(f"weights must be non-empty and sum to a positive number, got {list(weights)}")
+    if max_share * n <= 1:
+        return [1.0 / n] * n
+    capped: set[int] = set()
+    shares = [w / total for w in weights]
+    while over := [i for i in range(n) if i not in capped and shares[i] > max_share]:
+        capped.update(over)
+        free = 1.0 - max_share * len(capped)
+        rest = sum(weights[i] for i in range(n) if i not in capped)
+        shares = [max_share if i in capped else weights[i] * free / rest for i in range(n)]
+    return shares
+
+
+def stacked(updates: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each tensor of the updates stacked along a new first dimension (one row per client)."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    return {k: torch.stack([u[k].float() for u in updates]) for k in updates[0]}
+
+
+def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> Params:
+    """Coordinate-wise median (Yin et al. 2018); with an even count, the mean of the middle two."""
+    out = {}
+    for k, rows in stacked(updates).items():
+        ordered, n = rows.sort(dim=0).values, rows.shape[0]
+        out[k] = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return out
+
+
+def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], trim: float) -> Params:
+    """Coordinate-wise mean after dropping the floor(trim * n) largest and smallest values
+    (Yin et al. 2018); at least one value is always kept, so small rounds degrade to the median."""
+    out = {}
+    for k, rows in stacked(updates).items():
+        n = rows.shape[0]
+        cut = min(int(trim * n), (n - 1) // 2)
+        out[k] = rows.sort(dim=0).values[cut : n - cut].mean(dim=0)
+    return out

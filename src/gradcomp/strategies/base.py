@@ -18,8 +18,8 @@ A round, as `server.core.Coordinator` drives it:
 Plugging in a strategy is one new module in this package: a pydantic `StrategyConfig`
 subclass with `name: Literal["x"] = "x"` and the hyperparameters with their defaults (the only
 place a default is written; job files are validated against it), and a `Strategy` subclass
-decorated with `@register` whose `Config` is that model. A robust aggregator (median, trimmed
-mean, norm-bounded FedAvg) overrides `aggregate` and inherits the server step, e.g.
+decorated with `@register` whose `Config` is that model. A robust aggregator (`median`,
+`trimmed_mean`, `norm_bounded`) overrides `aggregate` and inherits the server step, e.g.
 `class Median(FedAvg)` with its own `Config`. Central DP wraps any strategy whose `aggregate`
 is the default weighted mean (`central_dp.CentralDP`); one that overrides `aggregate` is refused
 there, since the noise is calibrated for the clipped mean's sensitivity.
@@ -48,6 +48,12 @@ class ClientUpdate:
     client: str
     num_examples: int
     delta: Params
+    weight: float | None = None  # the mean's weight after the coordinator's share cap; None: num_examples
+
+    @property
+    def mean_weight(self) -> float:
+        """What a weighted mean gives this update: the capped share, else the example count."""
+        return float(self.num_examples if self.weight is None else self.weight)
 
 
 class StrategyConfig(StrictModel):
@@ -77,8 +83,8 @@ class Strategy:
         return sorted(rng.sample(sorted(available), min(num_clients, len(available))))
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:
-        """FedAvg: the mean of the deltas weighted by example counts."""
-        return weighted_average([(float(u.num_examples), u.delta) for u in updates])
+        """FedAvg: the mean of the deltas weighted by example counts (capped per `mean_weight`)."""
+        return weighted_average([(u.mean_weight, u.delta) for u in updates])
 
     def apply(self, params: Params, aggregate: Params) -> Params:
         """New global parameters from the old ones and the round's aggregate."""

@@ -40,8 +40,10 @@ def test_trimmed_mean_drops_each_end() -> None:
     torch.testing.assert_close(TrimmedMean().aggregate(1, ups)["x"], torch.tensor([3.0]))  # trim 0.2 of 5: one
     torch.testing.assert_close(trimmed_mean([u.delta for u in ups], 0.0)["x"], torch.tensor([22.0]))
     three = [{"x": torch.tensor([v])} for v in (1.0, 2.0, 30.0)]
-    torch.testing.assert_close(trimmed_mean(three, 0.2)["x"], torch.tensor([11.0]))  # floor(0.6) = 0 trimmed
-    torch.testing.assert_close(trimmed_mean(three, 0.4)["x"], torch.tensor([2.0]))  # one each end: the median
+    torch.testing.assert_close(trimmed_mean(three, 0.2)["x"], torch.tensor([2.0]))  # ceil(0.6) = 1 each end
+    torch.testing.assert_close(trimmed_mean(three, 0.0)["x"], torch.tensor([11.0]))
+    ten = [{"x": torch.tensor([float(v)])} for v in (-50, 1, 2, 3, 4, 5, 6, 7, 8, 99)]
+    torch.testing.assert_close(trimmed_mean(ten, 0.1)["x"], torch.tensor([4.5]))  # 0.1 * 10 is one, not two
 
 
 def test_norm_bounded_clips_then_takes_the_weighted_mean() -> None:

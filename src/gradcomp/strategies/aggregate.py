@@ -5,6 +5,7 @@ No rounds, clients or gRPC here, so every rule is testable on its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -92,11 +93,12 @@ def coordinate_median(updates: Sequence[Mapping[str, torch.Tensor]]) -> Params:
 
 
 def trimmed_mean(updates: Sequence[Mapping[str, torch.Tensor]], trim: float) -> Params:
-    """Coordinate-wise mean after dropping the floor(trim * n) largest and smallest values
-    (Yin et al. 2018); at least one value is always kept, so small rounds degrade to the median."""
+    """Coordinate-wise mean after dropping the ceil(trim * n) largest and smallest values
+    (Yin et al. 2018): at least the `trim` share goes at each end, so 0.2 still trims one of 3;
+    at least one value is always kept, so small rounds degrade to the median."""
     out = {}
     for k, rows in stacked(updates).items():
         n = rows.shape[0]
-        cut = min(int(trim * n), (n - 1) // 2)
+        cut = min(math.ceil(trim * n - 1e-9), (n - 1) // 2)
         out[k] = rows.sort(dim=0).values[cut : n - cut].mean(dim=0)
     return out

@@ -1,5 +1,5 @@
 """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate, drop the `trim` share of the
-largest and of the smallest client values and average the rest. Tolerates up to floor(trim * n)
+largest and of the smallest client values and average the rest. Tolerates up to ceil(trim * n)
 malicious clients per side while averaging more honest values than the median does. Unweighted,
 like the median. FedAvg's server step."""
 
@@ -21,7 +21,7 @@ class TrimmedMeanConfig(FedAvgConfig):
         0.2,
         ge=0,
         lt=0.5,
-        description="share of the clients dropped at each end, per coordinate (floor(trim * n), at least one kept)",
+        description="share of the clients dropped at each end, per coordinate (ceil(trim * n), at least one kept)",
     )
 
 

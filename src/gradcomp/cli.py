@@ -99,6 +99,16 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")
+    p.add_argument(
+        "--allow-task",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION",
+        help="an entry point the coordinator may name as the task (repeatable; built-ins always run)",
+    )
+    p.add_argument("--require-dp", action="store_true", help="refuse a task whose spec has no dp stage")
+    p.add_argument("--min-noise-multiplier", type=float, default=None, help="refuse dp with a lower sigma")
+    p.add_argument("--max-clip", type=float, default=None, help="refuse dp with a larger clip")
     p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
 
 

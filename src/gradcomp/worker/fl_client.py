@@ -45,6 +45,7 @@ import torch
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
+from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.protocol.channel import channel_credentials
 from gradcomp.protocol.messages import PROTOCOL_VERSION
@@ -129,7 +130,7 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 class FLClient:
     """One participant; `run()` returns when the job is done."""
 
-    def __init__(self, args: argparse.Namespace, checks: Sequence[ConfigCheck] = ()):
+    def __init__(self, args: argparse.Namespace, checks: Sequence[ConfigCheck] | None = None):
         if not args.token:
             raise ValueError("no token: pass --token or set $GRADCOMP_TOKEN")
         self.args = args
@@ -142,7 +143,8 @@ class FLClient:
             self._creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
         self.channel, self.stub = self._open()
-        self.checks = checks  # the client's own checks on a task before it trains (fedclient.config)
+        # The client's own checks on a task before it trains; by default its policy flags (fedclient.policy).
+        self.checks = ClientPolicy.from_args(args).checks() if checks is None else checks
         self.task_key: str | None = None
         self.runtime: ClientRuntime | None = None
         self.data: ClientData | None = None

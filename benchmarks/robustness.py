@@ -1,13 +1,19 @@
-"""Robust aggregation against one malicious client, on the digits task.
+"""Accuracy under one malicious client: each aggregator on the digits MLP with one attacker
+among 3 and among 10 clients, against the same aggregator with every client honest.
 
-For each aggregator and for 3 and 10 clients, the same seeded federated run three times: all
-honest; one client sending an update of L2 norm 1e6 (a random direction) in the last round; one
-client claiming `limits.max_examples` examples for its honest update with the sign flipped (an
-ordinary-sized update that undoes the round). The attack is in the final round, so the final
-accuracy shows it with no honest round to recover. Updates go through the real coordinator
-(`server.core.Coordinator`: validation, the server-side norm bound, the weight-share cap, the
-strategy), only without gRPC. `fedavg (no limits)` is FedAvg with the bounds of issue 14 off
-(no norm bound, no share cap, max_examples 10^6): the attacks as they were reported.
+The attacker trains honestly, then its `SubmitUpdateRequest` is rewritten before the coordinator
+sees it (`gradcomp.sim.attack`), either in the last round only (no honest round left to recover:
+the damage one update does) or in every round (a persistent attacker):
+- `norm`: its update negated and scaled to L2 norm 1e6 (issue 14's first attack);
+- `examples`: its update negated at its own norm, claiming the most examples the job accepts
+  (1e6 under the old limits, `limits.max_examples` = 10000 under the defaults: a larger claim is refused).
+
+Aggregators: `fedavg (no limits)` (the old limits: max_examples 1e6, no weight cap, no norm bound:
+the attacks as reported), `fedavg` (the defaults: max_update_norm 10, max_weight_share 0.5,
+max_examples 10000), `norm_bounded`, `median`, `trimmed_mean` (each with the defaults). The
+simulation is `gradcomp fedsim`'s in the driver (simulation.actors 0, no Ray), through the real
+coordinator core, with the local training of examples/fedsim-digits.yaml (5 epochs, batch 16,
+lr 0.1) on IID shards; the final accuracy is the mean over seeds.
 
     python benchmarks/robustness.py --out runs/bench/robustness.json
 
@@ -18,108 +24,121 @@ less than 2 points from the honest run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Any
 
 import torch
 from _common import environment, markdown_table, write_json
 
-from gradcomp.compression.payload import Dense
-from gradcomp.config.fed import FedJob
-from gradcomp.fedclient.data import iid_shard
-from gradcomp.fedclient.train import SGDConfig, train_one
-from gradcomp.protocol.model import initial_params
-from gradcomp.server.core import Coordinator
-from gradcomp.strategies.aggregate import global_norm
-from gradcomp.tasks import evaluate, load_task
+from gradcomp.sim.attack import Attack, AttackPool
+from gradcomp.sim.setup import build_simulation, fedsim_job, make_pool
 
-AGGREGATORS = {
-    "fedavg (no limits)": ({"name": "fedavg"}, {"max_update_norm": 1e30, "max_weight_share": 1.0,
-                                                "max_examples": 1_000_000}),
-    "fedavg": ({"name": "fedavg"}, {}),
-    "norm_bounded": ({"name": "norm_bounded"}, {}),
-    "trimmed_mean": ({"name": "trimmed_mean"}, {}),
-    "median": ({"name": "median"}, {}),
-}  # fmt: skip
-ATTACKS = ("none", "norm", "examples")
+LEGACY_LIMITS = {"max_examples": 1_000_000, "max_weight_share": 1.0, "max_update_norm": 1e30}
+AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedavg (no limits)": ("fedavg", LEGACY_LIMITS),
+    "fedavg": ("fedavg", {}),
+    "norm_bounded": ("norm_bounded", {}),
+    "median": ("median", {}),
+    "trimmed_mean": ("trimmed_mean", {}),
+}
+# (attack kind, attacked rounds: "last" or "every"); None is the honest run
+SCENARIOS: dict[str, tuple[str, str] | None] = {
+    "honest": None,
+    "norm 1e6, last round": ("norm", "last"),
+    "norm 1e6, every round": ("norm", "every"),
+    "inflated examples, last round": ("examples", "last"),
+    "inflated examples, every round": ("examples", "every"),
+}
+LOCAL = {"epochs": 5, "batch_size": 16, "lr": 0.1}  # examples/fedsim-digits.yaml's local training
+ROBUST = ("norm_bounded", "median", "trimmed_mean")
 TARGET_POINTS = 2.0
 
 
-def make_job(clients: int, rounds: int, strategy: dict[str, Any], limits: dict[str, Any]) -> FedJob:
-    return FedJob.model_validate({
-        "name": "robustness", "task": {"name": "digits-mlp"}, "rounds": rounds,
-        "clients": {"expected": clients, "min": clients}, "round": {"min_clients": clients},
-        "local": {"epochs": 1, "batch_size": 32, "lr": 0.1}, "strategy": strategy, "limits": limits,
-    })  # fmt: skip
-
-
-def malicious(attack: str, honest: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    if attack == "norm":
-        gen = torch.Generator().manual_seed(seed)
-        noise = {k: torch.randn(v.shape, generator=gen) for k, v in honest.items()}
-        scale = 1e6 / global_norm(noise)
-        return {k: v * scale for k, v in noise.items()}
-    return {k: -v for k, v in honest.items()}  # "examples": ordinary size, claimed with max_examples
-
-
-def run(clients: int, rounds: int, aggregator: str, attack: str, seed: int = 0) -> dict[str, Any]:
+def final_accuracy(clients: int, aggregator: str, scenario: str, seed: int, rounds: int) -> float:
+    """Test accuracy of the global model after `rounds` rounds of one simulated job."""
     strategy, limits = AGGREGATORS[aggregator]
-    job = make_job(clients, rounds, strategy, limits)
-    task = load_task("digits-mlp")
-    model = task.make_model()
-    coord = Coordinator(job, initial_params(task, seed))
-    names = [f"client-{i}" for i in range(clients)]
-    shards = {n: iid_shard(task, i, clients, seed) for i, n in enumerate(names)}
-    sgd = SGDConfig(job.local.epochs, job.local.batch_size, job.local.lr, job.local.momentum)
-    for n in names:
-        coord.register(n)
-    for number in range(1, rounds + 1):
-        assert coord.select_clients() is not None
-        params = coord.params
-        for i, n in enumerate(names):
-            model.load_state_dict(params, strict=False)
-            local, _, _ = train_one(model, shards[n].x, shards[n].y, sgd, seed * 7919 + number * 101 + i)
-            delta = {k: local[k].detach().float() - params[k] for k in params}
-            examples = shards[n].num_examples
-            if i == 0 and attack != "none" and number == rounds:
-                delta = malicious(attack, delta, seed + number)
-                examples = job.limits.max_examples if attack == "examples" else examples
-            update = {k: Dense(v.reshape(-1), tuple(v.shape), v.dtype) for k, v in delta.items()}
-            coord.accept_update(n, number, examples, update)
-        assert coord.finish_round() is not None, "the round did not aggregate"
-    model.load_state_dict(coord.params, strict=False)
-    return {"clients": clients, "aggregator": aggregator, "attack": attack,
-            "accuracy": round(float(evaluate(model, task.test_set)["accuracy"]), 4)}  # fmt: skip
+    job = fedsim_job(
+        {
+            "name": "bench-robustness",
+            "task": {"name": "digits-mlp"},
+            "rounds": rounds,
+            "clients": {"expected": clients},
+            "local": LOCAL,
+            "strategy": strategy,
+            "limits": limits,
+            "seed": seed,
+            "simulation": {"partition": "iid", "actors": 0, "eval_every": rounds},
+        }
+    )
+    pool = make_pool(job, 0)
+    attack = SCENARIOS[scenario]
+    if attack is not None:
+        kind, when = attack
+        claim = min(1_000_000, job.limits.max_examples)
+        only = frozenset({rounds}) if when == "last" else None
+        pool = AttackPool(pool, Attack(kind, frozenset({0}), norm=1e6, num_examples=claim, rounds=only))  # type: ignore[arg-type]
+    sim, _ = build_simulation(job, pool=pool, quiet=True)
+    try:
+        sim.run()
+    finally:
+        pool.close()
+    return float(sim.coord.log[-1]["test_accuracy"])
+
+
+def measure(clients: list[int], seeds: list[int], rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for n in clients:
+        for agg in AGGREGATORS:
+            row: dict[str, Any] = {"clients": n, "aggregator": agg}
+            for scenario in SCENARIOS:
+                accs = [final_accuracy(n, agg, scenario, s, rounds) for s in seeds]
+                row[scenario] = {"per_seed": accs, "mean": statistics.mean(accs)}
+                row[scenario]["change_points"] = 100 * (row[scenario]["mean"] - row["honest"]["mean"])
+            rows.append(row)
+            print(f"{n} clients {agg}: " + ", ".join(f"{s} {row[s]['mean']:.3f}" for s in SCENARIOS), flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    attacked = list(SCENARIOS)[1:]
+    body = [
+        [r["clients"], r["aggregator"], f"{r['honest']['mean']:.3f}"]
+        + [f"{r[s]['mean']:.3f} ({r[s]['change_points']:+.1f})" for s in attacked]
+        for r in rows
+    ]
+    return markdown_table(["clients", "aggregator", "honest", *(f"{s} (points)" for s in attacked)], body)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--clients", type=int, nargs="+", default=[3, 10])
-    args = p.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[3, 10])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results = [run(n, args.rounds, agg, attack) for n in args.clients for agg in AGGREGATORS for attack in ATTACKS]
-    honest = {(r["clients"], r["aggregator"]): r["accuracy"] for r in results if r["attack"] == "none"}
-    for r in results:
-        r["change_points"] = round(100 * (r["accuracy"] - honest[(r["clients"], r["aggregator"])]), 2)
-    robust_10 = [r for r in results if r["clients"] == 10 and r["aggregator"] in ("median", "trimmed_mean",
-                                                                                  "norm_bounded")]  # fmt: skip
-    met = all(abs(r["change_points"]) < TARGET_POINTS for r in robust_10) if robust_10 else None
-    rows = []
-    for n in args.clients:
-        for agg in AGGREGATORS:
-            cell = {r["attack"]: r for r in results if r["clients"] == n and r["aggregator"] == agg}
-            attacked = [f"{cell[a]['accuracy']:.3f} ({cell[a]['change_points']:+.1f})" for a in ATTACKS[1:]]
-            rows.append([n, agg, f"{cell['none']['accuracy']:.3f}", *attacked])
-    print(markdown_table(["clients", "aggregator", "honest", "norm 1e6 (points)", "max_examples, flipped (points)"],
-                         rows))  # fmt: skip
-    write_json(args.out, {
-        "benchmark": "robustness", "task": "digits-mlp", "rounds": args.rounds, "attack_round": args.rounds,
-        "target": f"robust aggregators, 10 clients: |change| < {TARGET_POINTS} points", "target_met": met,
-        "results": results, "seconds": round(time.perf_counter() - t0, 1), "environment": environment(),
-    })  # fmt: skip
+    rows = measure(args.clients, args.seeds, args.rounds)
+    print(table(rows))
+    robust_10 = [r for r in rows if r["clients"] == 10 and r["aggregator"] in ROBUST]
+    worst = {r["aggregator"]: min(r[s]["change_points"] for s in list(SCENARIOS)[1:]) for r in robust_10}
+    write_json(
+        args.out,
+        {
+            "benchmark": "robustness",
+            "task": "digits-mlp",
+            "rounds": args.rounds,
+            "seeds": args.seeds,
+            "local": LOCAL,
+            "attacker": "client 0 (one of the clients), in the last round or in every round",
+            "target": f"a robust aggregator, 10 clients: |change| < {TARGET_POINTS} points",
+            "worst_change_points_10_clients": worst,
+            "rows": rows,
+            "seconds": time.perf_counter() - t0,
+            "environment": environment(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -6,19 +6,39 @@ log and byte totals. Because it is a single file written by temp-file + rename, 
 any moment leaves either the previous round's state or the new one, never a mix. The round
 log inside the checkpoint is the source of truth for results.json on resume, so no round is
 lost or counted twice.
+
+The file is MAGIC + SHA-256 of the protobuf + the protobuf. Loading checks the checksum (a
+truncated or bit-flipped file), the schema of the meta JSON (known status, a round log that
+holds exactly rounds 1..round, non-negative totals) and that every tensor is finite, and
+raises `CheckpointError` naming the file and the problem: `gradcomp serve --resume` then
+exits 2 instead of serving a damaged model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gradcomp._proto import checkpoint_pb2
 from gradcomp.protocol.codec import named_to_pb, pb_to_named
 from gradcomp.results import atomic_write_bytes
 
-FORMAT = 1
+FORMAT = 2  # 2: the file carries a SHA-256 of the protobuf, checked on load
+MAGIC = b"GCCK\x02"
+_DIGEST = 32
+STATUSES = ("running", "finished", "budget_exhausted", "failed")
+META_TYPES = {"status": str, "reason": str, "strategy_scalars": dict, "log": list, "totals": dict}
+MAX_ROUND = 2**31 - 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not start a coordinator; the message names the file and the problem."""
+
+
 FILENAME = "checkpoint.pb"
 
 
@@ -39,30 +59,85 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
     }
     msg.meta_json = json.dumps(meta)
     path = Path(run_dir) / FILENAME
-    atomic_write_bytes(path, msg.SerializeToString())
+    body = msg.SerializeToString()
+    atomic_write_bytes(path, MAGIC + hashlib.sha256(body).digest() + body)
     return path
 
 
+def _verified_message(path: Path) -> checkpoint_pb2.Checkpoint:
+    """The checkpoint protobuf, after the checksum over its bytes matched (truncation, flipped bits)."""
+    data = path.read_bytes()
+    head = len(MAGIC) + _DIGEST
+    if len(data) < head or not data.startswith(MAGIC):
+        raise CheckpointError(f"{path}: not a gradcomp checkpoint of format {FORMAT} (no checksum header)")
+    body = data[head:]
+    if hashlib.sha256(body).digest() != data[len(MAGIC) : head]:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is truncated or corrupted")
+    msg = checkpoint_pb2.Checkpoint()
+    try:
+        msg.ParseFromString(body)
+    except Exception as err:  # protobuf raises DecodeError
+        raise CheckpointError(f"{path}: not a gradcomp checkpoint: {err}") from err
+    if msg.format != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {msg.format}, this gradcomp reads {FORMAT}")
+    return msg
+
+
+def _checked_meta(path: Path, msg: checkpoint_pb2.Checkpoint) -> dict[str, Any]:
+    """The meta JSON, with every key the coordinator reads present, typed and consistent."""
+    try:
+        meta = json.loads(msg.meta_json)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: meta is not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: meta is {type(meta).__name__}, expected an object")
+    for key, kind in META_TYPES.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: meta key {key!r} is missing or not a {kind.__name__}")
+    if meta["status"] not in STATUSES:
+        raise CheckpointError(f"{path}: unknown status {meta['status']!r}; expected one of {', '.join(STATUSES)}")
+    if msg.round > MAX_ROUND:
+        raise CheckpointError(f"{path}: round {msg.round} is out of range")
+    rounds = [e.get("round") if isinstance(e, dict) else None for e in meta["log"]]
+    if rounds != list(range(1, msg.round + 1)):
+        raise CheckpointError(f"{path}: round {msg.round} but the round log holds rounds {rounds[:5]}...")
+    if any(not isinstance(v, int) or v < 0 for v in meta["totals"].values()):
+        raise CheckpointError(f"{path}: byte totals must be non-negative integers")
+    return meta
+
+
+def _finite(path: Path, what: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: {what} tensor {name!r} holds NaN or infinite values")
+    return tensors
+
+
+def _tensors(path: Path, what: str, items: Any) -> dict[str, torch.Tensor]:
+    try:
+        return _finite(path, what, pb_to_named(list(items)))
+    except ValueError as err:  # WireError: a tensor that does not decode
+        raise CheckpointError(f"{path}: {what}: {err}") from None
+
+
 def load_state(run_dir: str | Path) -> dict[str, Any]:
-    """Read a checkpoint back into the `Coordinator.load_state_dict()` form."""
+    """Read a checkpoint back into the `Coordinator.load_state_dict()` form, verified: checksum, schema,
+    finite tensors. Anything else raises `CheckpointError`, so a damaged file never starts a coordinator."""
     path = Path(run_dir) / FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
-    msg = checkpoint_pb2.Checkpoint()
-    try:
-        msg.ParseFromString(path.read_bytes())
-    except Exception as err:  # protobuf raises DecodeError
-        raise ValueError(f"{path}: not a gradcomp checkpoint: {err}") from err
-    if msg.format != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {msg.format}, this gradcomp reads {FORMAT}")
-    meta = json.loads(msg.meta_json)
+    msg = _verified_message(path)
+    meta = _checked_meta(path, msg)
+    params = _tensors(path, "model", msg.model)
+    if not params:
+        raise CheckpointError(f"{path}: the checkpoint holds no model tensors")
     return {
         "version": int(msg.round),
         "status": meta["status"],
         "reason": meta["reason"],
-        "params": pb_to_named(list(msg.model)),
-        "strategy": {"tensors": pb_to_named(list(msg.strategy_state)), "scalars": meta["strategy_scalars"]},
-        "ledger": meta["ledger"],
+        "params": params,
+        "strategy": {"tensors": _tensors(path, "strategy", msg.strategy_state), "scalars": meta["strategy_scalars"]},
+        "ledger": meta.get("ledger"),
         "client_ledger": meta.get("client_ledger"),
         "log": meta["log"],
         "totals": meta["totals"],

@@ -1,0 +1,141 @@
+"""Damaged checkpoints never start a coordinator (issue 14, finding 6).
+
+The attacks: a checkpoint that still parses but has a flipped bit or NaN weights was resumed
+and served; `round = 2**63` or an unknown status exited 0 silently; an empty `meta` ended in a
+traceback. Each variant below is written next to a real checkpoint and must be refused with an
+error naming the file and the problem; `gradcomp serve --resume` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from gradcomp._proto import checkpoint_pb2
+from gradcomp.config.fed import FedJob
+from gradcomp.server import store
+from gradcomp.server.core import Coordinator
+
+JOB = {"name": "ckpt", "task": {"name": "synthetic", "args": {"num_params": 500, "num_examples": 32,
+       "input_dim": 8}}, "rounds": 3, "clients": {"expected": 1, "min": 1}}  # fmt: skip
+
+
+def good_state() -> dict[str, Any]:
+    from gradcomp.compression.payload import Dense
+
+    coord = Coordinator(FedJob.model_validate(JOB), {"w": torch.zeros(4), "b": torch.ones(2)})
+    coord.register("a")
+    coord.select_clients()
+    coord.accept_update("a", 1, 5, {k: Dense(torch.full((v.numel(),), 0.1), tuple(v.shape), v.dtype)
+                                    for k, v in coord.params.items()})  # fmt: skip
+    assert coord.finish_round() is not None
+    return coord.state_dict()
+
+
+def rewrite_body(path: Path, edit: Callable[[checkpoint_pb2.Checkpoint], None]) -> None:
+    """Change the protobuf and write it back with a valid checksum (damage the checksum cannot see)."""
+    msg = checkpoint_pb2.Checkpoint()
+    msg.ParseFromString(path.read_bytes()[len(store.MAGIC) + 32 :])
+    edit(msg)
+    body = msg.SerializeToString()
+    import hashlib
+
+    path.write_bytes(store.MAGIC + hashlib.sha256(body).digest() + body)
+
+
+def with_meta(**changes: Any) -> Callable[[checkpoint_pb2.Checkpoint], None]:
+    def edit(msg: checkpoint_pb2.Checkpoint) -> None:
+        meta = json.loads(msg.meta_json)
+        meta.update(changes)
+        msg.meta_json = json.dumps(meta)
+
+    return edit
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def nan_weights(path: Path) -> None:
+    state = good_state()
+    state["params"]["w"][1] = float("nan")
+    store.save_state(path.parent, state)
+
+
+def huge_round(path: Path) -> None:
+    rewrite_body(path, lambda m: setattr(m, "round", 2**63))
+
+
+def empty_meta(path: Path) -> None:
+    rewrite_body(path, lambda m: setattr(m, "meta_json", ""))
+
+
+DAMAGE = {
+    "truncated": (truncate, "checksum mismatch"),
+    "flipped bit": (flip_bit, "checksum mismatch"),
+    "NaN weights": (nan_weights, "NaN or infinite"),
+    "round 2**63": (huge_round, "out of range"),
+    "unknown status": (lambda p: rewrite_body(p, with_meta(status="hacked")), "unknown status 'hacked'"),
+    "empty meta": (empty_meta, "meta is not JSON"),
+    "meta not an object": (lambda p: rewrite_body(p, lambda m: setattr(m, "meta_json", "[]")), "expected an object"),
+    "log disagrees": (lambda p: rewrite_body(p, with_meta(log=[])), "round log"),
+    "no checksum (old format)": (lambda p: p.write_bytes(p.read_bytes()[len(store.MAGIC) + 32 :]), "no checksum"),
+}
+
+
+def test_a_good_checkpoint_round_trips(tmp_path: Path) -> None:
+    state = good_state()
+    store.save_state(tmp_path, state)
+    back = store.load_state(tmp_path)
+    assert back["version"] == 1 and back["status"] == "running"
+    assert torch.equal(back["params"]["w"], state["params"]["w"])
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_each_damaged_checkpoint_is_refused_naming_file_and_problem(tmp_path: Path, kind: str) -> None:
+    store.save_state(tmp_path, good_state())
+    damage, problem = DAMAGE[kind]
+    path = tmp_path / store.FILENAME
+    damage(path)
+    with pytest.raises(store.CheckpointError) as err:
+        store.load_state(tmp_path)
+    assert str(path) in str(err.value) and problem in str(err.value), str(err.value)
+
+
+def test_gradcomp_serve_resume_exits_nonzero_on_a_flipped_bit(tmp_path: Path) -> None:
+    job = dict(JOB, server={"port": 0, "host": "127.0.0.1"})
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "runs" / "ckpt"
+    run_dir.mkdir(parents=True)
+    from gradcomp.protocol.model import initial_params
+    from gradcomp.tasks import load_task
+
+    task_params = initial_params(load_task("synthetic", num_params=500, num_examples=32, input_dim=8), 0)
+    state = good_state()
+    state["params"] = task_params
+    store.save_state(run_dir, state)
+    flip_bit(run_dir / store.FILENAME)
+    env = dict(os.environ, GRADCOMP_TOKENS="a=token-aaaaaaaa", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcomp.cli", "serve", "--config", str(tmp_path / "fed.yaml"), "--runs-dir",
+         str(tmp_path / "runs"), "--resume"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"{run_dir / store.FILENAME}: checksum mismatch" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -18,6 +18,7 @@ from gradcomp.server.core import Coordinator, strategy_for_job
 from gradcomp.strategies import ClientUpdate
 from gradcomp.strategies.aggregate import capped_shares, coordinate_median, trimmed_mean
 from gradcomp.strategies.central_dp import CentralDP
+from gradcomp.strategies.krum import Krum, KrumConfig
 from gradcomp.strategies.median import Median
 from gradcomp.strategies.norm_bounded import NormBounded, NormBoundedConfig
 from gradcomp.strategies.trimmed_mean import TrimmedMean, TrimmedMeanConfig
@@ -86,7 +87,7 @@ def test_job_file_hyperparameters_reach_the_robust_strategies(tmp_path: Path) ->
         validate(FedJob, {"strategy": {"name": "trimmed_mean", "trim": 0.5}})
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "norm_bounded"])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "norm_bounded", "krum"])
 def test_central_dp_refuses_the_robust_aggregators(name: str) -> None:
     dp = {"mode": "central", "clip": 1.0, "noise_multiplier": 1.0}
     with pytest.raises(ConfigError, match="cannot be combined"):
@@ -140,3 +141,10 @@ def test_coordinator_caps_a_clients_weight_share() -> None:
 def test_defaults_refuse_a_million_examples() -> None:
     assert FedJob().limits.max_examples <= 10_000 and FedJob().limits.max_weight_share == 0.5
     assert FedJob().limits.max_update_norm == 10.0
+
+
+def test_krum_picks_the_update_closest_to_its_neighbours() -> None:
+    ups = _updates([0.0], [1.0], [3.0], [4.5], [100.0])  # f = 1, n = 5: two neighbours each
+    # scores: 0 -> 1 + 9 = 10, 1 -> 1 + 4 = 5, 3 -> 2.25 + 4 = 6.25, 4.5 -> 2.25 + 12.25 = 14.5, 100 -> huge
+    torch.testing.assert_close(Krum().aggregate(1, ups)["x"], torch.tensor([1.0]))
+    torch.testing.assert_close(Krum(KrumConfig(multi=3)).aggregate(1, ups)["x"], torch.tensor([4.0 / 3]))

@@ -34,11 +34,14 @@ def krum_scores(rows: torch.Tensor, byzantine: int) -> torch.Tensor:
 
 @register
 class Krum(FedAvg):
+    """Picks rather than averages: the result is the mean of `multi` whole client updates."""
+
     name = "krum"
     Config = KrumConfig  # type: ignore[assignment]
     config: KrumConfig
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:
+        """Krum's choice among the round's updates (ties: the earlier client name)."""
         by_name = stacked([u.delta for u in updates])
         flat = torch.cat([t.reshape(t.shape[0], -1) for t in by_name.values()], dim=1)
         chosen = krum_scores(flat, self.config.byzantine).argsort(stable=True)[: self.config.multi]

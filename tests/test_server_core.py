@@ -226,3 +226,19 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path) -> None:  # type: ignor
             co.accept_update(n, 2, 5, dense_update(0.3))
         co.finish_round()
     torch.testing.assert_close(d.params["w"], c.params["w"])  # same strategy state and noise stream
+
+
+def test_connected_gauge_drops_clients_that_went_silent() -> None:
+    """Issue 14, finding 8: the gauge only moved on join/leave, so a silent client stayed 'connected'."""
+    from gradcomp import metrics
+
+    clock = Clock()
+    c = Coordinator(job(rounds=3, clients={"expected": 3, "min": 3}), PARAMS, clock=clock)
+    for n in ("a", "b"):
+        c.register(n)
+    c.tick()
+    assert metrics.value("gradcomp_fed_clients_connected") == 2
+    clock.t = 3 * c.job.server.heartbeat_seconds + 1  # past the liveness window; only b is heard from
+    c.touch("b")
+    c.tick()
+    assert metrics.value("gradcomp_fed_clients_connected") == 1

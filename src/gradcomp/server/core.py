@@ -517,6 +517,7 @@ class Coordinator:
         """One step of the round loop: open a round when possible, close it when due."""
         with self._lock:
             now = self._now(now)
+            self._publish_membership(now)  # a client that went silent drops out of the gauge here
             if self.done:
                 return None
             if self.current is None:

@@ -48,7 +48,14 @@ FED_ROUND_RETRIES = Counter(
     "gradcomp_fed_round_retries", "Rounds retried because fewer than round.min_clients reported", registry=REGISTRY
 )
 FED_CLIENTS_CONNECTED = Gauge(
-    "gradcomp_fed_clients_connected", "Clients seen within the heartbeat timeout", registry=REGISTRY
+    "gradcomp_fed_clients_connected",
+    "Clients heard from (any authenticated call) within server.liveness_seconds",
+    registry=REGISTRY,
+)
+FED_CLIENTS_BENCHED = Gauge(
+    "gradcomp_fed_clients_benched",
+    "Clients left out of selection after round.bench_after_misses consecutive missed rounds",
+    registry=REGISTRY,
 )
 FED_CLIENTS_SELECTED = Gauge(
     "gradcomp_fed_clients_selected", "Clients selected for the current round", registry=REGISTRY

@@ -36,6 +36,14 @@ class RoundSection(StrictModel):
     deadline_seconds: float = Field(60.0, gt=0, description="how long a round waits for its clients")
     max_retries: int = Field(3, ge=0, description="retries of a round that missed min_clients, then the job fails")
     join_timeout_seconds: float = Field(600.0, gt=0, description="how long to wait for clients.min to connect")
+    bench_after_misses: int = Field(
+        2,
+        ge=1,
+        description="consecutive rounds a selected client may end without an accepted update before it is benched",
+    )
+    bench_rounds: int = Field(
+        5, ge=0, description="rounds a benched client is not offered for selection (0: never bench)"
+    )
 
 
 class LocalSection(StrictModel):
@@ -106,6 +114,12 @@ class ServerSection(StrictModel):
         64, ge=4, description="calls served at once; more are refused with RESOURCE_EXHAUSTED (clients retry)"
     )
     heartbeat_seconds: float = Field(5.0, gt=0)
+    liveness_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="a client counts as connected (and selectable) this long after its last authenticated call; "
+        "default 3 x heartbeat_seconds",
+    )
     linger_seconds: float = Field(10.0, ge=0, description="keep answering 'done' this long after the last round")
     metrics_linger_seconds: float = Field(
         0.0, ge=0, description="keep /metrics up this long after the job ends, so the last values get scraped"
@@ -122,6 +136,11 @@ class ServerSection(StrictModel):
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def liveness_window(self) -> float:
+        """Seconds since its last call after which a client no longer counts as connected."""
+        return self.liveness_seconds if self.liveness_seconds is not None else 3 * self.heartbeat_seconds
 
 
 class StragglerSection(StrictModel):

@@ -28,6 +28,13 @@ and the weights a mean-aggregating strategy sees are the example counts capped a
 `limits.max_weight_share` of the round (`ClientUpdate.weight`): one client cannot dominate a
 round by its update's size or by the count it claims.
 
+Liveness: a client counts as connected while its last authenticated call is within
+`server.liveness_window` (the `gradcomp_fed_clients_connected` gauge follows it on every call and
+tick). A selected client that ends `round.bench_after_misses` consecutive rounds without an
+accepted update is benched for `round.bench_rounds` rounds (`server/liveness.py`), and a retry
+asks only clients that have not already missed the round, so a client that heartbeats but never
+submits cannot stall or fail a job the others can carry.
+
 Who is asked each round, how the received updates combine and how the global model moves are
 the job's strategy's (`strategies/`; `strategy_for_job` wraps it in central DP when the job says
 so); the coordinator only hands it the round's accepted updates.
@@ -53,6 +60,7 @@ from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
 from gradcomp.privacy import ParticipationLedger, PrivacyLedger
+from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.updates import Params, Rejected, decode_update, dense_update_nbytes, model_spec, update_nbytes
 from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
 from gradcomp.strategies.aggregate import capped_shares, clip_update
@@ -111,6 +119,7 @@ class RoundState:
     dense_bytes: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     clipped: int = 0  # accepted updates scaled down to limits.max_update_norm
+    missed: set[str] = field(default_factory=set)  # selected in an earlier attempt, delivered nothing
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,7 @@ class Coordinator:
         self.log: list[dict[str, Any]] = []
         self.clients: dict[str, ClientInfo] = {}
         self.current: RoundState | None = None
+        self.bench = Bench(job.round.bench_after_misses, job.round.bench_rounds)
         self.totals = {"uplink_bytes": 0, "dense_bytes": 0, "accepted": 0, "rejected": 0}
         self._names = sorted(client_names or [])
         self._lock = threading.RLock()
@@ -220,6 +230,7 @@ class Coordinator:
                 self.register(name, now)
             else:
                 info.last_seen, info.left = self._now(now), False
+                self._publish_membership(info.last_seen)
 
     def leave(self, name: str, now: float | None = None) -> None:
         with self._lock:
@@ -231,7 +242,7 @@ class Coordinator:
     def connected(self, now: float | None = None) -> list[str]:
         with self._lock:
             now = self._now(now)
-            timeout = 3 * self.job.server.heartbeat_seconds
+            timeout = self.job.server.liveness_window
             return sorted(n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
 
     def has_members(self) -> bool:
@@ -296,6 +307,7 @@ class Coordinator:
             if len(pool) < need:
                 return None
             number = self.version + 1
+            pool = prefer(pool, self.bench.benched(number), need)
             chosen = self.strategy.configure_round(number, 0, pool, self.job.clients_per_round)
             self.current = RoundState(number, 0, set(chosen), now, now + self.job.round.deadline_seconds)
             metrics.FED_CLIENTS_SELECTED.set(len(chosen))
@@ -431,8 +443,10 @@ class Coordinator:
         """Keep what arrived (it was computed on the same global model) and ask more clients."""
         r.attempt += 1
         metrics.FED_ROUND_RETRIES.inc()
-        pool = [n for n in self.connected(now) if n not in r.received]
+        r.missed |= r.selected - set(r.received)
         want = max(self.job.clients_per_round - len(r.received), self.job.round.min_clients - len(r.received))
+        pool = [n for n in self.connected(now) if n not in r.received]
+        pool = prefer(pool, r.missed | self.bench.benched(r.number), want)
         r.selected = set(r.received) | set(self.strategy.configure_round(r.number, r.attempt, pool, want))
         r.deadline = now + self.job.round.deadline_seconds
         metrics.FED_CLIENTS_SELECTED.set(len(r.selected))
@@ -495,6 +509,10 @@ class Coordinator:
             if "accuracy" in ev:
                 metrics.FED_TEST_ACCURACY.set(ev["accuracy"])
         entry.update(privacy)
+        benched = self.bench.record(r.number, r.selected | r.missed, r.received)
+        if benched:
+            entry["benched"] = benched
+        metrics.FED_CLIENTS_BENCHED.set(len(self.bench.benched(r.number + 1)))
         self.log.append(entry)
         self.totals["uplink_bytes"] += r.uplink_bytes
         self.totals["dense_bytes"] += r.dense_bytes
@@ -520,6 +538,7 @@ class Coordinator:
             self._publish_membership(now)  # a client that went silent drops out of the gauge here
             if self.done:
                 return None
+            self._publish_membership(now)
             if self.current is None:
                 self.select_clients(now)
                 if (
@@ -554,6 +573,7 @@ class Coordinator:
                 "client_ledger": self.client_ledger.state_dict() if self.client_ledger else None,
                 "log": [dict(e) for e in self.log],
                 "totals": dict(self.totals),
+                "liveness": self.bench.state_dict(),
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -575,6 +595,7 @@ class Coordinator:
                 self.client_ledger.participations = {"(rounds before per-client counts)": self.version}
             self.log = [dict(e) for e in state.get("log", [])]
             self.totals.update(state.get("totals", {}))
+            self.bench.load_state_dict(state.get("liveness"))
             self.current = None
             self._idle_since = self.clock()
             metrics.FED_ROUND.set(self.version)

@@ -149,7 +149,7 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
 
     @_rpc("GetModel")
     def GetModel(self, request: fed_pb2.GetModelRequest, context: grpc.ServicerContext) -> fed_pb2.ModelChunk:
-        self._auth(context)
+        self.coord.touch(self._auth(context))
         data = self.cache.get(request.version)
         if data is None:
             version, params = self.coord.snapshot()

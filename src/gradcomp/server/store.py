@@ -56,6 +56,7 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
         "client_ledger": state.get("client_ledger"),
         "log": state["log"],
         "totals": state["totals"],
+        "liveness": state.get("liveness"),
     }
     msg.meta_json = json.dumps(meta)
     path = Path(run_dir) / FILENAME
@@ -141,4 +142,5 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         "client_ledger": meta.get("client_ledger"),
         "log": meta["log"],
         "totals": meta["totals"],
+        "liveness": meta.get("liveness"),
     }

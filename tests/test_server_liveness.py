@@ -61,6 +61,18 @@ def drive(coord: Coordinator, clock: Clock, steps: int) -> dict[tuple[int, int],
     return selections
 
 
+def silent_in_round_one(coord: Coordinator, clock: Clock) -> None:
+    """Put the silent client into round 1 (whatever the seeded sample chose) with "a", which delivers;
+    then pass the deadline."""
+    for name in (*HONEST, SILENT):
+        coord.register(name)
+    coord.select_clients()
+    assert coord.current is not None
+    coord.current.selected = {"a", SILENT}
+    coord.accept_update("a", 1, 10, update())
+    clock.t = 6
+
+
 def connected_gauge() -> float | None:
     return metrics.REGISTRY.get_sample_value("gradcomp_fed_clients_connected")
 
@@ -86,17 +98,10 @@ def test_a_client_that_heartbeats_but_never_submits_cannot_fail_the_job() -> Non
 def test_a_retry_never_asks_a_client_that_already_missed_the_round(seed: int) -> None:
     clock = Clock()
     coord = Coordinator(silent_job(rounds=1, seed=seed), PARAMS, clock=clock)
-    for name in (*HONEST, SILENT):
-        coord.register(name)
-    coord.select_clients()
-    assert coord.current is not None
-    # force the silent client into the round (whatever the seeded sample chose) with one honest one
-    coord.current.selected = {"a", SILENT}
-    coord.accept_update("a", 1, 10, update())
-    clock.t = 6
+    silent_in_round_one(coord, clock)
     for name in ("a", "b", SILENT):  # c has gone quiet: the retry chooses between b and the silent client
         coord.touch(name)
-    assert coord.finish_round() is None and coord.current.attempt == 1
+    assert coord.finish_round() is None and coord.current is not None and coord.current.attempt == 1
     assert coord.current.selected == {"a", "b"}
     coord.accept_update("b", 1, 10, update())
     result = coord.finish_round()
@@ -107,13 +112,7 @@ def test_bench_state_survives_resume(tmp_path) -> None:  # type: ignore[no-untyp
     clock = Clock()
     job = silent_job(rounds=20, bench_after_misses=1)
     coord = Coordinator(job, PARAMS, clock=clock, checkpoint=lambda c: store.save_state(tmp_path, c.state_dict()))
-    for name in (*HONEST, SILENT):
-        coord.register(name)
-    coord.select_clients()
-    assert coord.current is not None
-    coord.current.selected = {"a", SILENT}
-    coord.accept_update("a", 1, 10, update())
-    clock.t = 6
+    silent_in_round_one(coord, clock)
     coord.finish_round(force=True)
     assert coord.log[-1]["benched"] == [SILENT] and coord.bench.benched(2) == {SILENT}
     resumed = Coordinator(job, PARAMS, clock=clock)

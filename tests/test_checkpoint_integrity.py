@@ -94,6 +94,10 @@ DAMAGE = {
     "empty meta": (empty_meta, "meta is not JSON"),
     "meta not an object": (lambda p: rewrite_body(p, lambda m: setattr(m, "meta_json", "[]")), "expected an object"),
     "log disagrees": (lambda p: rewrite_body(p, with_meta(log=[])), "round log"),
+    "bad liveness": (
+        lambda p: rewrite_body(p, with_meta(liveness={"misses": {"s": -1}, "benched_until": {}})),
+        "liveness",
+    ),
     "no checksum (old format)": (lambda p: p.write_bytes(p.read_bytes()[len(store.MAGIC) + 32 :]), "no checksum"),
 }
 

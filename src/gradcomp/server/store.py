@@ -104,6 +104,12 @@ def _checked_meta(path: Path, msg: checkpoint_pb2.Checkpoint) -> dict[str, Any]:
         raise CheckpointError(f"{path}: round {msg.round} but the round log holds rounds {rounds[:5]}...")
     if any(not isinstance(v, int) or v < 0 for v in meta["totals"].values()):
         raise CheckpointError(f"{path}: byte totals must be non-negative integers")
+    liveness = meta.get("liveness") or {}
+    counts = [liveness.get(k) for k in ("misses", "benched_until")] if isinstance(liveness, dict) else [None]
+    if liveness and not all(
+        isinstance(c, dict) and all(isinstance(v, int) and v >= 0 for v in c.values()) for c in counts
+    ):
+        raise CheckpointError(f"{path}: liveness must map clients to non-negative miss counts and round numbers")
     return meta
 
 

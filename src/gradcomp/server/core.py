@@ -538,7 +538,6 @@ class Coordinator:
             self._publish_membership(now)  # a client that went silent drops out of the gauge here
             if self.done:
                 return None
-            self._publish_membership(now)
             if self.current is None:
                 self.select_clients(now)
                 if (

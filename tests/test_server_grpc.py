@@ -216,9 +216,11 @@ def test_health_service_and_chunked_model(served: Harness) -> None:
     stub = fed_pb2_grpc.CoordinatorStub(channel)
     threads = [served.honest(n) for n in ("alice", "bob", "mallory")]
     wait_for(lambda: run.coord.current is not None)
-    task = stub.PullTask(fed_pb2.PullTaskRequest(), metadata=md(TOKENS["alice"]), timeout=5)
-    assert task.num_chunks > 1  # 9.6k float params at 8 KiB chunks
-    expect(Code.OUT_OF_RANGE, stub.GetModel, fed_pb2.GetModelRequest(version=0, chunk=10_000),
+    # The current model, not PullTask: a fast client may already have submitted (PullTask then says WAIT).
+    version = run.coord.snapshot()[0]
+    first = stub.GetModel(fed_pb2.GetModelRequest(version=version, chunk=0), metadata=md(TOKENS["alice"]), timeout=5)
+    assert first.num_chunks > 1  # 9.6k float params at 8 KiB chunks
+    expect(Code.OUT_OF_RANGE, stub.GetModel, fed_pb2.GetModelRequest(version=version, chunk=10_000),
            metadata=md(TOKENS["alice"]), timeout=5)  # fmt: skip
     expect(Code.NOT_FOUND, stub.GetModel, fed_pb2.GetModelRequest(version=99), metadata=md(TOKENS["bob"]), timeout=5)
     for t, out in threads:

@@ -156,7 +156,8 @@ def test_heterogeneous_dropout_shapes_who_takes_part(tmp_path: Path) -> None:
     path = _job_file(
         tmp_path,
         rounds=6,
-        round={"fraction": 1.0, "min_clients": 1, "deadline_seconds": 10, "max_retries": 0},
+        # bench_rounds 0: every client is asked every round, so participation measures the dropout draw alone
+        round={"fraction": 1.0, "min_clients": 1, "deadline_seconds": 10, "max_retries": 0, "bench_rounds": 0},
         simulation={"partition": "iid", "actors": 0, "dropout": 0.4, "dropout_spread": 0.8},
     )
     sim, _ = build_simulation(load_fedsim_job(path), quiet=True)

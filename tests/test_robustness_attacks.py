@@ -54,7 +54,11 @@ def test_a_claim_of_a_million_examples_is_refused_and_capped_claims_do_not_take_
     million = Attack("examples", frozenset({0}), num_examples=1_000_000)
     assert _accuracy(_run("fedavg", LEGACY_LIMITS, million)) < 0.2  # the finding: the claim outweighs the rest
     refused = _run("fedavg", {}, million)  # the default limits.max_examples refuses the claim outright
-    assert all(e["clients"] == 2 and e["rejected"] == {"malformed": 1} for e in refused.coord.log)
+    log = refused.coord.log
+    assert all(e["clients"] == 2 for e in log)
+    # Refused twice in a row, the attacker is benched (round.bench_after_misses = 2) and asked no more.
+    assert [e["rejected"] for e in log[:2]] == [{"malformed": 1}] * 2 and log[1]["benched"] == ["sim-0"]
+    assert all(e["rejected"] == {} and e["selected"] == 2 for e in log[2:])
     assert _accuracy(refused) > honest - 0.05
     largest = Attack("examples", frozenset({0}), num_examples=refused.job.limits.max_examples)
     assert _accuracy(_run("trimmed_mean", {}, largest)) > honest - 0.05  # the largest accepted claim

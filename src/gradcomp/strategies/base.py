@@ -102,10 +102,10 @@ REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register(cls: S) -> S:
-    """Class decorator: make a strategy selectable as `strategy.name` in job files."""
+    """Class decorator: make a strategy selectable as `strategy.name` in job files; the class's
+    `name` is taken from its Config, so the name is written once."""
     name = cls.Config.model_fields["name"].default
-    if name != cls.name:
-        raise TypeError(f"{cls.__name__}: Config.name defaults to {name!r}, the class says {cls.name!r}")
+    cls.name = name
     if name in REGISTRY and REGISTRY[name] is not cls:
         raise TypeError(f"two strategies named {name!r}: {REGISTRY[name].__name__} and {cls.__name__}")
     REGISTRY[name] = cls

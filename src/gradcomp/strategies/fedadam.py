@@ -20,7 +20,6 @@ class FedAdamConfig(StrategyConfig):
 
 @register
 class FedAdam(Strategy):
-    name = "fedadam"
     Config = FedAdamConfig
     config: FedAdamConfig
 

@@ -16,7 +16,6 @@ class FedAvgConfig(StrategyConfig):
 
 @register
 class FedAvg(Strategy):
-    name = "fedavg"
     Config = FedAvgConfig
     config: FedAvgConfig
 

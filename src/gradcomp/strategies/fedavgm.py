@@ -17,7 +17,6 @@ class FedAvgMConfig(StrategyConfig):
 
 @register
 class FedAvgM(Strategy):
-    name = "fedavgm"
     Config = FedAvgMConfig
     config: FedAvgMConfig
 

@@ -36,7 +36,6 @@ def krum_scores(rows: torch.Tensor, byzantine: int) -> torch.Tensor:
 class Krum(FedAvg):
     """Picks rather than averages: the result is the mean of `multi` whole client updates."""
 
-    name = "krum"
     Config = KrumConfig  # type: ignore[assignment]
     config: KrumConfig
 

@@ -19,7 +19,6 @@ class MedianConfig(FedAvgConfig):
 
 @register
 class Median(FedAvg):
-    name = "median"
     Config = MedianConfig  # type: ignore[assignment]
     config: MedianConfig
 

@@ -25,7 +25,6 @@ class NormBoundedConfig(FedAvgConfig):
 
 @register
 class NormBounded(FedAvg):
-    name = "norm_bounded"
     Config = NormBoundedConfig  # type: ignore[assignment]
     config: NormBoundedConfig
 

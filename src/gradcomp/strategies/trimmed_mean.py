@@ -27,7 +27,6 @@ class TrimmedMeanConfig(FedAvgConfig):
 
 @register
 class TrimmedMean(FedAvg):
-    name = "trimmed_mean"
     Config = TrimmedMeanConfig  # type: ignore[assignment]
     config: TrimmedMeanConfig
 

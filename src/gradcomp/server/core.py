@@ -29,9 +29,9 @@ and the weights a mean-aggregating strategy sees are the example counts capped a
 round by its update's size or by the count it claims.
 
 Liveness: a client counts as connected while its last authenticated call is within
-`server.liveness_window` (the `gradcomp_fed_clients_connected` gauge follows it on every call and
-tick). A selected client that ends `round.bench_after_misses` consecutive rounds without an
-accepted update is benched for `round.bench_rounds` rounds (`server/liveness.py`), and a retry
+`server.liveness_window` (the `gradcomp_fed_clients_connected` gauge is refreshed when a client
+joins, leaves or comes back, and on every tick). A selected client that ends
+`round.bench_after_misses` consecutive rounds without an accepted update is benched for `round.bench_rounds` rounds (`server/liveness.py`), and a retry
 asks only clients that have not already missed the round, so a client that heartbeats but never
 submits cannot stall or fail a job the others can carry.
 
@@ -50,7 +50,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,13 +224,24 @@ class Coordinator:
             return info
 
     def touch(self, name: str, now: float | None = None) -> None:
+        self.touch_many([name], now)
+
+    def touch_many(self, names: Iterable[str], now: float | None = None) -> None:
+        """Mark clients alive at `now`. The membership gauge counts every client, so it is refreshed
+        only when one of these was not counted before (new, left or silent), once per call: a
+        refresh per heartbeat would make a sweep over N clients cost N^2. `tick` refreshes it too."""
         with self._lock:
-            info = self.clients.get(name)
-            if info is None:
-                self.register(name, now)
-            else:
-                info.last_seen, info.left = self._now(now), False
-                self._publish_membership(info.last_seen)
+            now = self._now(now)
+            window, changed = self.job.server.liveness_window, False
+            for name in names:
+                info = self.clients.get(name)
+                if info is None:
+                    self.register(name, now)
+                    continue
+                changed |= info.left or now - info.last_seen > window
+                info.last_seen, info.left = now, False
+            if changed:
+                self._publish_membership(now)
 
     def leave(self, name: str, now: float | None = None) -> None:
         with self._lock:
@@ -410,8 +421,13 @@ class Coordinator:
         return clip_update(dense, self.job.limits.max_update_norm)
 
     def _all_in(self, r: RoundState) -> bool:
-        gone = {n for n in r.selected if self.clients.get(n) is not None and self.clients[n].left}
-        return not r.pending and set(r.received) | gone >= r.selected and bool(r.received)
+        """Every selected client reported or left (received is a subset of selected, so a full count
+        settles it without a scan; otherwise the scan stops at the first client still awaited)."""
+        if r.pending or not r.received:
+            return False
+        return len(r.received) == len(r.selected) or all(
+            n in r.received or (n in self.clients and self.clients[n].left) for n in r.selected
+        )
 
     def finish_round(self, now: float | None = None, force: bool = False) -> RoundResult | None:
         """Aggregate, retry or fail the open round as its state and deadline dictate."""

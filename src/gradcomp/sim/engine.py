@@ -73,8 +73,7 @@ class Simulation:
         self.payload_sizes: list[int] = []  # per accepted update, for checks against the coordinator's counters
 
     def _heartbeat(self) -> None:
-        for name in self.names:
-            self.coord.touch(name, self.clock.now)
+        self.coord.touch_many(self.names, self.clock.now)
 
     # --- one round ----------------------------------------------------------------------------
     def _train(self, names: list[str], number: int, stats: RoundStats) -> list[tuple[float, ClientResult]]:

@@ -17,14 +17,17 @@ def global_norm(update: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of all tensors of an update taken together (the quantity DP clipping bounds)."""
     if not update:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in update.values()])))
+    return float(torch.linalg.vector_norm(torch.cat([v.reshape(-1).float() for v in update.values()])))
 
 
 def clip_update(update: Mapping[str, torch.Tensor], clip: float) -> tuple[Params, float]:
-    """Scale the whole update to L2 norm <= clip (one client's contribution); returns (update, old norm)."""
+    """Scale the whole update to L2 norm <= clip (one client's contribution); returns (update, old norm).
+
+    An update already within the bound comes back as the same tensors (a new dict), not copies."""
     norm = global_norm(update)
-    scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {k: v * scale for k, v in update.items()}, norm
+    if norm <= clip:
+        return dict(update), norm
+    return {k: v * (clip / norm) for k, v in update.items()}, norm
 
 
 def weighted_average(updates: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> Params:

@@ -171,13 +171,12 @@ class Pipeline:
         """
         if self.lowrank is not None:
             raise SpecError(f"{self.collective_only}; it has no per-tensor compress")
+        if not (self._before_dp or self._dp or self._post or self.ef):
+            return {key: self._passthrough(key, tensor) for key, tensor in tensors.items()}
         works: dict[str, Work] = {}
         contexts: dict[str, StepContext] = {}
         for key, tensor in tensors.items():
-            if not tensor.is_floating_point():
-                raise TypeError(f"compression needs a floating-point tensor, got {tensor.dtype} for {key!r}")
-            step = self._steps.get(key, 0)
-            self._steps[key] = step + 1
+            step = self._count_step(key, tensor)
             contexts[key] = ctx = StepContext(key, step, self._generator(tensor.device), choose)
             compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
             flat = tensor.detach().reshape(-1)
@@ -223,6 +222,20 @@ class Pipeline:
         else:
             out = Work(out.values, out.indices, work.numel, out.wire_dtype)
         return out
+
+    def _count_step(self, key: str, tensor: torch.Tensor) -> int:
+        """Check the tensor and advance the key's step counter; returns the step being taken."""
+        if not tensor.is_floating_point():
+            raise TypeError(f"compression needs a floating-point tensor, got {tensor.dtype} for {key!r}")
+        step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
+        return step
+
+    def _passthrough(self, key: str, tensor: torch.Tensor) -> Dense:
+        """A pipeline with no working stage ('none'): the tensor as it is, without the stage machinery
+        (the same payload the stages would build, at a fraction of the per-tensor cost)."""
+        self._count_step(key, tensor)
+        return Dense(tensor.detach().reshape(-1), tuple(tensor.shape), tensor.dtype)
 
     @staticmethod
     def _payload(work: Work, shape: tuple[int, ...], dtype: torch.dtype) -> Payload:

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2
+# Results up to this size travel inline with the call's reply instead of through the object
+# store (Ray's default is 100 KiB). A simulation actor returns its cohort chunk's request bytes,
+# a few hundred KiB per round, and the object-store path costs ~4 ms more per call on loopback.
+LOCAL_INLINE_RESULT_BYTES = 4 * 1024**2
 # Ray rewrites exactly 127.0.0.1 to the first real interface; any other loopback address stays.
 LOCAL_NODE_IP = "127.0.0.2"
 # What Ray's bare Exception says when a local raylet never registers with the GCS.
@@ -48,6 +52,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, **kwargs: A
         include_dashboard=False,
         object_store_memory=kwargs.pop("object_store_memory", LOCAL_OBJECT_STORE_BYTES),
         _node_ip_address=LOCAL_NODE_IP,
+        _system_config=kwargs.pop("_system_config", {"max_direct_call_object_size": LOCAL_INLINE_RESULT_BYTES}),
         **kwargs,
     )
     before = child_pids()

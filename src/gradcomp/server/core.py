@@ -31,9 +31,10 @@ round by its update's size or by the count it claims.
 Liveness: a client counts as connected while its last authenticated call is within
 `server.liveness_window` (the `gradcomp_fed_clients_connected` gauge is refreshed when a client
 joins, leaves or comes back, and on every tick). A selected client that ends
-`round.bench_after_misses` consecutive rounds without an accepted update is benched for `round.bench_rounds` rounds (`server/liveness.py`), and a retry
-asks only clients that have not already missed the round, so a client that heartbeats but never
-submits cannot stall or fail a job the others can carry.
+`round.bench_after_misses` consecutive rounds without an accepted update is benched for
+`round.bench_rounds` rounds (`server/liveness.py`), and a retry asks only clients that have not
+already missed the round, so a client that heartbeats but never submits cannot stall or fail a
+job the others can carry.
 
 Who is asked each round, how the received updates combine and how the global model moves are
 the job's strategy's (`strategies/`; `strategy_for_job` wraps it in central DP when the job says

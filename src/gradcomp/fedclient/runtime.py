@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradcomp._proto import fed_pb2
-from gradcomp.compression import Payload, Pipeline, build
+from gradcomp.compression import Payload, Pipeline, parse_spec
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, run_checks
 from gradcomp.fedclient.data import ClientData
 from gradcomp.fedclient.seeds import round_seed
@@ -72,6 +72,7 @@ class ClientRuntime:
         self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(self.task.make_model())
         self.global_version: int | None = None
         self.global_params: Params = {}
+        self.stages = parse_spec(config.spec)  # stages hold settings only; each round's Pipeline holds the state
 
     def has_global(self, version: int) -> bool:
         return version == self.global_version
@@ -99,7 +100,7 @@ class ClientRuntime:
     ) -> tuple[fed_pb2.SubmitUpdateRequest, dict[str, Payload], ClientMemory]:
         """Compress local - global (tensors in the global model's order) into the request. The tensors
         are compressed as one update: a dp stage clips and noises the whole update jointly."""
-        pipe = build(self.config.spec, seed=self.seed_for(client, round))
+        pipe = Pipeline(self.stages, seed=self.seed_for(client, round))
         names = list(self.global_params)
         # Step counters at the round number: shared-seed randomk positions agree across a round's clients.
         state: dict[str, object] = {"steps": dict.fromkeys(names, round)}

@@ -13,6 +13,9 @@ Parts (--parts, default all):
   crossover  vectorised vs sequential in the driver for the digits MLP, the digits CNN and a
              ~1M-parameter synthetic MLP: where vectorising stops paying off
   accuracy   test accuracy at round 50 for 3 seeds, vectorised vs sequential
+  breakdown  milliseconds per round of each part of a gradcomp round (steps, request building,
+             the coordinator's parsing and decoding, Ray round trips; benchmarks/_round_timers.py),
+             and against it what 10x pfl-research's measured updates/s leaves per round
 
 pfl-research and Flower live in their own virtual environments under runs/bench/, created on
 first use (`pfl[pytorch]`, `flwr[simulation]`, torch pinned to 2.13.0); a simulator that
@@ -42,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, markdown_table, write_json
+from _round_timers import instrument, per_round
 
 BENCH_DIR = Path("runs/bench")
 ANCHOR_DIR = Path(__file__).parent / "anchors"
@@ -224,13 +228,15 @@ def gradcomp_worker(args: argparse.Namespace) -> None:
     job = load_fedsim_job(fh.name)
     os.unlink(fh.name)
     sim, _ = build_simulation(job, quiet=True)
-    ends, counts, accuracy = [], [], None
+    ends, counts, accuracy, timers = [], [], None, None
     while not sim.coord.done:
         entry, _ = sim.run_round()
         ends.append(time.perf_counter())
         counts.append(sim.updates_trained)
         if entry is not None and "test_accuracy" in entry:
             accuracy = entry["test_accuracy"]
+        if args.breakdown and timers is None:  # after the first round, as steady throughput
+            timers = instrument(sim)
     steady = ends[-1] - ends[0]
     updates = counts[-1] - counts[0]
     out = {
@@ -242,6 +248,8 @@ def gradcomp_worker(args: argparse.Namespace) -> None:
         "vectorized": sim.pool.vectorized,
         "actors": args.actors,
     }
+    if timers is not None:
+        out["breakdown"] = per_round(timers, len(ends) - 1)
     sim.pool.close()
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -251,6 +259,7 @@ def gradcomp_cmd(mode: dict[str, Any], data: dict[str, Any]) -> list[str]:
     cmd = [sys.executable, __file__, "--worker", "--actors", str(mode["actors"]), "--vectorize", mode["vectorize"]]
     for key in ("clients", "per_round", "rounds", "seed", "task"):
         cmd += [f"--{key.replace('_', '-')}", str(data[key])]
+    cmd += ["--breakdown"] if data.get("breakdown") else []
     return [*cmd, "--task-args", json.dumps(data.get("task_args", {}))]
 
 
@@ -345,6 +354,46 @@ def accuracy_seeds(rounds: int, seeds: int = 3) -> dict[str, Any]:
     return {"per_seed": acc, "mean": means, "gap_points": round(gap, 3), "target_within_1_point": gap <= 1.0}
 
 
+BREAKDOWN_RUNS = {  # label: (clients, per round, mode)
+    "100 clients, vectorised in the driver": (100, 10, "gradcomp-vectorised"),
+    "1000 clients / 100 per round, vectorised in the driver": (1000, 100, "gradcomp-vectorised"),
+    "100 clients, sequential, 2 actors": (100, 10, "gradcomp-ray2-sequential"),
+    "100 clients, vectorised, 2 actors": (100, 10, "gradcomp-ray2-vectorised"),
+}
+
+
+def breakdown(rounds: int, scale_rounds: int) -> dict[str, Any]:
+    """Milliseconds per round of each part of a gradcomp round (benchmarks/_round_timers.py)."""
+    out = {}
+    for label, (clients, per_round_, mode) in BREAKDOWN_RUNS.items():
+        n = rounds if clients == 100 else scale_rounds
+        data = {"clients": clients, "per_round": per_round_, "rounds": n, "seed": 0, "task": "digits-mlp"}
+        res = run_child(gradcomp_cmd(GRADCOMP_MODES[mode], {**data, "breakdown": True}))
+        out[label] = {"updates_per_second": res.get("updates_per_second"), **res.get("breakdown", res)}
+        print(f"breakdown: {label}: {out[label]}", file=sys.stderr, flush=True)
+    return out
+
+
+def ten_x_budget(report: dict[str, Any]) -> dict[str, Any]:
+    """What 10x pfl-research's updates/s leaves per round, against what the measured parts take."""
+    out = {}
+    for table, label, per_round_ in (
+        ("task", "100 clients, vectorised in the driver", 10),
+        ("scale", "1000 clients / 100 per round, vectorised in the driver", 100),
+    ):
+        pfl = report.get(table, {}).get("pfl", {}).get("updates_per_second")
+        parts = report.get("breakdown", {}).get(label)
+        if not pfl or not parts:
+            continue
+        out[label] = {
+            "budget_ms_per_round_at_10x_pfl": round(per_round_ / (10 * pfl) * 1e3, 2),
+            "steps_ms_per_round": parts.get("steps"),
+            "per_client_work_ms_per_round": round(parts.get("build requests", 0) + parts.get("accept updates", 0), 2),
+            "measured_ms_per_round": round(per_round_ / parts["updates_per_second"] * 1e3, 2),
+        }
+    return out
+
+
 def targets(task: dict[str, Any], scale: dict[str, Any] | None, acc: dict[str, Any] | None) -> dict[str, Any]:
     """The issue's targets, each with the measured value and whether it is met."""
 
@@ -387,7 +436,7 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["anchors", "scale", "crossover", "accuracy"])
+    parser.add_argument("--parts", nargs="+", default=["anchors", "scale", "crossover", "accuracy", "breakdown"])
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--scale-rounds", type=int, default=20)
@@ -397,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--append", action="store_true", help="add these parts to an existing --out report")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", action="store_true", help=argparse.SUPPRESS)
     for key, default in (("clients", 100), ("per-round", 10), ("seed", 0), ("actors", 0)):
         parser.add_argument(f"--{key}", type=int, default=default, help=argparse.SUPPRESS)
     for key, default in (("vectorize", "auto"), ("task", "digits-mlp"), ("task-args", "{}")):
@@ -418,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     report.setdefault("load", {})[" ".join(args.parts)] = {"before": load, "after": os.getloadavg()}
     if "task" in report:
         report["targets"] = targets(report["task"], report.get("scale"), report.get("accuracy"))
+    report["ten_x_budget"] = ten_x_budget(report)
     write_json(args.out, report)
     for key in ("task_table", "scale_table"):
         if key in report:
@@ -433,13 +484,16 @@ def run_parts(args: argparse.Namespace) -> dict[str, Any]:
         out.update(task=task, task_runs=runs, skipped=skipped, task_table=table(task))
     if "scale" in args.parts:
         modes = ["gradcomp-sequential", "gradcomp-vectorised"]
-        runs, skipped = part_runs(1000, 100, args.scale_rounds, modes, 1, [a for a in args.anchors if a == "pfl"])
+        anchors = [a for a in args.anchors if a == "pfl"]
+        runs, skipped = part_runs(1000, 100, args.scale_rounds, modes, args.passes, anchors)
         scale = summarise(runs)
         out.update(scale=scale, scale_runs=runs, scale_table=table(scale))
     if "crossover" in args.parts:
         out["crossover"] = crossover(args.crossover_rounds)
     if "accuracy" in args.parts:
         out["accuracy"] = accuracy_seeds(args.rounds)
+    if "breakdown" in args.parts:
+        out["breakdown"] = breakdown(args.rounds, args.scale_rounds)
     return out
 
 

@@ -394,6 +394,16 @@ def ten_x_budget(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def paired_ratios(runs: dict[str, list[dict[str, Any]]], mine: str, theirs: str) -> list[float]:
+    """mine / theirs updates/s within each pass (the two ran minutes apart, so machine drift mostly cancels)."""
+    pairs = zip(runs.get(mine, []), runs.get(theirs, []), strict=False)
+    return [
+        round(a["updates_per_second"] / b["updates_per_second"], 2)
+        for a, b in pairs
+        if "error" not in a and "error" not in b
+    ]
+
+
 def targets(task: dict[str, Any], scale: dict[str, Any] | None, acc: dict[str, Any] | None) -> dict[str, Any]:
     """The issue's targets, each with the measured value and whether it is met."""
 
@@ -468,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     report.setdefault("load", {})[" ".join(args.parts)] = {"before": load, "after": os.getloadavg()}
     if "task" in report:
         report["targets"] = targets(report["task"], report.get("scale"), report.get("accuracy"))
+        report["paired_speedups_vs_pfl"] = {
+            part: paired_ratios(report[f"{part}_runs"], "gradcomp-vectorised", "pfl")
+            for part in ("task", "scale")
+            if f"{part}_runs" in report
+        }
     report["ten_x_budget"] = ten_x_budget(report)
     write_json(args.out, report)
     for key in ("task_table", "scale_table"):

@@ -28,11 +28,15 @@ def grad_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str]) ->
     """grads(params, frozen, x, y, w) -> (per-client gradients, per-client loss).
 
     Row weights `w` make each client's loss the mean over its real rows (0 for padding).
+    The loss is cross-entropy written as -log_softmax gathered at the label: the same values and
+    gradients bit for bit as `cross_entropy(reduction="none")`, without its ignore_index masking
+    (54 recorded operations per step become 41).
     """
 
     def loss(params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], xb, yb, wb):
         out = functional_call(model, {**frozen, **params}, (xb,))
-        total = (nn.functional.cross_entropy(out, yb, reduction="none") * wb).sum()
+        nll = -out.log_softmax(-1).gather(-1, yb.unsqueeze(-1)).squeeze(-1)
+        total = (nll * wb).sum()
         return total, total.detach()
 
     per_client = vmap(grad(loss, has_aux=True), in_dims=(0, None, 0, 0, 0))

@@ -4,8 +4,8 @@ Used by `fl_anchors.py --parts breakdown`. The parts are wrapped in place on one
 (instrumentation only: nothing in gradcomp calls this), and the wrappers cost ~1 us a call.
 
   pool call         the whole training call (in the driver, or Ray round trips to the actors)
-  steps             the cohort's recorded SGD-gradient replays (vectorised, in the driver only)
-  sgd update        the in-place parameter updates after each replay
+  steps             the cohort's recorded SGD steps: gradients, in-place update, loss sum
+                    (vectorised, in the driver only)
   schedules         building the padded batch schedules (the clients' epoch shuffles)
   build requests    update = local - global, compression, protobuf request (per client)
   accept updates    parse the request bytes, validate, decode and clip (the coordinator, per client)
@@ -63,8 +63,9 @@ def instrument(sim: Any) -> Timers:
     if trainer is not None:
         timers.wrap(trainer, "_finish", "build requests")
         if trainer.cohort is not None:
-            timers.wrap(trainer.cohort, "step", "steps")
-            timers.wrap(cohort, "sgd_update", "sgd update")
+            cache = trainer.cohort.step
+            replay = cache.replay
+            cache.replay = lambda *a: timers.timed("steps", replay(*a))
             timers.wrap(cohort, "_schedule", "schedules")
     return timers
 

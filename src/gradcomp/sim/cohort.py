@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gradcomp.fedclient.train import SGDConfig, epoch_orders, num_steps
-from gradcomp.sim.cohort_step import StepCache, grad_fn, sgd_update
+from gradcomp.sim.cohort_step import StepCache, grad_fn, train_step
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
 MAX_GROUP_FLOATS = 32 * 1024 * 1024
@@ -212,7 +212,7 @@ class CohortTrainer:
         self.fixed = [k for k in model.state_dict() if k not in self.trainable]
         self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
         self.shapes: set[tuple[int, int]] = set()  # (rows, width) of the groups run so far
-        self.step = StepCache(grad_fn(model, self.trainable, self.fixed))
+        self.step = StepCache(train_step(grad_fn(model, self.trainable, self.fixed), cfg.lr, cfg.momentum))
 
     def train(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
         """Train every client from the parameters `start`; results in the order of `clients`."""
@@ -236,10 +236,10 @@ class CohortTrainer:
         buffers = [torch.zeros_like(p) for p in params] if self.cfg.momentum else []
         xs, ys = self.x[sched.index], self.y[sched.index]
         loss_sum = torch.zeros(rows)
-        for s in range(sched.index.shape[0]):
-            grads, loss = self.step(params, frozen, xs[s], ys[s], sched.weight[s])
-            sgd_update(params, buffers, grads, sched.active[s], self.cfg.lr, self.cfg.momentum)
-            loss_sum.add_(loss * sched.active[s])
+        state = (*params, *buffers, *frozen)
+        replay = self.step.replay(params, buffers, frozen, xs[0], ys[0], sched.weight[0], sched.active[0], loss_sum)
+        for batch in zip(xs.unbind(0), ys.unbind(0), sched.weight.unbind(0), sched.active.unbind(0), strict=True):
+            replay(*state, *batch, loss_sum)
         return [
             TrainedClient(
                 {k: p[c] for k, p in zip(self.trainable, params, strict=True)},

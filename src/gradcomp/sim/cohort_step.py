@@ -1,11 +1,12 @@
-"""One SGD step of a whole cohort: its gradients (a recorded graph) and the in-place update.
+"""One SGD step of a whole cohort, recorded: the gradients, the in-place update and the loss sum.
 
 `vmap(grad(functional_call(...)))` is exact but spends most of a small model's step in
 Python (pytrees, the functorch transforms, swapping module parameters). The step is a fixed
 sequence of aten operations for given tensor shapes, so `make_fx` records that sequence once
-per shape; replaying the recorded graph runs the same operations without the transform
-machinery. Each shape is recorded on first use; the cohort planner (sim/cohort.py) prefers
-shapes it has recorded already, so a run records a handful.
+per shape, SGD update included (`train_step`); replaying the recorded graph runs the same
+operations without the transform machinery or a Python call per parameter tensor. Each shape
+is recorded on first use; the cohort planner (sim/cohort.py) prefers shapes it has recorded
+already, so a run records a handful.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def sgd_update(
         p.addcmul_(g, _lead(active, g), value=-lr)
 
 
+def train_step(grads: StepFn, lr: float, momentum: float) -> Callable[..., torch.Tensor]:
+    """step(params, buffers, frozen, x, y, w, active, loss_sum) -> loss_sum: one SGD step, in place.
+
+    Gradients from `grads`, then `sgd_update`, then loss_sum += loss * active (per client).
+    """
+
+    def step(params, buffers, frozen, x, y, w, active, loss_sum):
+        g, loss = grads(params, frozen, x, y, w)
+        sgd_update(params, buffers, g, active, lr, momentum)
+        return loss_sum.add_(loss * active)
+
+    return step
+
+
 def _lead(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-client vector shaped to broadcast over one stacked tensor."""
     return v.view(-1, *([1] * (like.dim() - 1)))
@@ -101,44 +116,49 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 class StepCache:
-    """The gradient function's recorded replay per input shape, recorded on first use."""
+    """The train step's recorded replay per input shape, recorded on first use."""
 
-    def __init__(self, fn: StepFn):
+    def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
-        self.replays: dict[tuple, Callable[..., tuple[torch.Tensor, ...]]] = {}
+        self.replays: dict[tuple, Callable[..., torch.Tensor]] = {}
 
-    def __call__(
-        self, params: list[torch.Tensor], frozen: list[torch.Tensor], *data: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        flat = (*params, *frozen, *data)
-        key = (*((tuple(t.shape), t.dtype) for t in flat), len(params))
+    def replay(self, params: list[torch.Tensor], buffers: list[torch.Tensor], frozen: list[torch.Tensor], *data):
+        """A function of (*params, *buffers, *frozen, *data) that runs the step on tensors shaped like these."""
+        flat = (*params, *buffers, *frozen, *data)
+        key = (*((tuple(t.shape), t.dtype) for t in flat), len(params), len(buffers))
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = record(self.fn, len(params), len(frozen), flat)
-        out = replay(*flat)
-        return list(out[:-1]), out[-1]
+            replay = self.replays[key] = record(self.fn, (len(params), len(buffers), len(frozen)), flat)
+        return replay
 
 
-def record(fn: StepFn, n_params: int, n_frozen: int, example: tuple[torch.Tensor, ...]):
-    """The gradient function as a flat function of tensors: its aten graph (make_fx), replayed by TorchScript.
+def record(fn: Callable[..., torch.Tensor], counts: tuple[int, int, int], example: tuple[torch.Tensor, ...]):
+    """The step as a flat function of tensors: its aten graph (make_fx), replayed by TorchScript.
 
+    `counts` are the numbers of parameter, buffer and frozen tensors at the front of `example`.
     TorchScript runs the graph's operations without a Python call per operation (about a
     third of the per-step overhead of replaying the FX graph in Python). `torch.jit` is
     deprecated in favour of torch.compile, whose compile time (tens of seconds on two cores)
     would exceed a whole small simulation; where `torch.jit.trace` is missing or fails, the
-    FX graph itself is the replay.
+    FX graph itself is the replay. The recording runs on fake tensors, so `example` is untouched.
     """
-    a, b = n_params, n_params + n_frozen
+    a = counts[0]
+    b = a + counts[1]
+    c = b + counts[2]
 
-    def flat_fn(*t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        grads, loss = fn(list(t[:a]), list(t[a:b]), *t[b:])
-        return (*grads, loss)
+    def flat_fn(*t: torch.Tensor) -> torch.Tensor:
+        return fn(list(t[:a]), list(t[a:b]), list(t[b:c]), *t[c:])
 
     with torch.enable_grad():
         gm = simplify(make_fx(flat_fn, tracing_mode="fake")(*example))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.jit.trace(gm, example, check_trace=False)
+            return torch.jit.trace(gm, _copies(example), check_trace=False)
     except Exception:
         return gm
+
+
+def _copies(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Tracing runs the graph once, and the step updates its inputs in place: trace on copies."""
+    return tuple(t.clone() for t in example)

@@ -242,3 +242,37 @@ def test_connected_gauge_drops_clients_that_went_silent() -> None:
     c.touch("b")
     c.tick()
     assert metrics.value("gradcomp_fed_clients_connected") == 1
+
+
+def test_connected_gauge_counts_a_silent_client_again_when_it_returns() -> None:
+    """touch refreshes the gauge only on a liveness change; a returning client is such a change (no tick needed)."""
+    from gradcomp import metrics
+
+    clock = Clock()
+    c = Coordinator(job(rounds=3, clients={"expected": 3, "min": 3}), PARAMS, clock=clock)
+    c.touch_many(["a", "b", "c"])
+    assert metrics.value("gradcomp_fed_clients_connected") == 3
+    clock.t = 3 * c.job.server.heartbeat_seconds + 1  # a and b fall silent
+    c.touch("c")
+    c.tick()
+    assert metrics.value("gradcomp_fed_clients_connected") == 1
+    c.touch_many(["a", "b"])  # back, counted at once
+    assert metrics.value("gradcomp_fed_clients_connected") == 3
+    c.leave("b")
+    c.touch("b")  # a client that left and calls again is back
+    assert metrics.value("gradcomp_fed_clients_connected") == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_in_every_float_dtype(dtype: torch.dtype, bad: float) -> None:
+    """numpy checks float16/32/64, torch checks bfloat16 (numpy has no such dtype): both must refuse."""
+    params = {"w": torch.zeros(4, 3, dtype=dtype), "b": torch.zeros(3, dtype=dtype)}
+    spec = model_spec(params)
+    values = torch.tensor([0.0, bad, 1.0], dtype=dtype)
+    update = {"w": Dense(torch.zeros(12, dtype=dtype), (4, 3), dtype), "b": Dense(values, (3,), dtype)}
+    with pytest.raises(Rejected) as e:
+        decode_update(update, spec)
+    assert e.value.reason == "non_finite" and "'b'" in str(e.value)
+    update["b"] = Dense(torch.ones(3, dtype=dtype), (3,), dtype)
+    assert decode_update(update, spec)["b"].dtype == dtype

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradcomp.compression import Dense, PrivacyOrderError, Sparse, SpecError, build, parse_spec
+from gradcomp.compression import Dense, PrivacyOrderError, Sparse, SpecError, build, parse_spec, to_fields
 
 
 def _grad(n: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -157,6 +157,15 @@ def test_decompress_restores_shape_and_dtype(dtype: torch.dtype, shape: tuple[in
         out = pipe.decompress(pipe.compress(x, "k"))
         assert out.shape == x.shape and out.dtype == dtype, spec
     assert torch.equal(build("none").decompress(build("none").compress(x)), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_none_passthrough_sends_what_the_stage_path_sends(dtype: torch.dtype) -> None:
+    """'none' skips the stage machinery; 'ef' alone runs it and changes nothing on a first step: same wire bytes."""
+    x = torch.randn(3, 5).to(dtype)
+    none, ef = build("none"), build("ef")
+    assert to_fields(none.compress(x, "k")) == to_fields(ef.compress(x, "k"))
+    assert none.state_dict()["steps"] == ef.state_dict()["steps"] == {"k": 1}
 
 
 def test_precision_stages_narrow_the_wire() -> None:

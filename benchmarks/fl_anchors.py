@@ -371,6 +371,8 @@ def breakdown(rounds: int, scale_rounds: int) -> dict[str, Any]:
         res = run_child(gradcomp_cmd(GRADCOMP_MODES[mode], {**data, "breakdown": True}))
         out[label] = {"updates_per_second": res.get("updates_per_second"), **res.get("breakdown", res)}
         print(f"breakdown: {label}: {out[label]}", file=sys.stderr, flush=True)
+    probe = [sys.executable, str(Path(__file__).parent / "_ray_probe.py"), "--kib", "390", "--pieces", "10"]
+    out["ray round trip, 2 idle actors, 10 x 39 kB back"] = run_child([*probe, "--actors", "2"])
     return out
 
 

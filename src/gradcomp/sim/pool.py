@@ -3,8 +3,8 @@ the driver itself (`simulation.actors: 0`, no Ray).
 
 An actor holds the task's data and one model, never a client's state. A round's cohort is
 cut into one chunk per actor (`split_cohort`, balanced by shard size); each call brings a
-chunk of `ClientJob`s and a reference to the serialised global model (put in the object
-store once per version, decoded once per version in each actor), and returns the chunk's
+chunk of `ClientJob`s and the serialised global model (inline when small, else a reference
+put in the object store once per version; decoded once per version in each actor), and returns the chunk's
 `ClientResult`s with their request bytes already built. So a round costs one call per
 actor, not one per client, and the actors train their chunks vectorised when the model
 allows it. The pool size, not the number of clients, bounds memory and CPU.
@@ -17,6 +17,9 @@ from typing import Protocol
 
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.sim.client import ClientJob, ClientResult, SimClientRunner
+
+# Ray's default limit for inline call arguments: a model up to this size travels with each call.
+INLINE_MODEL_BYTES = 100 * 1024
 
 
 def peak_rss_bytes() -> int:
@@ -102,10 +105,15 @@ class RayPool:
         self.vectorized = bool(ray.get(self.actors[0].vectorized.remote()))
 
     def _model(self, model: bytes, version: int) -> object:
+        """The model as each call's argument: small ones inline (a put and a fetch per version cost
+        ~1.5 ms, more than sending a few dozen kB with each call), large ones once per version
+        through the object store (one copy per node, however many actors)."""
         import ray
 
+        if len(model) <= INLINE_MODEL_BYTES:
+            return model
         if self._model_ref is None or self._model_ref[0] != version:
-            self._model_ref = (version, ray.put(model))  # one copy per version in the object store
+            self._model_ref = (version, ray.put(model))
         return self._model_ref[1]
 
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:

@@ -19,7 +19,7 @@ from typing import Any
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2
 # Results up to this size travel inline with the call's reply instead of through the object
 # store (Ray's default is 100 KiB). A simulation actor returns its cohort chunk's request bytes,
-# a few hundred KiB per round, and the object-store path costs ~4 ms more per call on loopback.
+# a few hundred KiB per round, and the object-store path costs ~2 ms more per call on loopback.
 LOCAL_INLINE_RESULT_BYTES = 4 * 1024**2
 # Ray rewrites exactly 127.0.0.1 to the first real interface; any other loopback address stays.
 LOCAL_NODE_IP = "127.0.0.2"

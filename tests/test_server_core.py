@@ -276,3 +276,13 @@ def test_non_finite_values_are_refused_in_every_float_dtype(dtype: torch.dtype, 
     assert e.value.reason == "non_finite" and "'b'" in str(e.value)
     update["b"] = Dense(torch.ones(3, dtype=dtype), (3,), dtype)
     assert decode_update(update, spec)["b"].dtype == dtype
+
+
+def test_shards_follow_known_names_then_join_order() -> None:
+    """Known names take their sorted positions whatever the join order; unknown clients follow in join order."""
+    c = Coordinator(job(rounds=3, clients={"expected": 2, "min": 1}), PARAMS, clock=Clock(), client_names=["b", "a"])
+    c.touch_many(["u1", "b"])
+    c.register("u2")
+    c.touch("a")
+    got = {n: (i.shard_index, i.num_shards) for n, i in c.clients.items()}
+    assert got == {"a": (0, 2), "b": (1, 2), "u1": (2, 3), "u2": (3, 4)}

@@ -174,7 +174,13 @@ class Coordinator:
         self.current: RoundState | None = None
         self.bench = Bench(job.round.bench_after_misses, job.round.bench_rounds)
         self.totals = {"uplink_bytes": 0, "dense_bytes": 0, "accepted": 0, "rejected": 0}
-        self._names = sorted(client_names or [])
+        # Shard order: known names first (sorted), then unknown clients in the order they join.
+        names = sorted(client_names or [])
+        self._known_names = len(names)
+        self._shard_of: dict[str, int] = {}
+        for i, n in enumerate(names):
+            self._shard_of.setdefault(n, i)
+        self._strangers = 0  # clients joined whose names were not known
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._idle_since = clock()
@@ -211,18 +217,20 @@ class Coordinator:
         gets the same shard after a coordinator restart."""
         with self._lock:
             now = self._now(now)
-            info = self.clients.get(name)
-            if info is None:
-                if name in self._names:
-                    index = self._names.index(name)
-                else:
-                    index = len(self._names) + sum(1 for c in self.clients if c not in self._names)
-                shards = max(self.job.clients.expected, len(self._names), index + 1)
-                info = self.clients[name] = ClientInfo(name, index % shards, shards, now)
+            info = self.clients.get(name) or self._join(name, now)
             info.last_seen, info.left = now, False
             self._publish_membership(now)
             self._changed.notify_all()
             return info
+
+    def _join(self, name: str, now: float) -> ClientInfo:
+        """Record a client not seen before, with its shard (callers publish membership and notify)."""
+        index = self._shard_of.get(name)
+        if index is None:
+            index, self._strangers = self._known_names + self._strangers, self._strangers + 1
+        shards = max(self.job.clients.expected, self._known_names, index + 1)
+        info = self.clients[name] = ClientInfo(name, index % shards, shards, now)
+        return info
 
     def touch(self, name: str, now: float | None = None) -> None:
         self.touch_many([name], now)
@@ -233,16 +241,17 @@ class Coordinator:
         refresh per heartbeat would make a sweep over N clients cost N^2. `tick` refreshes it too."""
         with self._lock:
             now = self._now(now)
-            window, changed = self.job.server.liveness_window, False
+            window, joined, changed = self.job.server.liveness_window, False, False
             for name in names:
                 info = self.clients.get(name)
                 if info is None:
-                    self.register(name, now)
-                    continue
-                changed |= info.left or now - info.last_seen > window
+                    info, joined = self._join(name, now), True
+                changed |= joined or info.left or now - info.last_seen > window
                 info.last_seen, info.left = now, False
             if changed:
                 self._publish_membership(now)
+            if joined:
+                self._changed.notify_all()
 
     def leave(self, name: str, now: float | None = None) -> None:
         with self._lock:

@@ -2,9 +2,10 @@
 
 Run by `fl_anchors.py --parts breakdown` as its own process (it starts a local Ray the way
 gradcomp does, `raycluster.connect`, inline results included) and prints one RESULT line:
-milliseconds per round of calls (one per actor, concurrent, as the pool makes them) for a no-op
-and for returning `--kib` KiB in all as `--pieces` bytes objects split over the actors (what pool
-actors send back: one serialised request per client), and the implied MB/s.
+median milliseconds per round of calls (one per actor, concurrent, as the pool makes them; the
+two kinds of round alternate) for a no-op and for returning `--kib` KiB in all as `--pieces`
+bytes objects split over the actors (what pool actors send back: one serialised request per
+client), and the implied MB/s.
 
     python benchmarks/_ray_probe.py --kib 390 --pieces 10 --actors 2
 """
@@ -13,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
-
-def _per_call_ms(call, calls: int) -> float:
-    for _ in range(10):
-        call()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        call()
-    return (time.perf_counter() - t0) / calls * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ratio_to_baseline
 
 
 def main() -> None:
@@ -49,12 +45,15 @@ def main() -> None:
 
     actors = [Echo.remote() for _ in range(args.actors)]
     kib, pieces = args.kib // args.actors, max(1, args.pieces // args.actors)
-    noop = _per_call_ms(lambda: ray.get([a.noop.remote() for a in actors]), args.calls)
-    full = _per_call_ms(lambda: ray.get([a.payload.remote(kib, pieces) for a in actors]), args.calls)
-    extra = full - noop
+    full, noop, _ = ratio_to_baseline(  # medians, the two kinds of round alternating
+        lambda: ray.get([a.payload.remote(kib, pieces) for a in actors]),
+        lambda: ray.get([a.noop.remote() for a in actors]),
+        repeats=args.calls,
+    )
+    extra = (full - noop) * 1e3
     out = {
-        "noop_ms": round(noop, 3),
-        "payload_ms": round(full, 3),
+        "noop_ms": round(noop * 1e3, 3),
+        "payload_ms": round(full * 1e3, 3),
         "payload_kib": args.kib,
         "pieces": args.pieces,
         "actors": args.actors,

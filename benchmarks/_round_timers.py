@@ -51,7 +51,7 @@ def instrument(sim: Any) -> Timers:
 
     def run(jobs: list, model: bytes, version: int) -> list:
         results = pool_run(jobs, model, version)
-        if sim.pool.size > 1 or hasattr(sim.pool, "actors"):
+        if hasattr(sim.pool, "actors"):  # a Ray pool: the actors report their own time
             chunks = split_cohort(jobs, sim.pool.size)
             timers.seconds["actor busy"] += max(sum(results[i].seconds for i in c) for c in chunks)
         return results

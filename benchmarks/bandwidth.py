@@ -42,6 +42,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from gradcomp.tasks import load_task
     from gradcomp.worker.hook import register
+    from gradcomp.worker.local_group import end_rank
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=2)
@@ -86,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
         }
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(out))
-    dist.destroy_process_group()
+    end_rank()
 
 
 # --- driver --------------------------------------------------------------------------------------

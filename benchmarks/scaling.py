@@ -101,6 +101,7 @@ def worker(args: argparse.Namespace) -> None:
     from gradcomp.tasks import load_task
     from gradcomp.worker.collectives import wire_bytes
     from gradcomp.worker.hook import register
+    from gradcomp.worker.local_group import end_rank
 
     torch.set_num_threads(1)
     init = f"tcp://127.0.0.1:{args.port}"
@@ -129,7 +130,7 @@ def worker(args: argparse.Namespace) -> None:
         }
     if args.rank == 0:
         Path(args.result).write_text(json.dumps(out))
-    dist.destroy_process_group()
+    end_rank()
 
 
 # --- driver --------------------------------------------------------------------------------------

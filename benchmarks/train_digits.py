@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
 
 from gradcomp.config.train import TrainJob
+from gradcomp.worker.local_group import spawn_gloo_ranks
 from gradcomp.worker.loop import Session, train_worker
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -124,9 +123,7 @@ def _job(name: str, args: argparse.Namespace) -> TrainJob:
     )
 
 
-def _worker(rank: int, init: str, names: list[str], args: argparse.Namespace, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+def _worker(rank: int, names: list[str], args: argparse.Namespace, out: str) -> None:
     results = {}
     for name in names:
         events: list[dict[str, Any]] = []
@@ -153,7 +150,6 @@ def _worker(rank: int, init: str, names: list[str], args: argparse.Namespace, ou
             }
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -174,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")
         start = time.perf_counter()
-        mp.spawn(_worker, args=(f"file://{tmp}/rdzv", names, args, out), nprocs=2, join=True)
+        spawn_gloo_ranks(_worker, (names, args, out), world=2)
         results = torch.load(out, weights_only=False)
     dense = results.get("dense")
     rows = []

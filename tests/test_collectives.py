@@ -3,14 +3,11 @@ of the decoded payloads (computed here, without any collective, from the same se
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gradcomp.compression import Dense, Sparse, build
 from gradcomp.worker.collectives import (
@@ -19,6 +16,7 @@ from gradcomp.worker.collectives import (
     allreduce_shared_mean,
     reduce_payload,
 )
+from gradcomp.worker.local_group import spawn_gloo_ranks
 
 WORLD = 2
 N = 1000
@@ -46,9 +44,7 @@ def _payload(spec: str, rank: int):  # type: ignore[no-untyped-def]
     return build(spec, seed=rank).compress(_input(rank), key="t")
 
 
-def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
     out: dict[str, torch.Tensor] = {}
     for name, spec in CASES.items():
         pipe = build(spec, seed=rank)
@@ -64,13 +60,12 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
     same = Sparse(torch.arange(0, 50, dtype=torch.int32), torch.full((50,), float(rank + 1)), (N,), torch.float32)
     out["overlap"] = allgather_sparse_mean(same, _out()).wait()
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def gathered() -> list[dict[str, torch.Tensor]]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(f"file://{os.path.join(tmp, 'rdzv')}", tmp), nprocs=WORLD, join=True)
+        spawn_gloo_ranks(_worker, (tmp,), world=WORLD)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from gradcomp.worker.hook import CompressionState, compression_hook
+from gradcomp.worker.local_group import spawn_gloo_ranks
 
 WORLD = 2
 
@@ -150,19 +149,15 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
     results = {name: _scenario(rank, *args) for name, args in SCENARIOS.items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        init = f"file://{os.path.join(tmp, 'rendezvous')}"
-        mp.spawn(_worker, args=(init, tmp), nprocs=WORLD, join=True)
+        spawn_gloo_ranks(_worker, (tmp,), world=WORLD)
         return json.loads(Path(tmp, "rank0.json").read_text()) | {
             "rank1": json.loads(Path(tmp, "rank1.json").read_text())
         }

@@ -10,7 +10,6 @@ the collectives themselves (tests/collective_count.py).
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from collective_count import counting
 from torch import nn
 
 from gradcomp.compression import build
 from gradcomp.worker.hook import CompressionState, compression_hook
+from gradcomp.worker.local_group import spawn_gloo_ranks
 
 WORLD = 3
 N = 1000
@@ -120,19 +119,16 @@ DIRECT = {
 DDP = {"leader_rtopk": "rtopk(ratio=0.05, r=0.2, share=leader) | ef"}
 
 
-def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
     results = {name: _direct(rank, spec) for name, spec in DIRECT.items()}
     results |= {name: _ddp(rank, spec) for name, spec in DDP.items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(f"file://{os.path.join(tmp, 'rdzv')}", tmp), nprocs=WORLD, join=True)
+        spawn_gloo_ranks(_worker, (tmp,), world=WORLD)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -5,15 +5,12 @@ count equals what its all-reduces were handed, and its state survives a checkpoi
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from collective_count import counting
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
@@ -21,6 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_p
 from gradcomp.compression import SpecError, build
 from gradcomp.worker import lowrank
 from gradcomp.worker.hook import CompressionState, compression_hook
+from gradcomp.worker.local_group import spawn_gloo_ranks
 
 WORLD = 2
 STEPS = 5
@@ -62,9 +60,7 @@ def _grads(ddp: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tenso
     return [p.grad.clone() for p in ddp.parameters()]
 
 
-def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+def _worker(rank: int, out_dir: str) -> None:
     ours = nn.parallel.DistributedDataParallel(_model())
     state = CompressionState.for_model(ours, SPEC)
     ours.register_comm_hook(state, compression_hook)
@@ -100,7 +96,6 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
     out["error_feedback_kept"] = bool(state.lowrank.error_dict)  # type: ignore[union-attr]
     out["moved_layout_equal"] = _moved_layout(rank, saved)  # type: ignore[arg-type]
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def _replay(rank: int) -> list[list[torch.Tensor]]:
@@ -135,7 +130,7 @@ def _moved_layout(rank: int, saved: dict[str, Any]) -> bool:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(f"file://{os.path.join(tmp, 'rdzv')}", tmp), nprocs=WORLD, join=True)
+        spawn_gloo_ranks(_worker, (tmp,), world=WORLD)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
 
 

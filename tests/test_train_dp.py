@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from gradcomp.config.train import DPConfig, TrainJob
 from gradcomp.privacy import gaussian_epsilon
 from gradcomp.tasks import load_task
 from gradcomp.worker.dp import ExampleDP
+from gradcomp.worker.local_group import spawn_gloo_ranks
 from gradcomp.worker.loop import Session, train_worker
 from gradcomp.worker.sampling import PoissonPlan
 
@@ -99,9 +97,7 @@ def _jobs() -> dict[str, TrainJob]:
     return {key: TrainJob.model_validate({**common, **job}) for key, job in jobs.items()}
 
 
-def _worker(rank: int, init: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+def _worker(rank: int, out_dir: str) -> None:
     out = {}
     for key, job in _jobs().items():
         events: list[dict] = []
@@ -111,13 +107,12 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
         train_worker(job, session)
         out[key] = [e for e in events if e["type"] in ("epoch", "step")]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def dp_runs() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(f"file://{os.path.join(tmp, 'rdzv')}", tmp), nprocs=2, join=True)
+        spawn_gloo_ranks(_worker, (tmp,), world=2)
         return json.loads(Path(tmp, "rank0.json").read_text())
 
 

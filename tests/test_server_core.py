@@ -263,6 +263,27 @@ def test_connected_gauge_counts_a_silent_client_again_when_it_returns() -> None:
     assert metrics.value("gradcomp_fed_clients_connected") == 3
 
 
+def test_connected_gauge_is_counted_when_read_from_the_newest_coordinator() -> None:
+    """No tick or heartbeat needed: a client that falls silent drops out at the next read; a
+    dropped coordinator stops being counted (it is held weakly)."""
+    import gc
+
+    from gradcomp import metrics
+
+    clock = Clock()
+    old = Coordinator(job(rounds=3, clients={"expected": 2, "min": 2}), PARAMS, clock=clock)
+    old.register("x")
+    c = Coordinator(job(rounds=3, clients={"expected": 3, "min": 3}), PARAMS, clock=clock)
+    c.touch_many(["a", "b"])
+    assert metrics.value("gradcomp_fed_clients_connected") == 2  # c's clients, not old's
+    clock.t = 3 * c.job.server.heartbeat_seconds + 1
+    c.touch("b")
+    assert metrics.value("gradcomp_fed_clients_connected") == 1
+    del c
+    gc.collect()
+    assert metrics.value("gradcomp_fed_clients_connected") == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_values_are_refused_in_every_float_dtype(dtype: torch.dtype, bad: float) -> None:

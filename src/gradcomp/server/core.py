@@ -29,8 +29,9 @@ and the weights a mean-aggregating strategy sees are the example counts capped a
 round by its update's size or by the count it claims.
 
 Liveness: a client counts as connected while its last authenticated call is within
-`server.liveness_window` (the `gradcomp_fed_clients_connected` gauge is refreshed when a client
-joins, leaves or comes back, and on every tick). A selected client that ends
+`server.liveness_window`. The `gradcomp_fed_clients_connected` gauge is counted when it is read
+(a scrape), from the newest coordinator in the process: always current, and joins and heartbeats
+cost O(1) (refreshing it on each join made N registrations cost N^2). A selected client that ends
 `round.bench_after_misses` consecutive rounds without an accepted update is benched for
 `round.bench_rounds` rounds (`server/liveness.py`), and a retry asks only clients that have not
 already missed the round, so a client that heartbeats but never submits cannot stall or fail a
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -185,6 +187,7 @@ class Coordinator:
         self._changed = threading.Condition(self._lock)
         self._idle_since = clock()
         self._check_budget(starting=True)
+        _count_connected_on_scrape(self)
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -219,7 +222,6 @@ class Coordinator:
             now = self._now(now)
             info = self.clients.get(name) or self._join(name, now)
             info.last_seen, info.left = now, False
-            self._publish_membership(now)
             self._changed.notify_all()
             return info
 
@@ -236,20 +238,14 @@ class Coordinator:
         self.touch_many([name], now)
 
     def touch_many(self, names: Iterable[str], now: float | None = None) -> None:
-        """Mark clients alive at `now`. The membership gauge counts every client, so it is refreshed
-        only when one of these was not counted before (new, left or silent), once per call: a
-        refresh per heartbeat would make a sweep over N clients cost N^2. `tick` refreshes it too."""
+        """Mark clients alive at `now` (joining those not seen before)."""
         with self._lock:
-            now = self._now(now)
-            window, joined, changed = self.job.server.liveness_window, False, False
+            now, joined = self._now(now), False
             for name in names:
                 info = self.clients.get(name)
                 if info is None:
                     info, joined = self._join(name, now), True
-                changed |= joined or info.left or now - info.last_seen > window
                 info.last_seen, info.left = now, False
-            if changed:
-                self._publish_membership(now)
             if joined:
                 self._changed.notify_all()
 
@@ -257,22 +253,25 @@ class Coordinator:
         with self._lock:
             if name in self.clients:
                 self.clients[name].left = True
-            self._publish_membership(self._now(now))
             self._changed.notify_all()
 
     def connected(self, now: float | None = None) -> list[str]:
+        """Clients that have not left and were heard from within `server.liveness_window`, sorted."""
         with self._lock:
             now = self._now(now)
             timeout = self.job.server.liveness_window
             return sorted(n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
 
+    def connected_count(self) -> int:
+        """len(connected()) now, without building the list (the gauge's scrape-time value)."""
+        with self._lock:
+            now, timeout = self._now(None), self.job.server.liveness_window
+            return sum(1 for c in self.clients.values() if not c.left and now - c.last_seen <= timeout)
+
     def has_members(self) -> bool:
         """True while some client that joined has not left (the server lingers for them after the job)."""
         with self._lock:
             return any(not c.left for c in self.clients.values())
-
-    def _publish_membership(self, now: float) -> None:
-        metrics.FED_CLIENTS_CONNECTED.set(len(self.connected(now)))
 
     # --- rounds ----------------------------------------------------------------------------
     def _check_budget(self, starting: bool = False) -> bool:
@@ -561,7 +560,6 @@ class Coordinator:
         """One step of the round loop: open a round when possible, close it when due."""
         with self._lock:
             now = self._now(now)
-            self._publish_membership(now)  # a client that went silent drops out of the gauge here
             if self.done:
                 return None
             if self.current is None:
@@ -628,3 +626,14 @@ class Coordinator:
                 metrics.FED_EPSILON.set(self.epsilon)
             if self.status == RUNNING and self.version >= self.job.rounds:
                 self.status = FINISHED
+
+
+def _count_connected_on_scrape(coord: Coordinator) -> None:
+    """Point the connected gauge at `coord`, held weakly: a dropped coordinator reads as 0."""
+    ref = weakref.ref(coord)
+
+    def count() -> float:
+        alive = ref()
+        return 0.0 if alive is None else float(alive.connected_count())
+
+    metrics.FED_CLIENTS_CONNECTED.set_function(count)

@@ -71,7 +71,10 @@ def test_builtin_tasks_need_no_allowlist() -> None:
         (ClientPolicy(require_dp=True), "topk(ratio=0.1) | ef", "requires a dp stage"),
         (ClientPolicy(min_noise_multiplier=1.0), "dp(clip=1.0, sigma=0.5)", "below this client's floor"),
         (ClientPolicy(max_clip=1.0), "dp(clip=5.0, sigma=2.0)", "above this client's ceiling"),
-        (ClientPolicy(min_noise_multiplier=0.1), "dp(clip=1.0, sigma=0.0)", "below"),  # central DP's clip-only spec
+        (ClientPolicy(min_noise_multiplier=0.1), "dp(clip=1.0, sigma=0.0)", "adds none"),  # central DP's clip-only spec
+        # audit finding 10: --require-dp alone accepted a dp stage without noise
+        (ClientPolicy(require_dp=True), "dp(clip=1.0, sigma=0.0) | ef", "adds none"),
+        (ClientPolicy(max_clip=2.0), "dp(clip=1.0, sigma=0.0)", "adds none"),
     ],
 )
 def test_a_spec_below_the_privacy_floor_is_refused(policy: ClientPolicy, spec: str, problem: str) -> None:

@@ -106,7 +106,9 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         metavar="MODULE:FUNCTION",
         help="an entry point the coordinator may name as the task (repeatable; built-ins always run)",
     )
-    p.add_argument("--require-dp", action="store_true", help="refuse a task whose spec has no dp stage")
+    p.add_argument(
+        "--require-dp", action="store_true", help="refuse a task whose spec has no dp stage adding noise (sigma > 0)"
+    )
     p.add_argument("--min-noise-multiplier", type=float, default=None, help="refuse dp with a lower sigma")
     p.add_argument("--max-clip", type=float, default=None, help="refuse dp with a larger clip")
     p.set_defaults(handler="gradcomp.worker.fl_client:run_client")

@@ -8,8 +8,9 @@ stage. A `ClientPolicy` is set on the client only (flags of `gradcomp client`):
 - tasks: the built-in names, plus the `module:function` entry points the client allows itself;
   any other task is refused before anything is imported;
 - privacy floor: `require_dp`, `min_noise_multiplier`, `max_clip`; a spec whose `dp` stage is
-  missing or weaker is refused before training. The floor is about the client's own noise, so
-  a client with a floor refuses central-DP jobs (their client spec clips but adds no noise).
+  missing or weaker is refused before training. The floor is about the client's own noise: any
+  floor flag requires a `dp` stage that adds noise (sigma > 0), so a client with a floor refuses
+  central-DP jobs (their client spec clips but adds no noise) and `dp(clip, sigma=0)`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class ClientPolicy:
             raise TaskRefused(f"compression spec {cfg.spec!r} does not build: {err}") from None
         if dp is None:
             raise TaskRefused(f"this client requires a dp stage; the coordinator's spec {cfg.spec!r} has none")
+        if dp.sigma <= 0:
+            raise TaskRefused(
+                f"this client requires local dp noise; the coordinator's spec {cfg.spec!r} clips but adds none "
+                "(sigma=0)"
+            )
         if self.min_noise_multiplier is not None and dp.sigma < self.min_noise_multiplier:
             raise TaskRefused(
                 f"dp noise multiplier {dp.sigma} is below this client's floor {self.min_noise_multiplier}"

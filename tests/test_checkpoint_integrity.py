@@ -143,3 +143,75 @@ def test_gradcomp_serve_resume_exits_nonzero_on_a_flipped_bit(tmp_path: Path) ->
     assert proc.returncode != 0
     assert f"{run_dir / store.FILENAME}: checksum mismatch" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- a checkpoint continues only the job that wrote it ---------------------------------------------
+def _resume(job: dict[str, Any], tmp_path: Path) -> Coordinator:
+    store.save_state(tmp_path, good_state())
+    coord = Coordinator(FedJob.model_validate(job), {"w": torch.zeros(4), "b": torch.ones(2)})
+    coord.load_state_dict(store.load_state(tmp_path))
+    return coord
+
+
+OTHER_JOBS = {
+    "strategy": ({"strategy": {"name": "fedavgm"}}, "strategy"),
+    "seed": ({"seed": 1}, "seed"),
+    "name": ({"name": "other"}, "name"),
+    "task": ({"task": dict(JOB["task"], args=dict(JOB["task"]["args"], num_examples=64))}, "task"),
+    "central DP added": (
+        {"privacy": {"mode": "central", "clip": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 50}},
+        "privacy",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHER_JOBS))
+def test_a_checkpoint_of_another_job_is_refused_naming_what_changed(tmp_path: Path, kind: str) -> None:
+    """The audit resumed a fedadam checkpoint as fedavgm (its moments read as velocity), and a run
+    without noise as a central-DP run reporting epsilon 0: both must be refused."""
+    change, named = OTHER_JOBS[kind]
+    with pytest.raises(ValueError, match=f"different job \\(changed: [a-z, ]*{named}"):
+        _resume(JOB | change, tmp_path)
+
+
+def test_operational_changes_and_more_rounds_still_resume(tmp_path: Path) -> None:
+    job = JOB | {"rounds": 10, "server": {"port": 6000, "heartbeat_seconds": 1.0}, "limits": {"chunk_bytes": 4096}}
+    job["round"] = {"deadline_seconds": 5.0, "max_retries": 1}
+    coord = _resume(job, tmp_path)
+    assert coord.version == 1 and not coord.done
+
+
+def test_a_checkpoint_without_its_job_is_refused(tmp_path: Path) -> None:
+    state = good_state()
+    state.pop("job")
+    store.save_state(tmp_path, state)
+    coord = Coordinator(FedJob.model_validate(JOB), {"w": torch.zeros(4), "b": torch.ones(2)})
+    with pytest.raises(ValueError, match="records no job"):
+        coord.load_state_dict(store.load_state(tmp_path))
+
+
+def test_a_corrupt_results_file_does_not_block_resuming_a_sound_checkpoint(tmp_path: Path) -> None:
+    """The checkpoint's round log is the source of truth: results.json is rebuilt from it, the
+    unreadable file kept aside; a damaged checkpoint is still refused before anything is written."""
+    from gradcomp.server.app import start
+
+    job = FedJob.model_validate(JOB | {"server": {"port": 0, "host": "127.0.0.1", "linger_seconds": 0}})
+    run_dir = tmp_path / "run"
+    first = start(job, run_dir, tokens={"token-aaaaaaaa": "a"})
+    state = good_state()
+    state["params"] = first.coord.params  # the task's real tensors
+    first.stop(0)
+    store.save_state(run_dir, state)
+    (run_dir / "results.json").write_text('{"history": [')
+    run = start(job, run_dir, resume=True, tokens={"token-aaaaaaaa": "a"})
+    try:
+        assert run.coord.version == 1
+        assert json.loads((run_dir / "results.json").read_text())["history"][0]["round"] == 1
+        assert (run_dir / "results.json.corrupt").read_text() == '{"history": ['
+    finally:
+        run.stop(0)
+    flip_bit(run_dir / store.FILENAME)
+    before = (run_dir / "results.json").read_bytes()
+    with pytest.raises(store.CheckpointError, match="checksum mismatch"):
+        start(job, run_dir, resume=True, tokens={"token-aaaaaaaa": "a"})
+    assert (run_dir / "results.json").read_bytes() == before

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
@@ -197,6 +197,18 @@ class FedJob(StrictModel):
     server: ServerSection = Field(default_factory=ServerSection)
     seed: int = 0
     simulation: SimulationConfig | None = Field(None, description="gradcomp fedsim only")
+
+    def resume_key(self) -> dict[str, Any]:
+        """The parts of the job a resumed coordinator must share with the run it continues: all but
+        the round count, the server's and limits' operational settings, the round timing, the epsilon
+        budget and the simulation section."""
+        data = self.model_dump(mode="json")
+        for key in ("rounds", "server", "limits", "simulation"):
+            data.pop(key, None)
+        for key in ("deadline_seconds", "max_retries", "join_timeout_seconds"):
+            data["round"].pop(key, None)
+        data["privacy"].pop("epsilon_budget", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> FedJob:

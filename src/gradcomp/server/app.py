@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -103,6 +104,20 @@ def checkpointer(job: FedJob, run_dir: Path, record: RunRecord) -> Callable[[Coo
     return checkpoint
 
 
+def resumed_record(run_dir: Path, name: str, kind: str, config: dict[str, Any]) -> RunRecord:
+    """The run's record for `--resume`. The checkpoint's round log is the source of truth, so a
+    results.json that does not parse is set aside (results.json.corrupt) and rebuilt from it,
+    instead of blocking the resume of a sound checkpoint."""
+    try:
+        return RunRecord.resume(run_dir, name, kind, config)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        path = run_dir / "results.json"
+        path.replace(run_dir / "results.json.corrupt")
+        print(f"gradcomp: {path} is unreadable ({err}); kept as results.json.corrupt, rebuilt from the checkpoint",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return RunRecord(run_dir, name, kind, config)
+
+
 def make_grpc_server(job: FedJob, book: TokenBook, coord: Coordinator) -> grpc.Server:
     """A gRPC server whose calls pass the `AuthGate` (token, certificate, size) before being read."""
 
@@ -146,12 +161,13 @@ def start(
         raise ValueError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
     task = load_task(job.task.name, **job.task.args)
     params = initial_params(task, job.seed)
+    saved = store.load_state(run_dir) if resume else None  # verified before anything is written
     config = json.loads(job.model_dump_json())
-    record = (RunRecord.resume if resume else RunRecord)(run_dir, job.name, kind, config)
+    record = resumed_record(run_dir, job.name, kind, config) if resume else RunRecord(run_dir, job.name, kind, config)
     checkpoint = checkpointer(job, run_dir, record)
     coord = Coordinator(job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=book.names)
-    if resume:
-        coord.load_state_dict(store.load_state(run_dir))
+    if saved is not None:
+        coord.load_state_dict(saved)
         checkpoint(coord)  # results.json from the checkpoint's log (no round lost or doubled)
     server = make_grpc_server(job, book, coord)
     service = CoordinatorService(coord, job, book)

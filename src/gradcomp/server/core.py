@@ -587,6 +587,7 @@ class Coordinator:
         """Everything needed to resume after the last completed round (tensors are cloned)."""
         with self._lock:
             return {
+                "job": self.job.resume_key(),
                 "version": self.version,
                 "status": self.status,
                 "reason": self.reason,
@@ -600,7 +601,9 @@ class Coordinator:
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state`; refused (ValueError) when it was written for another job."""
         with self._lock:
+            _check_same_job(state.get("job"), self.job.resume_key())
             spec = model_spec(state["params"])
             if spec != self.spec:
                 raise ValueError("checkpoint does not match the job's model (different tensors or shapes)")
@@ -626,6 +629,21 @@ class Coordinator:
                 metrics.FED_EPSILON.set(self.epsilon)
             if self.status == RUNNING and self.version >= self.job.rounds:
                 self.status = FINISHED
+
+
+def _check_same_job(saved: Any, current: dict[str, Any]) -> None:
+    """A checkpoint continues only the job that wrote it: another strategy would misread its state,
+    another seed, task or privacy setting would make one run out of two (and its epsilon wrong)."""
+    if not isinstance(saved, dict):
+        raise ValueError(
+            "checkpoint records no job (written by an older gradcomp): cannot check that it belongs to this job"
+        )
+    changed = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(
+            f"checkpoint was written for a different job (changed: {', '.join(changed)}); "
+            "resume with the job file it was started with, or start a new run"
+        )
 
 
 def _count_connected_on_scrape(coord: Coordinator) -> None:

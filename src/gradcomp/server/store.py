@@ -49,6 +49,7 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
     strategy = state["strategy"]
     msg.strategy_state.extend(named_to_pb(strategy["tensors"]))
     meta = {
+        "job": state.get("job"),
         "status": state["status"],
         "reason": state["reason"],
         "strategy_scalars": strategy["scalars"],
@@ -139,6 +140,7 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
     if not params:
         raise CheckpointError(f"{path}: the checkpoint holds no model tensors")
     return {
+        "job": meta.get("job"),
         "version": int(msg.round),
         "status": meta["status"],
         "reason": meta["reason"],

@@ -137,6 +137,36 @@ def test_rejections_do_not_disturb_round() -> None:
     assert res.entry["rejected"] == {"duplicate": 1, "stale_round": 1, "not_selected": 1, "malformed": 1}
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"model_version": 7}, "trained on model v7; round 1 hands out v0"),
+        ({"metrics_": {"train_loss": float("nan")}}, "'train_loss' is nan"),
+        ({"metrics_": {"train_loss": float("inf")}}, "'train_loss' is inf"),
+        ({"metrics_": {f"m{i}": 0.0 for i in range(17)}}, "at most 16 metrics"),
+        ({"metrics_": {"x" * 65: 0.0}}, "1-64 characters"),
+    ],
+)
+def test_a_wrong_model_version_or_bad_metrics_are_refused_without_touching_the_round(
+    kwargs: dict[str, object], problem: str
+) -> None:
+    """Audit findings: model_version was ignored (v999 for round 1 was counted); a NaN train_loss
+    made the round log's mean NaN, in the checkpoint too; metric names were unbounded."""
+    clock = Clock()
+    c = Coordinator(job(), PARAMS, clock=clock)
+    for n in ("a", "b", "c"):
+        c.register(n)
+    c.select_clients()
+    with pytest.raises(Rejected, match=problem) as e:
+        c.accept_update("a", 1, 10, dense_update(1.0), **kwargs)  # type: ignore[arg-type]
+    assert e.value.reason == ("stale_round" if "model_version" in kwargs else "malformed")
+    c.accept_update("a", 1, 10, dense_update(1.0), {"train_loss": 0.5}, model_version=0)  # its good one still counts
+    c.accept_update("b", 1, 10, dense_update(3.0), {"train_loss": 1.5}, model_version=0)
+    clock.t = 1000.0
+    res = c.finish_round()
+    assert res is not None and res.entry["clients"] == 2 and res.entry["train_loss"] == pytest.approx(1.0)
+
+
 def test_an_inflated_example_count_cannot_take_over_the_average() -> None:
     clock = Clock()
     c = Coordinator(job(limits={"max_examples": 1000, "max_update_norm": 100.0}), PARAMS, clock=clock)

@@ -126,6 +126,10 @@ def test_bad_inputs_each_get_their_status_and_round_completes(served: Harness) -
     good = valid_request(run, 1)
     expect(Code.UNAUTHENTICATED, stub.SubmitUpdate, good, metadata=md("wrong-token-xyz"), timeout=5)
     expect(Code.FAILED_PRECONDITION, stub.SubmitUpdate, valid_request(run, 7), metadata=m, timeout=5)
+    stale_model = valid_request(run, 1)
+    stale_model.model_version = 999  # the audit's v999 for round 1 used to be counted
+    assert "trained on model v999" in expect(Code.FAILED_PRECONDITION, stub.SubmitUpdate, stale_model, metadata=m,
+                                             timeout=5)  # fmt: skip
     shape = valid_request(run, 1)
     shape.update[0].tensor.shape[:] = [1, *shape.update[0].tensor.shape]
     expect(Code.INVALID_ARGUMENT, stub.SubmitUpdate, shape, metadata=m, timeout=5)
@@ -150,11 +154,12 @@ def test_bad_inputs_each_get_their_status_and_round_completes(served: Harness) -
     coord = run.coord
     assert coord.status == "finished" and [e["clients"] for e in coord.log] == [2, 2]
     assert coord.log[0]["rejected"] == {
-        "unauthenticated": 1, "stale_round": 1, "bad_shape": 1, "non_finite": 1, "too_large": 1, "duplicate": 1
+        "unauthenticated": 1, "stale_round": 2, "bad_shape": 1, "non_finite": 1, "too_large": 1, "duplicate": 1
     }  # fmt: skip
     after = {r: metrics.value("gradcomp_fed_updates_rejected_total", {"reason": r}) for r in metrics.REJECT_REASONS}
-    for reason in ("unauthenticated", "stale_round", "bad_shape", "non_finite", "too_large", "duplicate"):
+    for reason in ("unauthenticated", "bad_shape", "non_finite", "too_large", "duplicate"):
         assert after[reason] - before[reason] == 1, reason
+    assert after["stale_round"] - before["stale_round"] == 2
     channel.close()
 
 

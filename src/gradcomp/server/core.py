@@ -64,7 +64,15 @@ from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
 from gradcomp.privacy import ParticipationLedger, PrivacyLedger
 from gradcomp.server.liveness import Bench, prefer
-from gradcomp.server.updates import Params, Rejected, decode_update, dense_update_nbytes, model_spec, update_nbytes
+from gradcomp.server.updates import (
+    Params,
+    Rejected,
+    client_metrics_problem,
+    decode_update,
+    dense_update_nbytes,
+    model_spec,
+    update_nbytes,
+)
 from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
 from gradcomp.strategies.aggregate import capped_shares, clip_update
 from gradcomp.strategies.central_dp import CentralDP
@@ -366,8 +374,10 @@ class Coordinator:
         update: Mapping[str, Fields | Payload],
         metrics_: Mapping[str, float] | None = None,
         now: float | None = None,
+        model_version: int | None = None,
     ) -> int:
-        """Validate and store one client's update for the open round (see module docstring)."""
+        """Validate and store one client's update for the open round (see module docstring).
+        `model_version`, when given, must be the model the round handed out."""
         with self._lock:
             now = self._now(now)
             self.touch(name, now)
@@ -377,6 +387,9 @@ class Coordinator:
             if r is None or round_id != r.number:
                 open_ = f"round {r.number} is open" if r else f"no round is open (next is {self.version + 1})"
                 raise self._reject("stale_round", f"update for round {round_id} but {open_}", r)
+            if model_version is not None and model_version != self.version:
+                msg = f"update trained on model v{model_version}; round {round_id} hands out v{self.version}"
+                raise self._reject("stale_round", msg, r)
             if name not in r.selected:
                 raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
             if name in r.received or name in r.pending:
@@ -388,6 +401,9 @@ class Coordinator:
                     f"got {num_examples}",
                     r,
                 )
+            problem = client_metrics_problem(metrics_ or {})
+            if problem:
+                raise self._reject("malformed", problem, r)
             r.pending.add(name)
         # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
         # Any failure must drop the pending mark, or `_all_in` would wait for this client until the deadline.

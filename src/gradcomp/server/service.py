@@ -184,8 +184,9 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         try:
             received = self.coord.accept_update(
-                name, request.round, request.num_examples, update, dict(request.metrics)
-            )
+                name, request.round, request.num_examples, update, dict(request.metrics),
+                model_version=request.model_version,
+            )  # fmt: skip
         except Rejected as err:
             raise RpcError(REASON_CODES[err.reason], f"{err.reason}: {err}") from None
         return fed_pb2.SubmitUpdateResponse(accepted=True, round=request.round, received=received)

@@ -8,6 +8,7 @@ Validation raises `Rejected(reason, message)`; the reason is one of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -111,3 +112,21 @@ def _all_finite(t: torch.Tensor) -> bool:
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
         return bool(np.isfinite(t.numpy()).all())
     return bool(t.isfinite().all())
+
+
+MAX_CLIENT_METRICS = 16
+MAX_METRIC_NAME = 64
+
+
+def client_metrics_problem(values: Mapping[str, float]) -> str | None:
+    """Why a client's reported metrics must be refused, or None. They reach the round log, the
+    checkpoint and results.json, so a few short names with finite values only (a NaN train_loss
+    used to turn the round's logged mean into NaN)."""
+    if len(values) > MAX_CLIENT_METRICS:
+        return f"at most {MAX_CLIENT_METRICS} metrics per update, got {len(values)}"
+    for key, value in values.items():
+        if not key or len(key) > MAX_METRIC_NAME:
+            return f"metric names must be 1-{MAX_METRIC_NAME} characters, got {len(key)}"
+        if not math.isfinite(value):
+            return f"metric {key!r} is {value}, not a finite number"
+    return None

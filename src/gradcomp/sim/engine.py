@@ -111,7 +111,10 @@ class Simulation:
         msg = fed_pb2.SubmitUpdateRequest.FromString(res.request)
         try:
             update = update_fields(msg)
-            self.coord.accept_update(msg.client_id, msg.round, msg.num_examples, update, dict(msg.metrics), now=at)
+            self.coord.accept_update(
+                msg.client_id, msg.round, msg.num_examples, update, dict(msg.metrics), now=at,
+                model_version=msg.model_version,
+            )  # fmt: skip
             self.payload_sizes.append(res.payload_bytes)
         except Rejected as err:
             stats.rejected[err.reason] += 1

@@ -4,6 +4,8 @@ worst client with the distribution; the released-model figure is reported apart,
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -12,7 +14,8 @@ from gradcomp.compression import Dense
 from gradcomp.config.fed import FedJob
 from gradcomp.privacy import ParticipationLedger, gaussian_epsilon
 from gradcomp.server import store
-from gradcomp.server.core import BUDGET_EXHAUSTED, Coordinator
+from gradcomp.server.core import BUDGET_EXHAUSTED, FAILED, Coordinator
+from gradcomp.server.updates import Rejected
 
 SIGMA, DELTA = 1.2, 1e-5
 PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
@@ -28,12 +31,12 @@ def _opacus(participations: int) -> float:
     return float(acc.get_epsilon(delta=DELTA))
 
 
-def _job(**privacy: object) -> FedJob:
+def _job(round: dict[str, object] | None = None, **privacy: object) -> FedJob:
     return FedJob.model_validate(
         {
             "rounds": 12,
             "clients": {"expected": 6, "min": 6},
-            "round": {"fraction": 0.34, "min_clients": 2},  # 3 of 6 clients per round
+            "round": round or {"fraction": 0.34, "min_clients": 2},  # 3 of 6 clients per round
             "privacy": {"mode": "local", "clip": 1.0, "noise_multiplier": SIGMA, "delta": DELTA, **privacy},
         }
     )
@@ -99,6 +102,78 @@ def test_participations_survive_a_resume(tmp_path) -> None:  # type: ignore[no-u
     d.load_state_dict(store.load_state(tmp_path))
     assert d.client_ledger.participations == c.client_ledger.participations  # type: ignore[union-attr]
     assert d.epsilon == c.epsilon
+
+
+def _released(q: float) -> float:
+    acc = RDPAccountant()
+    acc.history = [(SIGMA, q, 1)]
+    return float(acc.get_epsilon(delta=DELTA))
+
+
+def _deadline_passes(c: Coordinator, clock: Any) -> None:
+    clock.t += 11.0
+    c.touch_many([f"c{i}" for i in range(6)])
+    c.finish_round()
+
+
+def _open_with_one_report(c: Coordinator) -> list[str]:
+    """Six clients connect, round 1 asks three, only the first of them reports."""
+    for i in range(6):
+        c.register(f"c{i}")
+    first = c.select_clients()
+    assert first is not None and len(first) == 3
+    c.accept_update(first[0], 1, 5, dense_update(0.1))
+    return first
+
+
+def test_a_retry_charges_the_clients_that_missed_and_reads_their_late_updates(clock: Any) -> None:
+    c = Coordinator(_job(round={"fraction": 0.34, "min_clients": 2, "deadline_seconds": 10}), PARAMS, clock=clock)
+    first = _open_with_one_report(c)
+    _deadline_passes(c, clock)  # retry: two of the three never asked
+    r = c.current
+    assert r is not None and r.attempt == 1
+    again = sorted(r.selected - {first[0]})
+    assert len(again) == 2 and not set(again) & set(first)
+    with pytest.raises(Rejected) as late:  # a missed client's update, read and refused
+        c.accept_update(first[1], 1, 5, dense_update(0.1))
+    assert late.value.reason == "not_selected"
+    for n in again:
+        c.accept_update(n, 1, 5, dense_update(0.1))
+    res = c.finish_round()
+    assert res is not None
+    ledger = c.client_ledger
+    assert ledger is not None and ledger.participations == dict.fromkeys([*first, *again], 1)
+    assert res.entry["epsilon"] == pytest.approx(_opacus(1), rel=1e-9)
+    assert res.entry["epsilon_clients"]["clients"] == 5  # the three of the first draw, the two of the retry
+    # released model: 1 - (1 - 3/6) (1 - 2/3) = 5/6 of the clients were asked, not the configured 3/6
+    assert res.entry["sample_rate"] == pytest.approx(5 / 6)
+    assert res.entry["epsilon_released_model"] == pytest.approx(_released(5 / 6), rel=1e-9)
+
+
+def test_a_failed_round_charges_every_client_it_asked(clock: Any) -> None:
+    job = _job(round={"fraction": 0.34, "min_clients": 2, "deadline_seconds": 10, "max_retries": 0})
+    c = Coordinator(job, PARAMS, clock=clock)
+    first = _open_with_one_report(c)
+    _deadline_passes(c, clock)
+    assert c.status == FAILED and c.log == []
+    assert c.client_ledger is not None and c.client_ledger.participations == dict.fromkeys(first, 1)
+    assert c.epsilon == pytest.approx(_opacus(1), rel=1e-9)
+
+
+def test_resume_charges_the_interrupted_rounds_clients_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    c = Coordinator(_job(), PARAMS, checkpoint=lambda co: store.save_state(tmp_path, co.state_dict()))
+    before = _run(c, 1)
+    interrupted = c.select_clients()  # round 2 opens and persists its charge; one update arrives; crash
+    assert interrupted is not None
+    c.accept_update(interrupted[0], 2, 5, dense_update(0.1))
+    d = Coordinator(_job(), PARAMS)
+    d.load_state_dict(store.load_state(tmp_path))
+    assert d.version == 1 and d.epsilon == c.epsilon
+    assert d.client_ledger is not None and d.client_ledger.participations == c.client_ledger.participations  # type: ignore[union-attr]
+    redone = _run(d, 1)  # round 2 again: a client asked both times released one update, charged once
+    for n, rounds in before.items():
+        asked = n in interrupted or redone[n] > 0
+        assert d.client_ledger.participations.get(n, 0) == rounds + asked
 
 
 def test_ledger_distribution() -> None:

@@ -41,10 +41,16 @@ Who is asked each round, how the received updates combine and how the global mod
 the job's strategy's (`strategies/`; `strategy_for_job` wraps it in central DP when the job says
 so); the coordinator only hands it the round's accepted updates.
 
+Privacy (`server/accounting.py`): each released round is charged at the sampling rate it was
+really drawn at (`RoundState.sampling`: clients asked per attempt and the pool each was drawn
+from), and the budget is checked at that rate when a round opens and before a retry asks more.
+In local DP every client is charged when it is asked, before it can train.
+
 Round numbers: `version` = rounds completed (the global model's version); the open round
 has number version + 1. Each round is appended to `log` exactly once, and `checkpoint`
 (if given) is called inside `finish_round` before the next round can open, so a persisted
-state never holds half a round.
+state never holds half a round; in local DP it is also called when a round asks clients, so
+their charge is on disk before any of them can train.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ import torch
 from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
-from gradcomp.privacy import ParticipationLedger, PrivacyLedger
+from gradcomp.server.accounting import FedAccounting, round_sample_rate
 from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.updates import (
     Params,
@@ -131,26 +137,18 @@ class RoundState:
     rejected: Counter[str] = field(default_factory=Counter)
     clipped: int = 0  # accepted updates scaled down to limits.max_update_norm
     missed: set[str] = field(default_factory=set)  # selected in an earlier attempt, delivered nothing
+    sampling: list[tuple[int, int]] = field(default_factory=list)  # per attempt: (clients asked, pool size)
+
+    @property
+    def sample_rate(self) -> float:
+        """The q this round is charged at, over all its attempts (`accounting.round_sample_rate`)."""
+        return round_sample_rate(self.sampling)
 
 
 @dataclass(frozen=True)
 class RoundResult:
     round: int
     entry: dict[str, Any]  # the round-log entry (also in coord.log)
-
-
-def _ledgers(job: FedJob, dp: tuple[float, float] | None) -> tuple[PrivacyLedger | None, ParticipationLedger | None]:
-    """The job's privacy ledgers: (subsampled ledger, per-client ledger in local DP).
-
-    In local DP the budget binds the per-client epsilon (the coordinator is the adversary);
-    the subsampled ledger then only reports the released-model figure.
-    """
-    if dp is None:
-        return None, None
-    p = job.privacy
-    if p.mode == "local":
-        return PrivacyLedger(p.delta, p.accountant), ParticipationLedger(dp[1], p.delta, p.accountant, p.epsilon_budget)
-    return PrivacyLedger(p.delta, p.accountant, p.epsilon_budget), None
 
 
 class Coordinator:
@@ -172,7 +170,8 @@ class Coordinator:
         self.dense_update_bytes = dense_update_nbytes(self.spec)
         self.strategy: Strategy = strategy_for_job(job)
         self.dp = job.dp_params()
-        self.ledger, self.client_ledger = _ledgers(job, self.dp)
+        self.accounting = FedAccounting(job)
+        self.ledger, self.client_ledger = self.accounting.ledger, self.accounting.clients
         self.evaluate = evaluate
         self.checkpoint = checkpoint
         self.clock = clock
@@ -194,7 +193,7 @@ class Coordinator:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._idle_since = clock()
-        self._check_budget(starting=True)
+        self._check_budget(None, starting=True)
         _count_connected_on_scrape(self)
 
     # --- derived ---------------------------------------------------------------------------
@@ -210,9 +209,7 @@ class Coordinator:
     @property
     def epsilon(self) -> float | None:
         """The epsilon this job reports: per-client worst case in local DP, the ledger's otherwise."""
-        if self.client_ledger is not None:
-            return self.client_ledger.worst()
-        return self.ledger.epsilon() if self.ledger else None
+        return self.accounting.epsilon
 
     def snapshot(self) -> tuple[int, Params]:
         """(version, params) read together; params dicts are replaced, never mutated, per round."""
@@ -282,8 +279,11 @@ class Coordinator:
             return any(not c.left for c in self.clients.values())
 
     # --- rounds ----------------------------------------------------------------------------
-    def _check_budget(self, starting: bool = False) -> bool:
-        msg = self._budget_problem()
+    def _check_budget(self, rate: float | None, starting: bool = False) -> bool:
+        """False (and the job stopped) when one more round drawn at `rate` would pass the budget.
+
+        `rate` None: the planning check when the job starts, at the configured m / N."""
+        msg = self.accounting.budget_problem(rate)
         if msg is None:
             return True
         if starting and not self.log:
@@ -291,33 +291,24 @@ class Coordinator:
         self._stop(BUDGET_EXHAUSTED, msg)
         return False
 
-    def _budget_problem(self) -> str | None:
-        """Why one more round would pass `privacy.epsilon_budget`, or None."""
-        if self.dp is None:
-            return None
-        z, cl = self.dp[1], self.client_ledger
-        if cl is not None:
-            if not cl.would_exceed():
-                return None
-            most = max(cl.participations.values(), default=0)
-            return (
-                f"privacy budget: one more participation of the most-selected client ({most} so far) at noise "
-                f"multiplier {z} would reach its epsilon {cl.epsilon_for(most + 1):.3f} > budget {cl.budget} "
-                f"(local DP: q = 1 against the coordinator, delta={cl.delta:g})"
-            )
-        if self.ledger is None or self.ledger.budget is None or not self.ledger.would_exceed(z, self.job.sample_rate):
-            return None
-        return (
-            f"privacy budget: one more round at noise multiplier {z} and sampling rate "
-            f"{self.job.sample_rate:g} would reach epsilon {self.ledger.epsilon_after(z, self.job.sample_rate):.3f} "
-            f"> budget {self.ledger.budget} (spent {self.ledger.epsilon():.3f}, delta={self.ledger.delta:g})"
-        )
-
     def _stop(self, status: str, reason: str) -> None:
         self.status, self.reason = status, reason
         self.current = None
         metrics.FED_CLIENTS_SELECTED.set(0)
         self._changed.notify_all()
+
+    def _round_pool(self, now: float, number: int) -> list[str] | None:
+        """The clients round `number` is drawn from (benched ones only when it cannot open without
+        them), or None while too few are connected to open it."""
+        pool = self.connected(now)
+        need = max(self.job.round.min_clients, self.job.clients.min if self.version == 0 else 1)
+        if len(pool) < need:
+            return None
+        return prefer(pool, self.bench.benched(number), need)
+
+    def _first_rate(self, pool: list[str]) -> float:
+        """q of a round whose first draw asks `clients_per_round` of `pool`."""
+        return round_sample_rate([(min(self.job.clients_per_round, len(pool)), len(pool))])
 
     def select_clients(self, now: float | None = None) -> list[str] | None:
         """Open the next round if none is open and enough clients are connected."""
@@ -328,20 +319,25 @@ class Coordinator:
             if self.version >= self.job.rounds:
                 self._stop(FINISHED, f"all {self.job.rounds} rounds done")
                 return None
-            if not self._check_budget():
-                return None
-            pool = self.connected(now)
-            need = max(self.job.round.min_clients, self.job.clients.min if self.version == 0 else 1)
-            if len(pool) < need:
-                return None
             number = self.version + 1
-            pool = prefer(pool, self.bench.benched(number), need)
+            pool = self._round_pool(now, number)
+            if pool is None or not self._check_budget(self._first_rate(pool)):
+                return None
             chosen = self.strategy.configure_round(number, 0, pool, self.job.clients_per_round)
             self.current = RoundState(number, 0, set(chosen), now, now + self.job.round.deadline_seconds)
+            self.current.sampling.append((len(chosen), len(pool)))
+            self._charge_asked(number, chosen)
             metrics.FED_CLIENTS_SELECTED.set(len(chosen))
             metrics.FED_CLIENTS_REPORTED.set(0)
             self._changed.notify_all()
             return chosen
+
+    def _charge_asked(self, number: int, names: Iterable[str]) -> None:
+        """Local DP: charge the clients just asked, and persist the charge before any of them can train."""
+        if self.accounting.charge_asked(number, names):
+            metrics.FED_EPSILON.set(self.accounting.epsilon or 0.0)
+            if self.checkpoint is not None:
+                self.checkpoint(self)
 
     def task_for(self, name: str, now: float | None = None) -> Task:
         with self._lock:
@@ -481,39 +477,37 @@ class Coordinator:
             return None
 
     def _retry(self, r: RoundState, now: float) -> None:
-        """Keep what arrived (it was computed on the same global model) and ask more clients."""
+        """Keep what arrived (it was computed on the same global model) and ask more clients, unless
+        the higher sampling rate that asking more gives the round would pass the budget."""
+        want = max(self.job.clients_per_round - len(r.received), self.job.round.min_clients - len(r.received))
+        pool = [n for n in self.connected(now) if n not in r.received]
+        pool = prefer(pool, (r.selected - set(r.received)) | r.missed | self.bench.benched(r.number), want)
+        problem = self.accounting.retry_problem(round_sample_rate([*r.sampling, (min(want, len(pool)), len(pool))]))
+        if problem is not None:
+            self._stop(BUDGET_EXHAUSTED, f"round {r.number}: {problem}")
+            return
         r.attempt += 1
         metrics.FED_ROUND_RETRIES.inc()
         r.missed |= r.selected - set(r.received)
-        want = max(self.job.clients_per_round - len(r.received), self.job.round.min_clients - len(r.received))
-        pool = [n for n in self.connected(now) if n not in r.received]
-        pool = prefer(pool, r.missed | self.bench.benched(r.number), want)
-        r.selected = set(r.received) | set(self.strategy.configure_round(r.number, r.attempt, pool, want))
+        chosen = self.strategy.configure_round(r.number, r.attempt, pool, want)
+        r.sampling.append((len(chosen), len(pool)))
+        r.selected = set(r.received) | set(chosen)
         r.deadline = now + self.job.round.deadline_seconds
+        self._charge_asked(r.number, chosen)
         metrics.FED_CLIENTS_SELECTED.set(len(r.selected))
         self._changed.notify_all()
 
     def _account(self, r: RoundState) -> dict[str, Any]:
-        """Charge the round to the ledgers; the round-log fields they give.
+        """Charge the aggregated round to the ledgers; the round-log fields they give.
 
-        Local DP: every client selected for the round is charged one participation (an upper bound on
-        who released an update), and `epsilon` is the worst client's; `epsilon_released_model` is the
-        amplified figure for someone who sees only the global models. Central DP: `epsilon` is the
-        subsampled Gaussian mechanism at q = m / N. Cannot raise BudgetExceeded: the same step was
-        checked when the round opened.
+        The released model is charged at the round's real sampling rate (`RoundState.sample_rate`):
+        central DP's `epsilon`, local DP's `epsilon_released_model`. Local DP's per-client charges were
+        made when each client was asked (`_charge_asked`); `epsilon` is then the worst client's.
+        Cannot raise BudgetExceeded: the rate was checked when the round opened and at each retry.
         """
-        if self.ledger is None or self.dp is None:
-            return {}
-        released = self.ledger.step(self.dp[1], self.job.sample_rate)
-        out: dict[str, Any] = {"epsilon": released}
-        if self.client_ledger is not None:
-            self.client_ledger.record(r.selected | set(r.received))
-            out = {
-                "epsilon": self.client_ledger.worst(),
-                "epsilon_clients": self.client_ledger.distribution(),
-                "epsilon_released_model": released,
-            }
-        metrics.FED_EPSILON.set(out["epsilon"])
+        out = self.accounting.charge_release(r.sample_rate)
+        if "epsilon" in out:
+            metrics.FED_EPSILON.set(out["epsilon"])
         return out
 
     def _aggregate(self, r: RoundState, now: float) -> RoundResult:
@@ -566,7 +560,9 @@ class Coordinator:
         if self.version >= self.job.rounds:
             self.status, self.reason = FINISHED, f"all {self.job.rounds} rounds done"
         else:
-            self._check_budget()
+            pool = self._round_pool(now, self.version + 1)
+            if pool is not None:  # otherwise the round's opening checks, once enough clients connect
+                self._check_budget(self._first_rate(pool))
         if self.checkpoint is not None:
             self.checkpoint(self)
         self._changed.notify_all()
@@ -600,7 +596,8 @@ class Coordinator:
 
     # --- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume after the last completed round (tensors are cloned)."""
+        """Everything needed to resume after the last completed round, and who was already charged
+        for the open one (tensors are cloned)."""
         with self._lock:
             return {
                 "job": self.job.resume_key(),
@@ -609,8 +606,7 @@ class Coordinator:
                 "reason": self.reason,
                 "params": {k: v.clone() for k, v in self.params.items()},
                 "strategy": self.strategy.state_dict(),
-                "ledger": self.ledger.state_dict() if self.ledger else None,
-                "client_ledger": self.client_ledger.state_dict() if self.client_ledger else None,
+                **self.accounting.state_dict(),  # ledger, client_ledger, charged_round
                 "log": [dict(e) for e in self.log],
                 "totals": dict(self.totals),
                 "liveness": self.bench.state_dict(),
@@ -628,13 +624,7 @@ class Coordinator:
             self.reason = state.get("reason", "")
             self.params = {k: v.clone().float() for k, v in state["params"].items()}
             self.strategy.load_state_dict(state["strategy"])
-            if self.ledger is not None and state.get("ledger"):
-                self.ledger.load_state_dict(state["ledger"])
-            if self.client_ledger is not None and state.get("client_ledger"):
-                self.client_ledger.load_state_dict(state["client_ledger"])
-            elif self.client_ledger is not None and self.version:
-                # a checkpoint without per-client counts: assume one client took part in every round
-                self.client_ledger.participations = {"(rounds before per-client counts)": self.version}
+            self.accounting.load_state_dict(state, self.version)
             self.log = [dict(e) for e in state.get("log", [])]
             self.totals.update(state.get("totals", {}))
             self.bench.load_state_dict(state.get("liveness"))

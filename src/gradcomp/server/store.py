@@ -1,11 +1,14 @@
-"""Coordinator persistence: one checkpoint file per run, replaced atomically after every round.
+"""Coordinator persistence: one checkpoint file per run, replaced atomically after every round
+(and, in local DP, when a round asks clients, so their charge survives a crash).
 
 runs/<name>/checkpoint.pb is a `gradcomp.v1.Checkpoint` protobuf (tensors as typed bytes,
-the rest as JSON): global model, rounds completed, strategy state, accountant state, round
-log and byte totals. Because it is a single file written by temp-file + rename, a kill -9 at
-any moment leaves either the previous round's state or the new one, never a mix. The round
-log inside the checkpoint is the source of truth for results.json on resume, so no round is
-lost or counted twice.
+the rest as JSON): global model, rounds completed, strategy state, accountant state (each
+released round's sampling rate; in local DP the clients already charged for the open round),
+round log and byte totals. Because it is a single file written by temp-file + rename, a kill -9
+at any moment leaves either the previous state or the new one, never a mix. The round log
+inside the checkpoint is the source of truth for results.json on resume, so no round is lost
+or counted twice. Format 2 files (every round charged at the configured m / N) are migrated to
+upper bounds on load (`_from_format_2`).
 
 The file is MAGIC + SHA-256 of the protobuf + the protobuf. Loading checks the checksum (a
 truncated or bit-flipped file), the schema of the meta JSON (known status, a round log that
@@ -27,7 +30,8 @@ from gradcomp._proto import checkpoint_pb2
 from gradcomp.protocol.codec import named_to_pb, pb_to_named
 from gradcomp.results import atomic_write_bytes
 
-FORMAT = 2  # 2: the file carries a SHA-256 of the protobuf, checked on load
+FORMAT = 3  # 2: the file carries a SHA-256 of the protobuf; 3: each round charged at its real sampling rate
+READS = (2, 3)  # format 2 is migrated to upper bounds on load (`_from_format_2`)
 MAGIC = b"GCCK\x02"
 _DIGEST = 32
 STATUSES = ("running", "finished", "budget_exhausted", "failed")
@@ -55,6 +59,7 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
         "strategy_scalars": strategy["scalars"],
         "ledger": state["ledger"],
         "client_ledger": state.get("client_ledger"),
+        "charged_round": state.get("charged_round"),
         "log": state["log"],
         "totals": state["totals"],
         "liveness": state.get("liveness"),
@@ -80,8 +85,8 @@ def _verified_message(path: Path) -> checkpoint_pb2.Checkpoint:
         msg.ParseFromString(body)
     except Exception as err:  # protobuf raises DecodeError
         raise CheckpointError(f"{path}: not a gradcomp checkpoint: {err}") from err
-    if msg.format != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {msg.format}, this gradcomp reads {FORMAT}")
+    if msg.format not in READS:
+        raise CheckpointError(f"{path}: checkpoint format {msg.format}, this gradcomp reads {READS}")
     return msg
 
 
@@ -111,7 +116,29 @@ def _checked_meta(path: Path, msg: checkpoint_pb2.Checkpoint) -> dict[str, Any]:
         isinstance(c, dict) and all(isinstance(v, int) and v >= 0 for v in c.values()) for c in counts
     ):
         raise CheckpointError(f"{path}: liveness must map clients to non-negative miss counts and round numbers")
+    charged = meta.get("charged_round") or {}
+    if charged and not (
+        isinstance(charged, dict)
+        and isinstance(charged.get("round"), int)
+        and isinstance(charged.get("clients"), list)
+        and all(isinstance(n, str) for n in charged["clients"])
+    ):
+        raise CheckpointError(f"{path}: charged_round must hold a round number and a list of client names")
     return meta
+
+
+def _from_format_2(meta: dict[str, Any], rounds: int) -> None:
+    """Format 2 charged every round at the configured m / N and local DP only the last attempt's
+    clients, so its epsilon can be too low. Migrated to upper bounds: every released round at q = 1,
+    and in local DP every client at one participation per round (those the old ledger named, and an
+    unnamed entry for any other client, with one more for a round a crash may have interrupted)."""
+    ledger = meta.get("ledger")
+    if isinstance(ledger, dict) and isinstance(ledger.get("history"), list):
+        ledger["history"] = [[h[0], 1.0, h[2]] for h in ledger["history"]]
+    clients = meta.get("client_ledger")
+    if isinstance(clients, dict) and isinstance(clients.get("participations"), dict):
+        named = dict.fromkeys(clients["participations"], rounds)
+        clients["participations"] = {**named, "(any client, migrated from checkpoint format 2)": rounds + 1}
 
 
 def _finite(path: Path, what: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,6 +163,8 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
     msg = _verified_message(path)
     meta = _checked_meta(path, msg)
+    if msg.format == 2:
+        _from_format_2(meta, int(msg.round))
     params = _tensors(path, "model", msg.model)
     if not params:
         raise CheckpointError(f"{path}: the checkpoint holds no model tensors")
@@ -148,6 +177,7 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         "strategy": {"tensors": _tensors(path, "strategy", msg.strategy_state), "scalars": meta["strategy_scalars"]},
         "ledger": meta.get("ledger"),
         "client_ledger": meta.get("client_ledger"),
+        "charged_round": meta.get("charged_round"),
         "log": meta["log"],
         "totals": meta["totals"],
         "liveness": meta.get("liveness"),

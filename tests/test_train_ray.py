@@ -41,20 +41,32 @@ JOB: dict[str, Any] = {
 class KillRank1:
     """A `before_step` fault: rank 1 exits at `step` once (the marker file says it already did).
 
-    Ray Train's controller collects reports every ~2 s; a crash right after a report would lose
-    the checkpoint's registration, so the crash comes `delay_s` later.
+    Ray Train's controller collects reports when it polls (every ~2 s, later on a loaded machine),
+    and a crash before it registered the last checkpoint would lose it: so rank 1 first waits
+    until the controller's snapshot in the run directory lists a checkpoint (a condition, not a
+    fixed delay), for at most `wait_s`. Without a snapshot it exits at once.
     """
 
     step: int
     marker: Path
-    delay_s: float = 3.0
+    snapshot: Path | None = None
+    wait_s: float = 120.0
 
     def __call__(self, global_step: int, rank: int) -> None:
         if rank != 1 or global_step != self.step or self.marker.exists():
             return
         self.marker.write_text(f"rank {rank} exited at step {global_step}\n")
-        time.sleep(self.delay_s)
+        deadline = time.monotonic() + self.wait_s
+        while self.snapshot and not _lists_a_checkpoint(self.snapshot) and time.monotonic() < deadline:
+            time.sleep(0.1)
         os._exit(17)
+
+
+def _lists_a_checkpoint(snapshot: Path) -> bool:
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +109,8 @@ def crashed_run(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> di
     tmp = tmp_path_factory.mktemp("ray")
     runs, marker = tmp / "runs", tmp / "crashed-once"
     job = _write_job(tmp, "crash", epochs=6)
-    results = _train_with_fault(job, runs, KillRank1(step=60, marker=marker))  # 44 steps per epoch
+    snapshot = runs / "crash" / "checkpoint_manager_snapshot.json"  # Ray Train's record of checkpoints
+    results = _train_with_fault(job, runs, KillRank1(step=60, marker=marker, snapshot=snapshot))  # 44 steps per epoch
     return {"results": results, "runs": runs, "job": job, "marker": marker, "on_disk": _results(runs, "crash")}
 
 
@@ -167,7 +180,7 @@ def test_bad_job_fails_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureF
 def test_run_past_max_failures_records_failure(local_ray: None, tmp_path: Path) -> None:
     runs, marker = tmp_path / "runs", tmp_path / "crashed"
     job = _write_job(tmp_path, "doomed", epochs=1, max_failures=0)
-    results = _train_with_fault(job, runs, KillRank1(step=5, marker=marker, delay_s=0.0))
+    results = _train_with_fault(job, runs, KillRank1(step=5, marker=marker))
     final = _results(runs, "doomed")["final"]
     assert results["final"] == final
     assert marker.is_file()

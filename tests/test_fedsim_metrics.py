@@ -69,9 +69,12 @@ def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path, grpc: bool) -> N
             seen = _scrape(port)
         results = json.loads((tmp_path / job["name"] / "results.json").read_text())
         while results["finished_at"] is None:  # the last round is logged before the run is closed
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < end, "fedsim logged its last round but never closed the run"
             time.sleep(0.2)
             results = json.loads((tmp_path / job["name"] / "results.json").read_text())
         seen = _scrape(port)
+        assert seen, f"the final scrape of 127.0.0.1:{port} failed"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

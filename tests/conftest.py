@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# gloo on loopback for every test, not only after the first local Ray (raycluster.connect sets it
+# for the rest of the process): the gloo tests must not depend on the order they run in.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 import torch
 

@@ -12,7 +12,13 @@ from opacus.accountants import RDPAccountant
 
 from gradcomp.compression import Dense
 from gradcomp.config.fed import FedJob
+from gradcomp.fedclient.config import LocalTrainingConfig
+from gradcomp.fedclient.data import iid_shard
+from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.privacy import ParticipationLedger, gaussian_epsilon
+from gradcomp.protocol.codec import serialize_model
+from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, training_config
+from gradcomp.protocol.model import initial_params
 from gradcomp.server import store
 from gradcomp.server.core import BUDGET_EXHAUSTED, FAILED, Coordinator
 from gradcomp.server.updates import Rejected
@@ -174,6 +180,45 @@ def test_resume_charges_the_interrupted_rounds_clients_once(tmp_path) -> None:  
     for n, rounds in before.items():
         asked = n in interrupted or redone[n] > 0
         assert d.client_ledger.participations.get(n, 0) == rounds + asked
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_a_local_dp_request_carries_no_true_example_count_or_loss(mode: str) -> None:
+    """Local DP: the count and the loss would reach the coordinator (the adversary) without noise, so
+    the request carries a constant count and no loss; central DP trusts the coordinator with both."""
+    job = FedJob.model_validate(
+        {
+            "task": {"name": "digits-mlp", "args": {"hidden": 8}},
+            "privacy": {"mode": mode, "clip": 1.0, "noise_multiplier": SIGMA, "delta": DELTA},
+        }
+    )
+    rt = ClientRuntime(LocalTrainingConfig.from_pb(training_config(job)))
+    rt.load_global(0, serialize_model(initial_params(rt.task, job.seed), 0))
+    data = iid_shard(rt.task, 0, 4, job.seed)
+    out = rt.train_round(client="c", round=1, model_version=0, data=data, memory=ClientMemory())
+    assert out.num_examples == data.num_examples > PRIVATE_EXAMPLE_COUNT  # what the client itself knows
+    sent = (out.request.num_examples, dict(out.request.metrics))
+    if mode == "local":
+        assert sent == (PRIVATE_EXAMPLE_COUNT, {})
+    else:
+        assert sent == (data.num_examples, {"train_loss": pytest.approx(out.train_loss)})
+
+
+def test_local_dp_weighs_updates_equally_and_keeps_no_claimed_count_or_loss() -> None:
+    """A client that still sends its count and loss: validated as ever, then neither is kept or logged."""
+    c = Coordinator(_job(round={"fraction": 0.34, "min_clients": 2}), PARAMS)
+    for i in range(6):
+        c.register(f"c{i}")
+    a, b, _ = c.select_clients() or []
+    with pytest.raises(Rejected) as bad:
+        c.accept_update(a, 1, 2**62, dense_update(1.0))
+    assert bad.value.reason == "malformed" and "limits.max_examples" in str(bad.value)
+    c.accept_update(a, 1, 1000, dense_update(0.1), {"train_loss": 0.25})
+    c.accept_update(b, 1, 1, dense_update(0.2), {"train_loss": 0.75})
+    res = c.finish_round(force=True)
+    assert res is not None
+    torch.testing.assert_close(c.params["b"], torch.full((3,), 0.15))  # equal weights, not 1000 : 1
+    assert "examples" not in res.entry and "train_loss" not in res.entry
 
 
 def test_ledger_distribution() -> None:

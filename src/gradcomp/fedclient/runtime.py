@@ -28,7 +28,7 @@ from gradcomp.fedclient.data import ClientData
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import LocalTrainer, SGDTrainer, TrainResult
 from gradcomp.protocol.codec import deserialize_model
-from gradcomp.protocol.messages import update_request
+from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, update_request
 from gradcomp.tasks import Task, load_task
 
 Params = dict[str, torch.Tensor]
@@ -108,13 +108,14 @@ class ClientRuntime:
             state["memory"] = dict(memory.residuals)
         pipe.load_state_dict(state)
         payloads = pipe.compress_update({k: result.params[k].float() - self.global_params[k] for k in names})
+        num_examples, stats = _disclosed(pipe, result)
         request = update_request(
             client_id=client,
             round=round,
             model_version=model_version,
-            num_examples=result.num_examples,
+            num_examples=num_examples,
             payloads=payloads,
-            metrics={"train_loss": result.train_loss},
+            metrics=stats,
         )
         return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round)
 
@@ -134,6 +135,16 @@ class ClientRuntime:
             memory=kept,
             seconds=time.perf_counter() - t0,
         )
+
+
+def _disclosed(pipe: Pipeline, result: TrainResult) -> tuple[int, dict[str, float]]:
+    """The example count and metrics a request carries beside the update. Under local DP (a dp stage
+    that adds noise: the coordinator is the adversary) a constant count and no loss: both would
+    reach the coordinator without noise. Otherwise the true count (FedAvg's weight) and the loss."""
+    dp = pipe.dp
+    if dp is not None and dp.sigma > 0:
+        return PRIVATE_EXAMPLE_COUNT, {}
+    return result.num_examples, {"train_loss": result.train_loss}
 
 
 def _full_residuals(pipe: Pipeline, like: Mapping[str, torch.Tensor]) -> Params:

@@ -16,6 +16,9 @@ from gradcomp.config.fed import FedJob
 from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
 
 PROTOCOL_VERSION = 1
+# The example count a local-DP client claims (and the coordinator keeps in local DP, whatever is
+# claimed): its true count would reach the coordinator, the adversary there, without noise.
+PRIVATE_EXAMPLE_COUNT = 1
 
 
 class DuplicateTensor(ValueError):

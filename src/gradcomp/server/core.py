@@ -68,6 +68,7 @@ import torch
 from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
+from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
 from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.updates import (
@@ -390,16 +391,7 @@ class Coordinator:
                 raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
             if name in r.received or name in r.pending:
                 raise self._reject("duplicate", f"client {name!r} already submitted for round {r.number}", r)
-            if not 1 <= num_examples <= self.job.limits.max_examples:
-                raise self._reject(
-                    "malformed",
-                    f"num_examples must be in [1, {self.job.limits.max_examples}] (limits.max_examples), "
-                    f"got {num_examples}",
-                    r,
-                )
-            problem = client_metrics_problem(metrics_ or {})
-            if problem:
-                raise self._reject("malformed", problem, r)
+            count, kept_metrics = self._claims(num_examples, metrics_ or {}, r)
             r.pending.add(name)
         # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
         # Any failure must drop the pending mark, or `_all_in` would wait for this client until the deadline.
@@ -419,11 +411,31 @@ class Coordinator:
             r.pending.discard(name)
             if self.current is not r:  # the round closed while we decoded
                 raise self._reject("stale_round", f"round {round_id} closed before the update was decoded")
-            r.received[name] = (int(num_examples), dense)
-            r.client_metrics[name] = {k: float(v) for k, v in (metrics_ or {}).items()}
+            r.received[name] = (count, dense)
+            r.client_metrics[name] = kept_metrics
             self._count_accepted(r, nbytes, clipped=norm > self.job.limits.max_update_norm)
             self._changed.notify_all()
             return len(r.received)
+
+    def _claims(self, num_examples: int, metrics_: Mapping[str, float], r: RoundState) -> tuple[int, dict[str, float]]:
+        """Validate what an update says besides its tensors; what the round keeps of it.
+
+        Local DP keeps neither: the example count and the loss would reach the coordinator, the
+        adversary there, without noise (a local-DP client sends `PRIVATE_EXAMPLE_COUNT` and no
+        loss), so every update weighs the same. A request out of bounds is refused in every mode."""
+        if not 1 <= num_examples <= self.job.limits.max_examples:
+            raise self._reject(
+                "malformed",
+                f"num_examples must be in [1, {self.job.limits.max_examples}] (limits.max_examples), "
+                f"got {num_examples}",
+                r,
+            )
+        problem = client_metrics_problem(metrics_)
+        if problem:
+            raise self._reject("malformed", problem, r)
+        if self.client_ledger is not None:
+            return PRIVATE_EXAMPLE_COUNT, {}
+        return int(num_examples), {k: float(v) for k, v in metrics_.items()}
 
     def _count_accepted(self, r: RoundState, nbytes: int, clipped: bool) -> None:
         r.uplink_bytes += nbytes
@@ -525,7 +537,6 @@ class Coordinator:
             "clients": len(names),
             "selected": len(r.selected),
             "attempts": r.attempt + 1,
-            "examples": sum(r.received[n][0] for n in names),
             "uplink_bytes": r.uplink_bytes,
             "dense_bytes": r.dense_bytes,
             "rejected": dict(r.rejected),
@@ -533,6 +544,8 @@ class Coordinator:
             "aggregate_seconds": round(agg_seconds, 6),
             "round_seconds": round(now - r.started_at, 3),
         }
+        if self.client_ledger is None:  # local DP: the coordinator keeps no count (`_claims`)
+            entry["examples"] = sum(r.received[n][0] for n in names)
         losses = [m["train_loss"] for m in r.client_metrics.values() if "train_loss" in m]
         if losses:
             entry["train_loss"] = sum(losses) / len(losses)

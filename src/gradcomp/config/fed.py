@@ -26,7 +26,12 @@ Partition = Annotated[str, AfterValidator(lambda text: str(parse_partition(text)
 
 
 class ClientsSection(StrictModel):
-    expected: int = Field(3, ge=1, description="clients in the population (N); the DP sampling rate is m / N")
+    expected: int = Field(
+        3,
+        ge=1,
+        description="clients in the population (N): m = ceil(round.fraction * N) are asked per round; DP "
+        "plans with m / N but charges each round at the rate it really drew from the connected clients",
+    )
     min: int = Field(1, ge=1, description="clients that must be connected before the first round starts")
 
 
@@ -284,7 +289,8 @@ class FedJob(StrictModel):
 
     @property
     def sample_rate(self) -> float:
-        """q = m / N, the client sampling rate the accountant uses."""
+        """q = m / N, the planned client sampling rate (the budget check at start; each released round is
+        charged at the rate it really drew, `server.accounting.round_sample_rate`)."""
         return min(1.0, self.clients_per_round / self.clients.expected)
 
     def client_spec(self) -> str:

@@ -123,6 +123,9 @@ def test_bad_sweeps_fail_before_work(tmp_path: Path) -> None:
         sweep_mod.run_sweep(_args(_write(tmp_path, specs=["nosuch(1)"]), tmp_path))
     with pytest.raises(ConfigError, match="duplicate"):
         sweep_mod.run_sweep(_args(_write(tmp_path, specs=["none", "none"]), tmp_path))
+    staged = [{"name": "ldp", "stage": "dp(clip=1.0, sigma=0.5)"}]
+    with pytest.raises(ConfigError, match="refused in data-parallel training specs"):
+        sweep_mod.run_sweep(_args(_write(tmp_path, runner="train", privacy=staged), tmp_path))
     assert sweep_mod.run_sweep(_args(_write(tmp_path), tmp_path, check=True)) == 0
 
 

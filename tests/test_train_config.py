@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from torch import nn
 
+from gradcomp.compression import SpecError
 from gradcomp.config.common import ConfigError, validate
 from gradcomp.config.train import TrainJob
 from gradcomp.worker.dp import linear_aggregation
+from gradcomp.worker.hook import CompressionState
 from gradcomp.worker.launch import describe, load_train_job
 from gradcomp.worker.loop import _schedule, shard_indices
 
@@ -42,7 +45,8 @@ def test_spec_list_and_string_are_normalised() -> None:
         ({"name": "../etc", "epochs": 1}, "name"),
         ({"name": "x", "dp": {"delta": 2}}, "dp.delta"),
         ({"name": "x", "schedule": {"name": "exp"}}, "schedule.name"),
-        ({"name": "x", "dp": {}, "compression": "dp(clip=1, sigma=1)"}, "both a 'dp' section"),
+        ({"name": "x", "dp": {}, "compression": "dp(clip=1, sigma=1)"}, "use the job's 'dp' section"),
+        ({"name": "x", "compression": "dp(clip=1, sigma=1) | rtopk(ratio=0.01, r=0.05)"}, "same noise on every worker"),
         ({"epochs": 1}, "name"),
     ],
 )
@@ -50,6 +54,12 @@ def test_bad_jobs_name_the_key(data: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match="invalid job file") as err:
         validate(TrainJob, data)
     assert needle in str(err.value)
+
+
+def test_ddp_hook_refuses_a_dp_stage() -> None:
+    """Its generator is seeded alike on every rank: the noise would be the same on all of them."""
+    with pytest.raises(SpecError, match="same noise on every rank"):
+        CompressionState.for_model(nn.Linear(3, 2), "randomk(ratio=0.5) | dp(clip=1.0, sigma=1.0) | ef")
 
 
 def test_overrides_and_workers(tmp_path: Path) -> None:

@@ -148,6 +148,12 @@ class SweepJob(StrictModel):
         for key in (self.spec_key_or_default, self.seed_key_or_default):
             if key in self.grid:
                 raise ValueError(f"grid key {key!r} is set by specs/seeds; do not put it in the grid")
+        staged = [p.name for p in self.privacy if p.stage is not None]
+        if self.runner == "train" and staged:
+            raise ValueError(
+                f"privacy {staged}: a dp stage is refused in data-parallel training specs; with runner: train "
+                "give DP-SGD as keys instead, e.g. {name: dp, set: {dp: {clip: 1.0, noise_multiplier: 1.0}}}"
+            )
         return self
 
     @property

@@ -106,11 +106,15 @@ class TrainJob(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _one_privacy_mechanism(self) -> TrainJob:
-        if self.dp is not None and "dp(" in self.compression:
+    def _no_dp_stage(self) -> TrainJob:
+        from gradcomp.compression import build
+
+        if build(self.compression).dp is not None:
             raise ValueError(
-                "the job has both a 'dp' section (example-level DP-SGD) and a dp stage in 'compression'; "
-                "use the 'dp' section for data-parallel training and drop the dp stage from the spec"
+                "a dp stage in 'compression' is refused in data-parallel training: it would clip each DDP bucket "
+                "of the minibatch mean (not each example), add the same noise on every worker and report no "
+                "epsilon; use the job's 'dp' section instead (example-level DP-SGD: dp: {clip, noise_multiplier, "
+                "delta}) and drop the dp stage from the spec"
             )
         return self
 

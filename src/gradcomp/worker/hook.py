@@ -102,6 +102,13 @@ class CompressionState:
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         names = {id(p): name for name, p in module.named_parameters()}
         pipeline = build(spec, seed=seed)
+        if pipeline.dp is not None:
+            # The pipeline's generator is seeded alike on every rank (randomk's shared positions need
+            # that), so a dp stage here would add the same noise on every rank: refused, not weakened.
+            raise SpecError(
+                f"a dp stage is refused in a data-parallel hook ({pipeline.spec}): it would add the same noise "
+                "on every rank; use example-level DP-SGD (`gradcomp train`'s dp section, worker/dp.py)"
+            )
         stage = pipeline.lowrank
         if stage is not None and warmup_steps:
             raise SpecError(

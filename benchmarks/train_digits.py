@@ -140,10 +140,11 @@ def _worker(rank: int, names: list[str], args: argparse.Namespace, out: str) -> 
                 "spec": _config(name, args)["compression"],
                 "dp": CONFIGS[name].get("dp"),
                 "test_accuracy": last.get("test_accuracy"),
-                "train_loss": last["train_loss"],
+                "train_loss": last.get("train_loss"),  # DP keeps it in the workers
                 "bytes_sent": sum(e["bytes_sent"] for e in epochs),
                 "dense_bytes": sum(e["dense_bytes"] for e in epochs),
                 "epsilon": last.get("epsilon"),
+                "epsilon_rank_message": last.get("epsilon_rank_message"),
                 "seconds": round(seconds, 2),
                 "accuracy_by_epoch": [round(e.get("test_accuracy", float("nan")), 4) for e in epochs],
                 "mean_accuracy_epochs_1_5": statistics.fmean(e.get("test_accuracy", float("nan")) for e in epochs[:5]),

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 from gradcomp.audit import metrics
 from gradcomp.audit.analytic import analytic_attack
@@ -16,7 +19,6 @@ from gradcomp.audit.dlg import l2_attack
 from gradcomp.audit.observe import Setting, make_setting, observe
 from gradcomp.cli import main
 from gradcomp.compression import build, encode
-from gradcomp.privacy import gaussian_epsilon
 from gradcomp.tasks import load_task
 
 
@@ -84,6 +86,33 @@ def test_verdict_thresholds() -> None:
     assert metrics.dp_epsilon("dp(clip=1.0, sigma=2.0, mechanism=laplace)")["epsilon"] == 0.5
 
 
+def _one_gaussian_release_epsilon(sigma: float, delta: float) -> float:
+    """One Gaussian release at noise multiplier sigma, by hand: RDP alpha / (2 sigma^2) at Opacus' orders,
+    converted to (epsilon, delta) with Balle et al. 2020 (Thm 21), the conversion Opacus uses."""
+    alphas = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=float)
+    eps = alphas / (2 * sigma**2) - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+    return float(eps.min())
+
+
+def _exact_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The tight epsilon of one Gaussian release (Balle and Wang 2018, Thm 8): any sound bound is >= it."""
+
+    def excess(eps: float) -> float:
+        a = 1 / (2 * sigma)
+        return norm.cdf(a - eps * sigma) - np.exp(eps) * norm.cdf(-a - eps * sigma) - delta
+
+    return brentq(excess, 1e-9, 200.0)
+
+
+def test_dp_epsilon_of_one_payload_is_the_gaussian_mechanisms() -> None:
+    """Computed apart from gradcomp.privacy: the closed-form RDP figure, and never below the exact one."""
+    for sigma in (0.5, 1.0, 2.0):
+        got = metrics.dp_epsilon(f"dp(clip=1.0, sigma={sigma})")
+        assert got is not None and got["delta"] == 1e-5 and got["releases"] == 1
+        assert got["epsilon"] == pytest.approx(_one_gaussian_release_epsilon(sigma, 1e-5), rel=1e-9)
+        assert _exact_gaussian_epsilon(sigma, 1e-5) <= got["epsilon"] <= 1.5 * _exact_gaussian_epsilon(sigma, 1e-5)
+
+
 def test_cli_flags_none_and_unit_and_passes_dp(tmp_path: Path) -> None:
     out = tmp_path / "audit.json"
     specs = ["none", "unit", "dp(clip=1.0, sigma=0.5)"]
@@ -99,7 +128,7 @@ def test_cli_flags_none_and_unit_and_passes_dp(tmp_path: Path) -> None:
     assert none["verdict"] == unit["verdict"] == "leaks"
     assert none["reidentification"] >= 0.8 and unit["reidentification"] >= 0.8
     assert dp["verdict"] == "resists" and dp["reidentification"] <= 0.2
-    assert dp["dp"]["epsilon"] == pytest.approx(gaussian_epsilon(0.5, 1, 1e-5))
+    assert dp["dp"]["epsilon"] == pytest.approx(_one_gaussian_release_epsilon(0.5, 1e-5), rel=1e-9)
     assert none["dp"] is None
     assert out.with_suffix(".png").stat().st_size > 1000
 

@@ -1,19 +1,20 @@
 """DP-SGD's Poisson batches: sizes follow Binomial(n, q), every rank yields the same number of
-batches (empty ones included), and a resumed epoch draws the same batches."""
+batches (empty ones included), and who is sampled comes from secret entropy, not the job seed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gradcomp.worker.sampling import PoissonPlan
+from gradcomp.worker.sampling import PoissonPlan, secret_generator
 
 
 def _global_batches(plan: PoissonPlan, epochs: int) -> list[list[torch.Tensor]]:
     """Per step, the local batches of every rank."""
     out = []
+    gens = [torch.Generator().manual_seed(rank) for rank in range(plan.world)]
     for epoch in range(epochs):
-        ranks = [list(plan.batches(rank, seed=3, epoch=epoch)) for rank in range(plan.world)]
+        ranks = [list(plan.batches(rank, 3, epoch, gens[rank])) for rank in range(plan.world)]
         out.extend(zip(*ranks, strict=True))
     return out
 
@@ -40,17 +41,21 @@ def test_batch_sizes_follow_the_binomial_the_accountant_assumes() -> None:
 
 def test_every_rank_yields_every_step_even_when_empty() -> None:
     plan = PoissonPlan.for_job(examples=40, batch_size=1, world=4)  # 10 examples per rank, q = 0.1
-    per_rank = [list(plan.batches(rank, seed=0, epoch=0)) for rank in range(4)]
+    per_rank = [list(plan.batches(rank, 0, 0, torch.Generator().manual_seed(rank))) for rank in range(4)]
     assert all(len(b) == plan.steps_per_epoch == 10 for b in per_rank)
     assert sum(len(batch) == 0 for batches in per_rank for batch in batches) > 0
 
 
-def test_a_resumed_epoch_draws_the_same_batches() -> None:
+def test_inclusions_are_secret_and_a_resumed_epoch_draws_only_its_remaining_steps() -> None:
+    """Two runs with the same job seed sample different batches (the seed does not reveal who was
+    sampled); an epoch resumed at step 7 draws exactly the steps it has left, from the same share."""
     plan = PoissonPlan.for_job(examples=500, batch_size=8, world=2)
-    whole = list(plan.batches(1, seed=5, epoch=2))
-    resumed = list(plan.batches(1, seed=5, epoch=2, start=7))
-    assert len(resumed) == len(whole) - 7
-    assert all(torch.equal(a, b) for a, b in zip(whole[7:], resumed, strict=True))
+    first, second = (torch.cat(list(plan.batches(1, 5, 2, secret_generator()))) for _ in range(2))
+    assert not torch.equal(first, second)
+    resumed = list(plan.batches(1, 5, 2, secret_generator(), steps=plan.steps_per_epoch - 7))
+    assert len(resumed) == plan.steps_per_epoch - 7
+    share = set(plan.share(1, 5, 2).tolist())
+    assert all(set(b.tolist()) <= share for b in resumed)
 
 
 def test_too_few_examples_for_the_batch_is_refused() -> None:

@@ -62,10 +62,11 @@ class PrivacyLedger:
             return False
         return self.epsilon_after(noise_multiplier, sample_rate, steps) > self.budget
 
-    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
-        """Record `steps` applications; raises `BudgetExceeded` (recording nothing) past budget."""
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1, *, check_budget: bool = True) -> float:
+        """Record `steps` applications; raises `BudgetExceeded` (recording nothing) past budget, unless
+        `check_budget` is False (releases that already happened are recorded whatever the budget)."""
         _check(noise_multiplier, sample_rate)
-        if self.would_exceed(noise_multiplier, sample_rate, steps):
+        if check_budget and self.would_exceed(noise_multiplier, sample_rate, steps):
             raise BudgetExceeded(
                 f"{steps} more step(s) at noise multiplier {noise_multiplier} and sampling rate "
                 f"{sample_rate:g} would spend epsilon "

@@ -4,13 +4,20 @@ m gradient canaries are each put in the training set independently with probabil
 canary is a Dirac gradient: clip x a unit vector on a coordinate of its own (a parameter block
 the model's forward never reads, so real examples never touch it). Training runs on the real
 DP-SGD parts: `PoissonPlan` batches over examples + included canaries, `ExampleDP` clipping and
-noise, its Opacus ledger. The auditor sees every step's released noisy gradient (white box),
+noise, and the epsilon its own ledger reports (charged by `ExampleDP.account`, as the training
+loop charges it), not a recomputation. The auditor sees every step's released noisy gradient (white box),
 scores each canary by the sum of its coordinate over the steps, guesses "in" for the k highest
 scores and "out" for the k lowest, and counts the correct guesses. If the run were
 (epsilon, delta)-DP, that count could exceed a Binomial(2k, e^eps / (1 + e^eps)) tail only
 with small probability (their Theorem 3.1, with its delta term); the largest epsilon rejected
 at the chosen confidence is an empirical lower bound, which must stay at or below the
 accountant's epsilon. A lower bound above it means the implementation or its accounting is wrong.
+
+How sharp it is: with 100 guesses the bound cannot pass ~3.47 (every guess right), and even a
+perfect white-box adversary gets a bound near half the true epsilon from one run. So it can only
+catch gross errors: at noise multiplier 2 (epsilon 1.93) a mechanism adding no noise is caught
+(`noise_scale=0`), one adding half the noise is not. The noise scale itself is pinned by direct
+measurement in tests/test_train_dp.py.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from scipy.stats import binom
 from torch import nn
 
 from gradcomp.config.train import DPConfig
-from gradcomp.privacy import gaussian_epsilon
 from gradcomp.tasks import load_task
 from gradcomp.worker.dp import ExampleDP
 from gradcomp.worker.sampling import PoissonPlan
@@ -41,11 +47,22 @@ class OneRunConfig:
     batch_size: int = 64
     lr: float = 0.5
     clip: float = 1.0
-    noise_multiplier: float = 1.0
-    accounted_noise_multiplier: float | None = None  # None: the noise actually added (a test sets a wrong one)
+    noise_multiplier: float = 1.0  # the DP configuration: what the ledger is charged
+    noise_scale: float = 1.0  # fault injection: the mechanism adds noise_scale x the configured noise
     delta: float = 1e-5
     confidence: float = 0.95
     seed: int = 0
+
+
+class _MisnoisedDP(ExampleDP):
+    """An `ExampleDP` whose mechanism adds `scale` times the noise its ledger is charged for: the
+    broken implementation the audit must be able to catch."""
+
+    scale: float = 1.0
+
+    @property
+    def noise_std(self) -> float:
+        return super().noise_std * self.scale
 
 
 class _WithCanarySlots(nn.Module):
@@ -70,18 +87,18 @@ def one_run_audit(cfg: OneRunConfig) -> dict[str, Any]:
     members = included.nonzero().flatten()  # canary i joins as example n + rank among the included
     model = _WithCanarySlots(task.make_model(), cfg.canaries)
     plan = PoissonPlan.for_job(len(x_all) + len(members), cfg.batch_size, 1)
-    dp = ExampleDP(
+    dp = _MisnoisedDP(
         model,
         DPConfig(clip=cfg.clip, noise_multiplier=cfg.noise_multiplier, delta=cfg.delta),
-        rank=0,
         world=1,
-        seed=cfg.seed,
         split_noise=True,
         sample_rate=plan.sample_rate,
         expected_batch=plan.expected_local_batch,
+        noise_seed=cfg.seed,  # an audit is reproducible; training draws secret noise
     )
+    dp.scale = cfg.noise_scale
     scores = _train_and_score(cfg, model, dp, plan, x_all, y_all, members)
-    return _judge(cfg, scores, included, plan, plan.steps_per_epoch * cfg.epochs)
+    return _judge(cfg, scores, included, dp, plan)
 
 
 def _train_and_score(
@@ -95,30 +112,38 @@ def _train_and_score(
 ) -> torch.Tensor:
     """Run DP-SGD; each canary's score is the sum over steps of its coordinate in the released gradient."""
     n, size = len(x_all), sum(p.numel() for p in model.parameters())
-    slots = size - cfg.canaries  # the canary block is the last parameter
+    # where the canary block sits in the flat gradient (a module's own parameters come before its children's)
+    slots = _offset(model, dp, "canary_slots")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     scores = torch.zeros(cfg.canaries, dtype=torch.float64)
+    inclusions = torch.Generator().manual_seed(cfg.seed + 2)
     for epoch in range(cfg.epochs):
-        for batch in plan.batches(0, cfg.seed, epoch):
+        for batch in plan.batches(0, cfg.seed, epoch, inclusions):
             real, canary = batch[batch < n], members[batch[batch >= n] - n]
             rows = torch.zeros(len(canary), size)
             rows[torch.arange(len(canary)), slots + canary] = cfg.clip
             flat, _ = dp.gradient(x_all[real], y_all[real], canaries=rows)
-            scores += flat[slots:].double()
+            scores += flat[slots : slots + cfg.canaries].double()
             optimizer.zero_grad(set_to_none=True)
             dp.write_grads(flat)
+            dp.account()  # the step is released: charged exactly as the training loop charges it
             optimizer.step()
     return scores
 
 
+def _offset(model: nn.Module, dp: ExampleDP, name: str) -> int:
+    """Where parameter `name` starts in `dp`'s flat gradients (they follow `dp.names`)."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in dp.names[: dp.names.index(name)])
+
+
 def _judge(
-    cfg: OneRunConfig, scores: torch.Tensor, included: torch.Tensor, plan: PoissonPlan, steps: int
+    cfg: OneRunConfig, scores: torch.Tensor, included: torch.Tensor, dp: ExampleDP, plan: PoissonPlan
 ) -> dict[str, Any]:
     k = cfg.guesses // 2
     order = torch.argsort(scores, descending=True)
     correct = int(included[order[:k]].sum()) + int((~included[order[-k:]]).sum())
-    accounted = cfg.accounted_noise_multiplier or cfg.noise_multiplier
-    upper = gaussian_epsilon(accounted, steps, cfg.delta, sample_rate=plan.sample_rate)
+    upper, steps = dp.epsilon(), dp.ledger.steps  # what the run's own ledger reports
     lower = epsilon_lower_bound(cfg.canaries, 2 * k, correct, cfg.delta, 1 - cfg.confidence)
     return {
         "epsilon_lower_bound": lower,

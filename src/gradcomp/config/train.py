@@ -56,6 +56,11 @@ class DPConfig(StrictModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     epsilon_budget: float | None = Field(None, gt=0, description="stop before spending more than this")
+    unprotected_metrics: bool = Field(
+        False,
+        description="also report each step's un-noised batch loss and drawn batch size and the epoch's "
+        "train loss (computed from raw training data: outside the guarantee)",
+    )
 
 
 class ScalingSection(StrictModel):

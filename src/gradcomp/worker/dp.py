@@ -18,12 +18,17 @@ The accountant is charged noise multiplier `sigma` with the Poisson sampler's ra
 Each rank divides its noisy sum by its *expected* batch size (public), never the drawn
 size (private), and an empty batch contributes a zero sum plus the same noise, so every
 rank joins every collective.
+
+Two ledgers, two adversaries. `ledger` (the printed epsilon, the budget) holds against whoever
+sees the averaged gradients and the model: noise sigma * clip once per step. `rank_ledger` holds
+against whoever sees one rank's own messages (the interconnect): that rank's noise alone,
+sigma / sqrt(world) under linear aggregation. The noise comes from the rank's
+`secret_generator` (OS entropy, new at every start and resume, never checkpointed).
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any
 
 import torch
@@ -34,6 +39,7 @@ from gradcomp.compression import Pipeline
 from gradcomp.compression.stages import ErrorFeedback, NoneStage, RandomK
 from gradcomp.config.train import DPConfig
 from gradcomp.privacy import PrivacyLedger
+from gradcomp.worker.sampling import secret_generator
 
 
 def linear_aggregation(pipeline: Pipeline) -> bool:
@@ -49,13 +55,14 @@ class ExampleDP:
         model: nn.Module,
         cfg: DPConfig,
         *,
-        rank: int,
         world: int,
-        seed: int,
         split_noise: bool,
         sample_rate: float,
         expected_batch: float,
+        noise_seed: int | None = None,
     ):
+        """`noise_seed` None (training): secret OS entropy; an int makes the noise reproducible, which
+        only an audit or a test may want (anyone who knows the seed can subtract the noise)."""
         self.model = model
         self.cfg = cfg
         self.world = world
@@ -63,10 +70,10 @@ class ExampleDP:
         self.sample_rate = sample_rate
         self.expected_batch = expected_batch
         self.ledger = PrivacyLedger(cfg.delta, cfg.accountant, budget=cfg.epsilon_budget)
+        self.rank_ledger = PrivacyLedger(cfg.delta, cfg.accountant)
         device = next(model.parameters()).device
-        # Independent noise per rank: the seed mixes in the rank.
-        self.generator = torch.Generator(device=device).manual_seed(
-            zlib.crc32(f"dp-noise/{seed}/{rank}".encode()) + seed * 7919
+        self.generator = (
+            secret_generator(device) if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
         )
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -125,15 +132,33 @@ class ExampleDP:
         flat = torch.cat([grads[n].reshape(batch, -1) for n in self.names], dim=1)
         return flat, float(losses.sum())
 
-    def account(self) -> float:
-        """Charge one step to the ledger; returns epsilon so far."""
-        return self.ledger.step(self.cfg.noise_multiplier, self.sample_rate) if self.cfg.noise_multiplier > 0 else 0.0
+    @property
+    def rank_noise_multiplier(self) -> float:
+        """Noise std / clip in one rank's own message (what an observer of that rank's link faces)."""
+        return self.noise_std / self.cfg.clip
+
+    def account(self, steps: int = 1, *, force: bool = False) -> float:
+        """Charge `steps` released steps to both ledgers; returns the (averaged-gradient) epsilon so far.
+
+        `force` charges past the budget: for steps already released (lost with a failed run), which
+        happened whether or not the budget allows them."""
+        if self.cfg.noise_multiplier == 0:
+            return 0.0
+        self.rank_ledger.step(self.rank_noise_multiplier, self.sample_rate, steps)
+        return self.ledger.step(self.cfg.noise_multiplier, self.sample_rate, steps, check_budget=not force)
 
     def epsilon(self) -> float:
-        """Epsilon spent so far; infinite without noise (clipping alone gives no guarantee)."""
+        """Epsilon spent so far against whoever sees the averaged gradients and the model; infinite
+        without noise (clipping alone gives no guarantee)."""
         if self.cfg.noise_multiplier == 0:
             return math.inf
         return self.ledger.epsilon()
+
+    def rank_epsilon(self) -> float:
+        """Epsilon spent so far against an observer of one rank's messages (`rank_ledger`)."""
+        if self.cfg.noise_multiplier == 0:
+            return math.inf
+        return self.rank_ledger.epsilon()
 
     def write_grads(self, flat: torch.Tensor) -> None:
         """Scatter a flat gradient back into the parameters' `.grad`."""
@@ -151,9 +176,20 @@ class ExampleDP:
             at += n
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.state_dict(), "generator": self.generator.get_state()}
+        """The ledgers only: the noise generator is never saved (a resumed run must draw fresh noise)."""
+        return {"ledger": self.ledger.state_dict(), "rank_ledger": self.rank_ledger.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any], *, ledger_only: bool = False) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ledger.load_state_dict(state["ledger"])
-        if not ledger_only and "generator" in state:
-            self.generator.set_state(state["generator"])
+        if "rank_ledger" in state:
+            self.rank_ledger.load_state_dict(state["rank_ledger"])
+        else:  # a checkpoint from before the per-rank ledger: one rank's message can be as exposed as
+            # the averaged gradient only without splitting; otherwise charge the history at the rank's noise
+            self.rank_ledger.load_state_dict(
+                {
+                    "history": [
+                        [s / math.sqrt(self.world) if self.split_noise else s, q, n]
+                        for s, q, n in state["ledger"]["history"]
+                    ]
+                }
+            )

@@ -155,14 +155,15 @@ class Display:
         self.progress.__exit__(*exc)
 
     def step(self, e: dict[str, Any]) -> None:
-        info = f"loss {e['loss']:.3f}  {e['compression_ratio']:.0f}x  {1000 * e['step_seconds']:.1f} ms/step"
+        loss = f"loss {e['loss']:.3f}  " if "loss" in e else ""  # DP keeps it in unless told otherwise
+        info = f"{loss}{e['compression_ratio']:.0f}x  {1000 * e['step_seconds']:.1f} ms/step"
         self.progress.update(self.task, completed=e["step"], info=info)
 
     def line(self, text: str) -> None:
         self.console.print(text, highlight=False, soft_wrap=True)
 
     def epoch(self, e: dict[str, Any]) -> None:
-        parts = [f"epoch {e['epoch']}", f"loss {e['train_loss']:.4f}"]
+        parts = [f"epoch {e['epoch']}"] + ([f"loss {e['train_loss']:.4f}"] if "train_loss" in e else [])
         if "test_accuracy" in e:
             parts.append(f"test acc {e['test_accuracy']:.4f}")
         parts.append(f"sent {human_bytes(e['bytes_sent'])} ({e['compression_ratio']:.1f}x less)")

@@ -26,13 +26,13 @@ from gradcomp.config.train import TrainJob
 from gradcomp.tasks import Task, evaluate, load_task
 from gradcomp.worker.dp import ExampleDP, linear_aggregation
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
-from gradcomp.worker.sampling import PoissonPlan
+from gradcomp.worker.sampling import PoissonPlan, secret_generator
 
 STATE_FILE = "state.pt"
 
 
 def rank_file(rank: int) -> str:
-    """Name of one rank's own checkpoint file (EF memory, DP noise RNG): these differ per rank."""
+    """Name of one rank's own checkpoint file (EF memory, the DP ledgers): EF memory differs per rank."""
     return f"rank-{rank}.pt"
 
 
@@ -73,6 +73,7 @@ class _Run:
     n_train: int
     steps_per_epoch: int
     poisson: PoissonPlan | None  # DP-SGD's batch sampling (None: shuffled fixed-size batches)
+    inclusions: torch.Generator | None  # DP-SGD: the rank's secret source of Poisson inclusions
 
 
 class StopTraining(Exception):
@@ -161,8 +162,21 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     model, dp = _wrap_model(job, session, module, hook_state, poisson)
     optimizer = make_optimizer(job, module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
+    inclusions = secret_generator() if poisson is not None else None
     return _Run(
-        job, session, task, module, optimizer, scheduler, hook_state, dp, model, n_train, steps_per_epoch, poisson
+        job,
+        session,
+        task,
+        module,
+        optimizer,
+        scheduler,
+        hook_state,
+        dp,
+        model,
+        n_train,
+        steps_per_epoch,
+        poisson,
+        inclusions,
     )
 
 
@@ -183,9 +197,7 @@ def _wrap_model(
     dp = ExampleDP(
         module,
         job.dp,
-        rank=session.rank,
         world=session.world,
-        seed=job.seed,
         split_noise=linear_aggregation(hook_state.pipeline),
         sample_rate=poisson.sample_rate,  # the accountant is charged exactly the sampler's q
         expected_batch=poisson.expected_local_batch,
@@ -228,8 +240,8 @@ def _epoch_batches(run: _Run, epoch: int, first_step: int) -> Iterator[torch.Ten
     """This rank's example indices for steps `first_step..` of `epoch`: Poisson samples under DP
     (sizes vary, may be empty; every rank still yields `steps_per_epoch`), else equal shuffled slices."""
     job, session = run.job, run.session
-    if run.poisson is not None:
-        return run.poisson.batches(session.rank, job.seed, epoch, first_step)
+    if run.poisson is not None and run.inclusions is not None:
+        return run.poisson.batches(session.rank, job.seed, epoch, run.inclusions, run.steps_per_epoch - first_step)
     idx = shard_indices(run.n_train, session.rank, session.world, job.seed, epoch)
     return (idx[s * job.batch_size : (s + 1) * job.batch_size] for s in range(first_step, run.steps_per_epoch))
 
@@ -258,15 +270,16 @@ def _log_step(
     run: _Run, epoch: int, global_step: int, loss: float, traffic: StepTraffic, seconds: float, examples: int
 ) -> None:
     """Queue this rank's step event (loss, examples, bytes, ratio, time, lr) for the launcher: rank 0's
-    drive the display and steps.jsonl, every rank's feed the per-rank training metrics."""
+    drive the display and steps.jsonl, every rank's feed the per-rank training metrics. Under DP the
+    un-noised loss and drawn batch size stay out unless `dp.unprotected_metrics` lets them out."""
+    unnoised = {"loss": loss, "examples": examples} if _reports_unnoised(run) else {}
     run.session.events.append(
         {
             "type": "step",
             "rank": run.session.rank,
             "epoch": epoch,
             "step": global_step,
-            "loss": loss,
-            "examples": examples,
+            **unnoised,
             "bytes_sent": traffic.bytes_sent,
             "dense_bytes": traffic.dense_bytes,
             "compression_ratio": round(traffic.ratio, 3),
@@ -275,6 +288,12 @@ def _log_step(
         }
     )
     _flush(run.session)
+
+
+def _reports_unnoised(run: _Run) -> bool:
+    """Whether losses and batch sizes computed from raw training data may leave the workers: always
+    without DP; under DP only with `dp.unprotected_metrics` (they are outside the guarantee)."""
+    return run.dp is None or run.dp.cfg.unprotected_metrics
 
 
 def _end_epoch(
@@ -286,7 +305,6 @@ def _end_epoch(
     entry: dict[str, Any] = {
         "epoch": epoch + 1,
         "step": global_step,
-        "train_loss": float(totals[0]) / max(float(totals[4]), 1.0),
         "bytes_sent": int(totals[1]),
         "dense_bytes": int(totals[2]),
         "compression_ratio": float(totals[2] / totals[1]) if totals[1] else 1.0,
@@ -294,6 +312,8 @@ def _end_epoch(
         "epoch_seconds": epoch_seconds,
         "lr": run.scheduler.get_last_lr()[0],
     }
+    if _reports_unnoised(run):
+        entry["train_loss"] = float(totals[0]) / max(float(totals[4]), 1.0)
     if (
         session.rank == 0
         and task.test_set is not None
@@ -303,6 +323,7 @@ def _end_epoch(
         entry["test_loss"], entry["test_accuracy"] = metrics["loss"], metrics["accuracy"]
     if dp is not None:
         entry["epsilon"] = dp.epsilon()
+        entry["epsilon_rank_message"] = dp.rank_epsilon()
         entry["delta"] = dp.cfg.delta
     if session.rank == 0:
         session.events.append({"type": "epoch", **entry})
@@ -347,6 +368,7 @@ def _report(run: _Run, metrics: dict[str, Any], epoch: int, step_in_epoch: int, 
                     "global_step": global_step,
                     "world": session.world,
                     "job": run.job.resume_key(),
+                    "release_bound": _release_bound(run, epoch, step_in_epoch, global_step),
                 },
                 d / STATE_FILE,
             )
@@ -357,11 +379,34 @@ def _report(run: _Run, metrics: dict[str, Any], epoch: int, step_in_epoch: int, 
         session.report(metrics, d)
 
 
+def _release_bound(run: _Run, epoch: int, step_in_epoch: int, global_step: int) -> int:
+    """Steps this run may still release after a checkpoint at (epoch, step_in_epoch, global_step)
+    before it writes its next one or ends: an upper bound on the releases a resume from it loses."""
+    job, spe, every = run.job, run.steps_per_epoch, run.job.checkpoint
+    if epoch >= job.epochs:
+        return 0
+    epoch_end = global_step + spe - step_in_epoch  # the global step that ends the current epoch
+    end = epoch_end + (job.epochs - epoch - 1) * spe
+    nxt = end
+    if every.every_epochs:
+        e, at = epoch, epoch_end
+        while at < end and (e + 1) % every.every_epochs:
+            e, at = e + 1, at + spe
+        nxt = min(nxt, at)
+    if every.every_steps:
+        m = (global_step // every.every_steps + 1) * every.every_steps
+        while m < end and (m - epoch_end) % spe == 0:  # an epoch's last step is left to `_end_epoch`
+            m += every.every_steps
+        nxt = min(nxt, m)
+    return nxt - global_step
+
+
 def _restore(run: _Run, where: Path) -> tuple[int, int, int]:
-    """Load a checkpoint: shared state from rank 0's file, EF memory and noise RNG from ours.
+    """Load a checkpoint: shared state (and the DP ledgers) from rank 0's files, EF memory from ours.
 
     With a different worker count than the checkpoint's, ranks without a file of their own
     start with empty error-feedback memory (the model, optimizer and ledger still resume).
+    Under DP the steps released after the checkpoint are charged (see `_charge_lost_releases`).
     Returns (epoch, step in epoch, global step) to resume from.
     """
     rank, dp = run.session.rank, run.dp
@@ -373,17 +418,33 @@ def _restore(run: _Run, where: Path) -> tuple[int, int, int]:
     mine = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
     if mine is not None and state.get("world") is not None:
         run.hook_state.load_state_dict(mine["hook"])
+    at = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
     if dp is not None:
-        # every rank's ledger is the same; rank 0's file is always there, whatever the old world size
+        # every rank's ledgers are the same; rank 0's file is always there, whatever the old world size
         shared = (
             mine
             if rank == 0 and mine is not None
             else torch.load(where / rank_file(0), map_location="cpu", weights_only=False)
         )
-        dp.load_state_dict(shared["dp"], ledger_only=True)
-        if mine is not None and mine.get("dp") is not None:
-            dp.load_state_dict(mine["dp"])
-    return int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
+        dp.load_state_dict(shared["dp"])
+        lost = state.get("release_bound")
+        _charge_lost_releases(run, _release_bound(run, *at) if lost is None else int(lost), *at)
+    return at
+
+
+def _charge_lost_releases(run: _Run, lost: int, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    """Charge the `lost` steps a run may have released after this checkpoint, then checkpoint at once.
+
+    Their noisy gradients left the workers before the failure, and their noise was secret and is gone
+    (never checkpointed: the resumed run draws new noise for the steps it redoes, which are charged
+    again as they happen). Checkpointing the charge right away keeps it when the run fails again
+    before its next scheduled checkpoint; it may carry the ledger past the budget, which then stops the run.
+    """
+    assert run.dp is not None
+    if lost <= 0:
+        return
+    run.dp.account(lost, force=True)
+    _report(run, {"epoch": epoch, "step": global_step, "charged_lost_steps": lost}, epoch, step_in_epoch, global_step)
 
 
 # --- Ray Train entry point -------------------------------------------------------------------

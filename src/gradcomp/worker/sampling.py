@@ -14,12 +14,17 @@ ranks would then take different step counts (a DDP hang), and conditioning on a 
 batch is not the mechanism the accountant prices. Here every rank yields exactly
 `steps_per_epoch` batches, empty ones included; an empty batch still joins the collective
 with a zero gradient plus its noise (see `ExampleDP.gradient`).
+
+Who was sampled must stay secret for amplification to hold, so the inclusion draws come from
+a generator seeded with OS entropy (`secret_generator`), never from the job seed (which sits in
+the job file and results.json): anyone who knew the batches would face the Gaussian mechanism
+without amplification. The share permutation stays seeded by (job seed, epoch): which rank
+holds an example says nothing about whether it was sampled.
 """
 
 from __future__ import annotations
 
-import itertools
-import zlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,15 +66,29 @@ class PoissonPlan:
         perm = torch.randperm(self.examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         return perm[rank :: self.world]
 
-    def batches(self, rank: int, seed: int, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        """This rank's batches of `epoch` from step `start` on: exactly `steps_per_epoch - start`, some may be empty.
+    def batches(
+        self, rank: int, seed: int, epoch: int, generator: torch.Generator, steps: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """This rank's next `steps` batches of `epoch` (default: a whole epoch), some may be empty.
 
-        Deterministic in (seed, rank, epoch), so a run resumed mid-epoch draws the same batches.
+        The inclusions are drawn from `generator` (the rank's `secret_generator` in training); a run
+        resumed mid-epoch draws fresh batches for the steps it has left, each one still a Poisson sample.
         """
         share = self.share(rank, seed, epoch)
-        gen = torch.Generator().manual_seed(zlib.crc32(f"poisson/{seed}/{rank}/{epoch}".encode()))
         sampler = UniformWithReplacementSampler(
-            num_samples=share.numel(), sample_rate=self.sample_rate, generator=gen, steps=self.steps_per_epoch
+            num_samples=share.numel(),
+            sample_rate=self.sample_rate,
+            generator=generator,
+            steps=self.steps_per_epoch if steps is None else steps,
         )
-        for picked in itertools.islice(sampler, start, None):
+        for picked in sampler:
             yield share[torch.as_tensor(picked, dtype=torch.long)]
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with 64 bits of OS entropy: DP noise and Poisson inclusions come from one.
+
+    Nothing derived from the job seed can reproduce it, it differs per rank and per (re)start, and it
+    is never checkpointed (a resumed run draws new noise, never the same draws on other gradients).
+    """
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))

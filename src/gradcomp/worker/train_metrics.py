@@ -54,12 +54,14 @@ class TrainMetrics:
     def _step(self, e: dict[str, Any]) -> None:
         labels = {"run": self.run, "rank": str(e.get("rank", 0))}
         metrics.TRAIN_STEPS.labels(**labels).inc()
-        metrics.TRAIN_EXAMPLES.labels(**labels).inc(e.get("examples", self.batch_size))  # DP batches vary
+        # DP batches vary, and their drawn sizes stay in the workers: then the expected batch (= batch_size) counts
+        metrics.TRAIN_EXAMPLES.labels(**labels).inc(e.get("examples", self.batch_size))
         metrics.TRAIN_BYTES_SENT.labels(**labels).inc(e["bytes_sent"])
         metrics.TRAIN_DENSE_BYTES.labels(**labels).inc(e["dense_bytes"])
         metrics.TRAIN_COMPRESSION_RATIO.labels(**labels).set(e["compression_ratio"])
         metrics.TRAIN_STEP_SECONDS.labels(**labels).observe(e["step_seconds"])
-        metrics.TRAIN_LOSS.labels(**labels).set(e["loss"])
+        if "loss" in e:  # DP leaves the un-noised loss out (see dp.unprotected_metrics)
+            metrics.TRAIN_LOSS.labels(**labels).set(e["loss"])
         if "lr" in e:
             metrics.TRAIN_LEARNING_RATE.labels(run=self.run).set(e["lr"])
 

@@ -187,7 +187,8 @@ FED_ARGS = ["--config", str(ROOT / "examples" / "fed-digits-dp.yaml"), "--set", 
 FED_ARGS += [f"--set={k}=1" for k in ("clients.expected", "clients.min", "round.min_clients", "server.linger_seconds")]
 FED_ARGS += ["--set=server.port=0", "--set=server.metrics_port=0", "--set=server.metrics_linger_seconds=600"]
 TRAIN_ARGS = [str(ROOT / "examples" / "digits-dp.yaml"), f"--set=name={TRAIN_RUN}", "--set=epochs=1000"]
-TRAIN_ARGS += ["--set=checkpoint.every_epochs=0"]
+# dp.unprotected_metrics: the dashboard's loss panel needs the un-noised loss a DP run keeps in by default
+TRAIN_ARGS += ["--set=checkpoint.every_epochs=0", "--set=dp.unprotected_metrics=true"]
 
 
 def prometheus_config(tmp: Path, targets: dict[str, str]) -> Path:

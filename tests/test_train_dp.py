@@ -10,6 +10,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from gradcomp.privacy import gaussian_epsilon
 from gradcomp.tasks import Task, load_task
 from gradcomp.worker.dp import ExampleDP
 from gradcomp.worker.local_group import spawn_gloo_ranks
-from gradcomp.worker.loop import STATE_FILE, Session, rank_file, train_worker
+from gradcomp.worker.loop import STATE_FILE, Session, _release_bound, rank_file, train_worker
 from gradcomp.worker.sampling import PoissonPlan
 
 
@@ -272,3 +273,24 @@ def test_resume_draws_fresh_noise_and_charges_the_lost_steps(dp_runs: dict) -> N
     assert resume["first_step4"] != resume["again_step4"]  # a reused generator would give the same weights
     q = 2 * LOCAL_BATCH / (2 * LOCAL_BATCH * 6)
     assert resume["epoch"]["epsilon"] == pytest.approx(gaussian_epsilon(1.0, 8, 1e-5, sample_rate=q), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("every_steps", "every_epochs", "steps_per_epoch", "epochs", "at", "bound"),
+    [
+        (2, 1, 6, 1, (0, 2, 2), 2),  # next: step 4
+        (2, 1, 6, 1, (0, 4, 4), 2),  # next: the epoch's end, 6
+        (2, 1, 6, 1, (1, 0, 6), 0),  # the run's end: nothing more to release
+        (0, 5, 10, 20, (5, 0, 50), 50),  # next: the end of epoch 10
+        (10, 0, 10, 3, (1, 0, 10), 20),  # every_steps skips epoch ends, no epoch checkpoints: the run's end
+        (4, 0, 5, 2, (0, 3, 3), 1),  # a world change moved the epoch ends off the global grid: next is step 4
+    ],
+)
+def test_release_bound_is_the_distance_to_the_next_checkpoint(
+    every_steps: int, every_epochs: int, steps_per_epoch: int, epochs: int, at: tuple[int, int, int], bound: int
+) -> None:
+    """What a resume charges: every step the run could release before its next checkpoint (or its end)."""
+    checkpoint = {"every_steps": every_steps, "every_epochs": every_epochs}
+    job = TrainJob.model_validate({"name": "b", "epochs": epochs, "checkpoint": checkpoint})
+    run = SimpleNamespace(job=job, steps_per_epoch=steps_per_epoch)
+    assert _release_bound(run, *at) == bound  # type: ignore[arg-type]

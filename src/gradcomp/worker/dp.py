@@ -183,8 +183,8 @@ class ExampleDP:
         self.ledger.load_state_dict(state["ledger"])
         if "rank_ledger" in state:
             self.rank_ledger.load_state_dict(state["rank_ledger"])
-        else:  # a checkpoint from before the per-rank ledger: one rank's message can be as exposed as
-            # the averaged gradient only without splitting; otherwise charge the history at the rank's noise
+        else:  # a checkpoint from before the per-rank ledger: rebuilt from the shared history at this
+            # run's per-rank noise (exact unless the worker count changed since)
             self.rank_ledger.load_state_dict(
                 {
                     "history": [

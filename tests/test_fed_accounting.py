@@ -160,3 +160,24 @@ def test_a_format_2_checkpoint_is_migrated_to_upper_bounds(tmp_path) -> None:  #
     d = Coordinator(central_job(10, 0.2), PARAMS)
     d.load_state_dict(store.load_state(tmp_path))
     assert d.epsilon == pytest.approx(opacus_epsilon((1.0, 2)), rel=1e-9) and d.epsilon > c.epsilon
+
+
+def test_a_format_2_local_dp_checkpoint_charges_every_client_every_round(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Format 2 left out missed clients and interrupted rounds: each named client is migrated to one
+    participation per round, and an unnamed entry to one more (a round a crash may have cut)."""
+    job = FedJob.model_validate(
+        {
+            "clients": {"expected": 6},
+            "round": {"fraction": 0.34},
+            "privacy": {"mode": "local", "clip": 1.0, "noise_multiplier": Z, "delta": DELTA},
+        }
+    )
+    c = Coordinator(job, PARAMS, checkpoint=lambda co: store.save_state(tmp_path, co.state_dict()))
+    run_rounds(c, [f"c{i}" for i in range(6)], 2)
+    as_format_2(tmp_path / store.FILENAME)
+    d = Coordinator(job, PARAMS)
+    d.load_state_dict(store.load_state(tmp_path))
+    counts = d.client_ledger.participations  # type: ignore[union-attr]
+    named = set(c.client_ledger.participations)  # type: ignore[union-attr]
+    assert {counts[n] for n in named} == {2} and max(counts.values()) == 3 and len(counts) == len(named) + 1
+    assert d.epsilon == pytest.approx(opacus_epsilon((1.0, 3)), rel=1e-9)

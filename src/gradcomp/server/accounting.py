@@ -9,10 +9,12 @@ different rates compose and a checkpoint restores the same epsilon.
 Local DP (the coordinator is the adversary): a client is charged one participation for a round
 when it is asked to train (the round's opening or a retry), before it can send anything, so a
 client that misses the deadline, whose late update is read and refused, or whose round fails or
-is interrupted by a crash is charged all the same. The charge is persisted with the clients
-charged for the open round (`charged_round`), so a round redone after `--resume` does not charge a
-client twice for one round number: a client re-sends the same noisy update for a round it already
-built (one release), and a client asked only after the restart is charged then.
+is interrupted by a crash is charged all the same. An update from a client never asked for the
+round is refused before decoding and not charged (a client following the protocol sends only when
+asked). The charge is persisted with the clients charged for the open round (`charged_round`), so a
+round redone after `--resume` does not charge a client twice for one round number: a client
+re-sends the same noisy update for a round it already built (one release), and a client asked only
+after the restart is charged then.
 """
 
 from __future__ import annotations

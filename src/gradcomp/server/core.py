@@ -376,21 +376,8 @@ class Coordinator:
         """Validate and store one client's update for the open round (see module docstring).
         `model_version`, when given, must be the model the round handed out."""
         with self._lock:
-            now = self._now(now)
-            self.touch(name, now)
-            r = self.current
-            if self.done:
-                raise self._reject("job_done", f"the job is over ({self.status}); no more updates")
-            if r is None or round_id != r.number:
-                open_ = f"round {r.number} is open" if r else f"no round is open (next is {self.version + 1})"
-                raise self._reject("stale_round", f"update for round {round_id} but {open_}", r)
-            if model_version is not None and model_version != self.version:
-                msg = f"update trained on model v{model_version}; round {round_id} hands out v{self.version}"
-                raise self._reject("stale_round", msg, r)
-            if name not in r.selected:
-                raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
-            if name in r.received or name in r.pending:
-                raise self._reject("duplicate", f"client {name!r} already submitted for round {r.number}", r)
+            self.touch(name, self._now(now))
+            r = self._open_round_for(name, round_id, model_version)
             count, kept_metrics = self._claims(num_examples, metrics_ or {}, r)
             r.pending.add(name)
         # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
@@ -416,6 +403,23 @@ class Coordinator:
             self._count_accepted(r, nbytes, clipped=norm > self.job.limits.max_update_norm)
             self._changed.notify_all()
             return len(r.received)
+
+    def _open_round_for(self, name: str, round_id: int, model_version: int | None) -> RoundState:
+        """The open round, if `name` may submit to it now (under the lock); otherwise the refusal."""
+        r = self.current
+        if self.done:
+            raise self._reject("job_done", f"the job is over ({self.status}); no more updates")
+        if r is None or round_id != r.number:
+            open_ = f"round {r.number} is open" if r else f"no round is open (next is {self.version + 1})"
+            raise self._reject("stale_round", f"update for round {round_id} but {open_}", r)
+        if model_version is not None and model_version != self.version:
+            msg = f"update trained on model v{model_version}; round {round_id} hands out v{self.version}"
+            raise self._reject("stale_round", msg, r)
+        if name not in r.selected:
+            raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
+        if name in r.received or name in r.pending:
+            raise self._reject("duplicate", f"client {name!r} already submitted for round {r.number}", r)
+        return r
 
     def _claims(self, num_examples: int, metrics_: Mapping[str, float], r: RoundState) -> tuple[int, dict[str, float]]:
         """Validate what an update says besides its tensors; what the round keeps of it.

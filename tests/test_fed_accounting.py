@@ -57,6 +57,7 @@ def test_round_sample_rate_is_distinct_asked_over_the_pool_and_never_less() -> N
     assert round_sample_rate([(4, 10), (3, 6)]) == 0.7  # a retry from the clients not yet asked: 7 distinct / 10
     assert round_sample_rate([(4, 10), (3, 3)]) == 1.0  # the retry's pool shrank to its cohort
     assert round_sample_rate([(4, 10), (3, 5)]) > 0.7  # ... or below the first pool's rest: more than 7 / 10
+    assert round_sample_rate([(4, 10), (0, 0)]) == 0.4  # a retry that found nobody to ask
 
 
 def test_ten_connected_of_a_hundred_expected_is_charged_at_q_1() -> None:

@@ -39,8 +39,8 @@ def round_sample_rate(attempts: Sequence[tuple[int, int]]) -> float:
     """
     none_asked = Fraction(1)
     for asked, pool in attempts:
-        if asked > 0:
-            none_asked *= max(Fraction(0), 1 - Fraction(asked, pool))
+        if asked > 0:  # an empty pool cannot have been drawn from: count it as everyone asked
+            none_asked *= max(Fraction(0), 1 - Fraction(asked, pool)) if pool > 0 else Fraction(0)
     return float(1 - none_asked)
 
 

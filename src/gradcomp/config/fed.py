@@ -23,6 +23,10 @@ from gradcomp.strategies import StrategySection, default_config, strategy_class
 Spec = Annotated[str, BeforeValidator(compression_spec)]
 # Stored in its canonical spelling (`dirichlet(0.5)` -> `dirichlet(alpha=0.5)`), checked at load time.
 Partition = Annotated[str, AfterValidator(lambda text: str(parse_partition(text)))]
+# Limits a client holds its coordinator to as well (worker/fl_answers.py): a job outside them is refused
+# here, and a coordinator's answer outside them is refused by the client.
+MIN_CHUNK_BYTES = 1024  # smallest limits.chunk_bytes: bounds the chunk count of a model of known size
+HEARTBEAT_SECONDS = (0.1, 3600.0)  # server.heartbeat_seconds: faster is a busy loop, slower is not a heartbeat
 
 
 class ClientsSection(StrictModel):
@@ -73,7 +77,9 @@ class PrivacySection(StrictModel):
 class LimitsSection(StrictModel):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC send/receive limit, both ends")
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=64, description="largest compressed update accepted")
-    chunk_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="global model is sent in chunks of this size")
+    chunk_bytes: int = Field(
+        2 * 1024 * 1024, ge=MIN_CHUNK_BYTES, description="global model is sent in chunks of this size"
+    )
     stream_window_bytes: int = Field(
         1024 * 1024,
         ge=64 * 1024,
@@ -118,7 +124,9 @@ class ServerSection(StrictModel):
     max_concurrent_rpcs: int = Field(
         64, ge=4, description="calls served at once; more are refused with RESOURCE_EXHAUSTED (clients retry)"
     )
-    heartbeat_seconds: float = Field(5.0, gt=0)
+    heartbeat_seconds: float = Field(
+        5.0, ge=HEARTBEAT_SECONDS[0], le=HEARTBEAT_SECONDS[1], description="how often clients call Heartbeat"
+    )
     liveness_seconds: float | None = Field(
         None,
         gt=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,10 @@ from gradcomp._proto import fed_pb2
 
 class TaskRefused(ValueError):
     """A client's own check refused the coordinator's task (e.g. a task not on its allowlist)."""
+
+
+class BadTrainingConfig(ValueError):
+    """A `TrainingConfig` no job file could produce (malformed task arguments, a batch size of 0, ...)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,17 @@ class LocalTrainingConfig:
     seed: int  # the job seed; a client's round randomness is derived from it (`seeds.round_seed`)
     task_args: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """The ranges a job file allows (config.fed.LocalSection): a coordinator may send anything."""
+        if self.epochs < 1:
+            raise BadTrainingConfig(f"local_epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise BadTrainingConfig(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise BadTrainingConfig(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise BadTrainingConfig(f"momentum must be in [0, 1), got {self.momentum}")
+
     @classmethod
     def from_pb(cls, msg: fed_pb2.TrainingConfig) -> LocalTrainingConfig:
         return cls(
@@ -37,8 +53,19 @@ class LocalTrainingConfig:
             momentum=float(msg.momentum),
             spec=msg.compression,
             seed=int(msg.seed),
-            task_args=json.loads(msg.task_args_json or "{}"),
+            task_args=_task_args(msg.task_args_json),
         )
+
+
+def _task_args(text: str) -> dict[str, Any]:
+    """The task's keyword arguments: a JSON object (empty text: none)."""
+    try:
+        args = json.loads(text or "{}")
+    except ValueError as err:  # json.JSONDecodeError, and UnicodeDecodeError is one too
+        raise BadTrainingConfig(f"task_args_json is not JSON ({err}): {text[:80]!r}") from None
+    if not isinstance(args, dict):
+        raise BadTrainingConfig(f"task_args_json must be a JSON object of keyword arguments, got {text[:80]!r}")
+    return args
 
 
 # A client-side check: raise TaskRefused to refuse the task before any training happens.

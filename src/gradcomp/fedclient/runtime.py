@@ -27,8 +27,8 @@ from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, run_chec
 from gradcomp.fedclient.data import ClientData
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import LocalTrainer, SGDTrainer, TrainResult
-from gradcomp.protocol.codec import deserialize_model
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, update_request
+from gradcomp.protocol.received import ModelSpec, decode_global
 from gradcomp.tasks import Task, load_task
 
 Params = dict[str, torch.Tensor]
@@ -69,7 +69,9 @@ class ClientRuntime:
         run_checks(config, checks)  # before the task is even loaded
         self.config = config
         self.task = task if task is not None else load_task(config.task, **config.task_args)
-        self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(self.task.make_model())
+        model = self.task.make_model()
+        self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(model)
+        self.expected = ModelSpec.of(model)  # what a global model from the coordinator must be
         self.global_version: int | None = None
         self.global_params: Params = {}
         self.stages = parse_spec(config.spec)  # stages hold settings only; each round's Pipeline holds the state
@@ -78,10 +80,11 @@ class ClientRuntime:
         return version == self.global_version
 
     def load_global(self, version: int, model: bytes) -> None:
-        """Decode a serialised `ModelWeights` (no-op when this version is already loaded)."""
+        """Decode a serialised `ModelWeights` (no-op when this version is already loaded); bytes that are
+        not a model of this task raise `ModelMismatch` (protocol/received.py) before any tensor is built."""
         if self.has_global(version):
             return
-        got, params = deserialize_model(model)
+        got, params = decode_global(model, self.expected)
         if got != version:
             raise ValueError(f"model bytes hold version {got}, expected {version}")
         self.global_params, self.global_version = params, version

@@ -108,8 +108,13 @@ class SGDTrainer:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        # Float entries are federated and must all come from `params`; integer buffers stay local.
+        self.federated = {k for k, v in model.state_dict().items() if v.is_floating_point()}
 
     def train(self, params: Params, data: ClientData, cfg: LocalTrainingConfig, seed: int) -> TrainResult:
-        self.model.load_state_dict(params, strict=False)
+        loaded = self.model.load_state_dict(params, strict=False)
+        untrained = sorted(self.federated & set(loaded.missing_keys))
+        if untrained or loaded.unexpected_keys:
+            raise ValueError(f"global params miss {untrained} and name {loaded.unexpected_keys} the model lacks")
         state, loss, _ = train_one(self.model, data.x, data.y, SGDConfig.of(cfg), seed)
         return TrainResult({k: state[k].detach().clone() for k in params}, loss, data.num_examples)

@@ -6,5 +6,7 @@
   reading `SubmitUpdateRequest`.
 - `model`: which tensors of a model travel (the float entries of its state dict) and the seeded
   initial global model.
+- `received`: a global model from the coordinator, checked against the client's own task model
+  before anything is built from a shape the coordinator declared.
 - `channel`: gRPC message limits and client TLS credentials.
 """

@@ -6,12 +6,31 @@ counters stay local), in state-dict order; the coordinator and every client agre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from gradcomp.compression.payload import numel_of
 from gradcomp.tasks import Task
 
 Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return numel_of(self.shape)
+
+
+def model_spec(params: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """What every tensor of a model's update, or of a global model, must look like: same names, shapes, dtypes."""
+    return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in params.items()}
 
 
 def model_params(model: nn.Module) -> Params:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gradcomp.compression import Fields, WireError, dense_nbytes, from_fields, to_fields
-from gradcomp.compression.payload import DIM_BYTES, DTYPE_CODES, HEADER_BYTES, Dense, Payload, Sparse, numel_of
+from gradcomp.compression.payload import DIM_BYTES, DTYPE_CODES, HEADER_BYTES, Dense, Payload, Sparse
+from gradcomp.protocol.model import TensorSpec, model_spec  # noqa: F401 (model_spec: the coordinator's import)
 
 Params = dict[str, torch.Tensor]
 
@@ -27,21 +27,6 @@ class Rejected(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        return numel_of(self.shape)
-
-
-def model_spec(params: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
-    """What every update must look like: one entry per parameter, same shape and dtype."""
-    return {k: TensorSpec(tuple(v.shape), v.dtype) for k, v in params.items()}
 
 
 def fields_nbytes(f: Fields) -> int:

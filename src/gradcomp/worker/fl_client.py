@@ -49,6 +49,15 @@ from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.protocol.channel import channel_credentials
 from gradcomp.protocol.messages import PROTOCOL_VERSION
+from gradcomp.worker.fl_answers import (
+    ClientError,
+    assigned_shard,
+    check_action,
+    check_chunk,
+    check_download,
+    heartbeat_seconds,
+    wait_seconds,
+)
 
 log = logging.getLogger("gradcomp.client")
 
@@ -70,10 +79,6 @@ RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-class ClientError(RuntimeError):
-    """A non-retryable failure (bad token, protocol mismatch, retries exhausted)."""
 
 
 @dataclass
@@ -195,7 +200,7 @@ class FLClient:
                 raise ClientError(f"coordinator refused the token: {err.details()}") from None
             raise
         if self.shard is None:
-            self.shard = (resp.shard_index, resp.num_shards)
+            self.shard = assigned_shard(resp)
         self.client_id = resp.client_name or self.client_id
         self.log(f"joined job {resp.job_name!r} as {resp.client_name!r}, shard {self.shard[0]}/{self.shard[1]}")
         return resp
@@ -236,34 +241,44 @@ class FLClient:
         """The runtime for this training config (rebuilt, with fresh memory, only when it changes)."""
         key = cfg.SerializeToString(deterministic=True).hex()
         if key != self.task_key or self.runtime is None:
-            assert self.shard is not None
-            config = LocalTrainingConfig.from_pb(cfg)
-            # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
-            local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
-            try:
-                self.runtime = ClientRuntime(local, checks=self.checks)
+            try:  # everything here comes from the coordinator: a failure is its config's fault
+                self.runtime, self.data = self._build(cfg)
             except TaskRefused as err:
                 raise ClientError(f"refusing the coordinator's task: {err}") from None
-            self.data = iid_shard(self.runtime.task, self.shard[0], self.shard[1], config.seed)
+            # BadTrainingConfig, TaskError, SpecError, PartitionError; a task's own TypeError or
+            # RuntimeError on arguments it cannot take (digits-mlp with hidden=-1)
+            except (ValueError, TypeError, RuntimeError) as err:
+                raise ClientError(f"unusable training config from the coordinator: {err}") from None
             self.memory, self.last_request, self.task_key = ClientMemory(), None, key
         return self.runtime
 
-    def fetch_model(self, version: int, num_chunks: int, total: int) -> None:
-        """Download and decode the global model of `version` unless the runtime holds it already."""
+    def _build(self, cfg: fed_pb2.TrainingConfig) -> tuple[ClientRuntime, ClientData]:
+        assert self.shard is not None
+        config = LocalTrainingConfig.from_pb(cfg)
+        # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
+        local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
+        runtime = ClientRuntime(local, checks=self.checks)
+        return runtime, iid_shard(runtime.task, self.shard[0], self.shard[1], config.seed)
+
+    def fetch_model(self, task: fed_pb2.PullTaskResponse) -> None:
+        """Download and decode the task's global model unless the runtime holds it already. The announced
+        size is bounded by the task's own model before the first chunk, and checked chunk by chunk."""
         assert self.runtime is not None
+        version = task.model_version
         if self.runtime.has_global(version):
             return
-        parts = []
-        for i in range(num_chunks):
+        check_download(task, self.runtime.expected.max_bytes)
+        data = bytearray()
+        for i in range(task.num_chunks):
             chunk = self._rpc("GetModel", fed_pb2.GetModelRequest(version=version, chunk=i))
-            parts.append(chunk.data)
-        data = b"".join(parts)
-        if len(data) != total:
-            raise ClientError(f"model v{version}: got {len(data)} bytes, announced {total}")
+            check_chunk(chunk, task, i, len(data) + len(chunk.data))
+            data += chunk.data
+        if len(data) != task.model_bytes:
+            raise ClientError(f"model v{version}: got {len(data)} bytes, announced {task.model_bytes}")
         try:
-            self.runtime.load_global(version, data)
-        except ValueError as err:
-            raise ClientError(str(err)) from None
+            self.runtime.load_global(version, bytes(data))
+        except ValueError as err:  # ModelMismatch names the tensor and what is wrong with it
+            raise ClientError(f"model v{version} from the coordinator: {err}") from None
 
     def train_round(self, task: fed_pb2.PullTaskResponse) -> fed_pb2.SubmitUpdateRequest:
         """This round's update: trained now, or the one already built for it (resent unchanged)."""
@@ -271,7 +286,7 @@ class FLClient:
         last = self.last_request
         if self.memory.already_trained(task.round) and last is not None and last.round == task.round:
             return last
-        self.fetch_model(task.model_version, task.num_chunks, task.model_bytes)
+        self.fetch_model(task)
         assert self.data is not None
         out = runtime.train_round(
             client=self.client_id,
@@ -307,15 +322,16 @@ class FLClient:
 
     def _run(self) -> int:
         join = self.join()
-        self.start_heartbeat(join.heartbeat_seconds)
+        self.start_heartbeat(heartbeat_seconds(join))
         try:
             while True:
                 task = self._rpc("PullTask", fed_pb2.PullTaskRequest(client_id=self.client_id))
+                check_action(task)
                 if task.action == fed_pb2.PullTaskResponse.DONE:
                     self.log(f"job done after {self.rounds_done} rounds: {task.message}")
                     break
                 if task.action == fed_pb2.PullTaskResponse.WAIT:
-                    time.sleep(max(0.02, task.retry_after_seconds))
+                    time.sleep(wait_seconds(task))
                     continue
                 try:
                     req = self.train_round(task)

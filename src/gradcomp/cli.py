@@ -79,7 +79,16 @@ def _add_serve(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("serve", help="federated-averaging coordinator (gRPC)")
     p.add_argument("--config", required=True, help="federated job file (YAML)")
     _add_run_options(p, None, "validate the job file and exit")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 without TLS)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="bind address (default 127.0.0.1 without TLS, 0.0.0.0 with it; beyond loopback without TLS: --insecure)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without TLS on an address other than loopback (sets server.insecure_plaintext): clear text",
+    )
     p.add_argument("--port", type=int, default=None, help="gRPC port (default from the job file)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--resume", action="store_true", help="continue from the run directory")
@@ -95,6 +104,11 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-ca", default=None, help="CA certificate to verify the coordinator")
     p.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="connect without TLS to an address other than loopback (tokens and updates in clear text)",
+    )
     p.add_argument("--seed", type=int, default=0, help="added to the job seed for this client's randomness")
     p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")

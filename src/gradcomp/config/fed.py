@@ -111,7 +111,16 @@ class LimitsSection(StrictModel):
 
 
 class ServerSection(StrictModel):
-    host: str | None = Field(None, description="bind address; default 127.0.0.1 (0.0.0.0 needs TLS or a flag)")
+    host: str | None = Field(
+        None,
+        description="bind address; default 127.0.0.1 without TLS, 0.0.0.0 with it; an address other than "
+        "loopback without TLS is refused unless insecure_plaintext is true",
+    )
+    insecure_plaintext: bool = Field(
+        False,
+        description="allow serving without TLS on an address other than loopback (gradcomp serve --insecure): "
+        "tokens, updates and the model then cross the network in clear text",
+    )
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (off if unset)")
     tls_cert: Path | None = None

@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2_grpc
 from gradcomp.config.fed import FedJob, load_fed_job
+from gradcomp.protocol.channel import is_loopback_host
 from gradcomp.protocol.model import initial_params
 from gradcomp.results import RunRecord, atomic_write_json, human_bytes, print_summary
 from gradcomp.server import store
@@ -40,7 +41,6 @@ from gradcomp.tasks import Task, evaluate, load_task
 
 log = logging.getLogger("gradcomp.server")
 SERVICE_NAME = "gradcomp.v1.Coordinator"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def make_evaluator(task: Task) -> Callable[[dict[str, torch.Tensor]], dict[str, float]] | None:
@@ -74,14 +74,23 @@ class Running:
 
 
 def resolve_host(job: FedJob, cli_host: str | None) -> str:
+    """The bind address: `--host`, else server.host, else 0.0.0.0 with TLS and 127.0.0.1 without.
+    Plaintext on anything but loopback is refused unless server.insecure_plaintext opts in."""
     host = cli_host or job.server.host
     if host is None:
         return "0.0.0.0" if job.server.tls else "127.0.0.1"
+    if not job.server.tls and not job.server.insecure_plaintext and not is_loopback_host(host):
+        raise ValueError(
+            f"refusing to serve without TLS on {host}, which is not a loopback address: tokens, updates and the "
+            "model would cross the network in clear text. Set server.tls_cert and server.tls_key "
+            "(python -m gradcomp.server.tls makes them), bind 127.0.0.1, or accept clear text with "
+            "server.insecure_plaintext: true (gradcomp serve --insecure)"
+        )
     return host
 
 
 def insecure_warning(host: str) -> str:
-    where = "loopback only" if host in LOOPBACK else f"{host} -- REACHABLE FROM THE NETWORK"
+    where = "loopback only" if is_loopback_host(host) else f"{host} -- REACHABLE FROM THE NETWORK"
     bar = "!" * 78
     return (
         f"{bar}\n!! WARNING: gradcomp serve is running WITHOUT TLS ({where}).\n"
@@ -233,14 +242,17 @@ def run_serve(args: argparse.Namespace) -> int:
         job.server.port = args.port
     if args.metrics_port is not None:
         job.server.metrics_port = args.metrics_port
+    if getattr(args, "insecure", False):
+        job.server.insecure_plaintext = True
+    host = resolve_host(job, args.host)  # a plaintext bind beyond loopback fails here, --check included
     if args.check:
-        print(f"{args.config}: ok (client spec: {job.client_spec()})")
+        print(f"{args.config}: ok (client spec: {job.client_spec()}; serves on {host})")
         return 0
     torch.set_num_threads(1)
     run_dir = Path(args.runs_dir) / job.name
-    run = start(job, run_dir, resume=args.resume, host=args.host)
+    run = start(job, run_dir, resume=args.resume, host=host)
     print(
-        f"gradcomp serve: job {job.name!r} on {resolve_host(job, args.host)}:{run.port}"
+        f"gradcomp serve: job {job.name!r} on {host}:{run.port}"
         + (f", metrics on :{run.metrics_port}/metrics" if run.metrics_port else "")
         + f", run dir {run_dir}",
         flush=True,

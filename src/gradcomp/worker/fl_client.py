@@ -47,7 +47,7 @@ from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefu
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
-from gradcomp.protocol.channel import channel_credentials
+from gradcomp.protocol.channel import channel_credentials, is_local_target
 from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.worker.fl_answers import (
     ClientError,
@@ -146,6 +146,12 @@ class FLClient:
         self._creds = None
         if args.tls_ca or args.tls_cert:
             self._creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        elif not getattr(args, "insecure", False) and not is_local_target(args.server):
+            raise ValueError(
+                f"refusing to connect without TLS to {args.server}, which is not a loopback address: the token "
+                "and the updates would cross the network in clear text. Pass --tls-ca (and --tls-cert/--tls-key "
+                "for mutual TLS), or accept clear text with --insecure"
+            )
         self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
         self.channel, self.stub = self._open()
         # The client's own checks on a task before it trains; by default its policy flags (fedclient.policy).

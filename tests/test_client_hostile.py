@@ -24,6 +24,9 @@ import pytest
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
+from gradcomp.fedclient.config import LocalTrainingConfig
+from gradcomp.fedclient.data import iid_shard
+from gradcomp.fedclient.train import SGDTrainer
 from gradcomp.protocol.codec import serialize_model
 from gradcomp.protocol.messages import training_config
 from gradcomp.protocol.model import initial_params
@@ -210,6 +213,15 @@ def test_a_malformed_model_is_refused_and_nothing_is_sent(
     with pytest.raises(ClientError, match=problem):
         run_client(coordinator, scenario)
     assert scenario.submitted == []
+
+
+def test_the_trainer_itself_refuses_params_missing_a_tensor() -> None:
+    """Behind the decode check, local training no longer loads with strict=False and trains the rest."""
+    task = load_task("digits-mlp", hidden=16)
+    cfg = LocalTrainingConfig.from_pb(training_config(JOB))
+    params = {k: v for k, v in PARAMS.items() if k != "2.bias"}
+    with pytest.raises(ValueError, match=r"global params miss \['2.bias'\]"):
+        SGDTrainer(task.make_model()).train(params, iid_shard(task, 0, 2, 0), cfg, seed=0)
 
 
 def _honest_task(**kw: object) -> fed_pb2.PullTaskResponse:

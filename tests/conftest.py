@@ -1,6 +1,9 @@
 """Shared pytest setup: quiet, deterministic torch on a small machine."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -11,6 +14,11 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# `gradcomp client` creates its noise key under $XDG_STATE_HOME by default: in tests, not in ~.
+_STATE = tempfile.mkdtemp(prefix="gradcomp-test-state-")
+os.environ["XDG_STATE_HOME"] = _STATE
+atexit.register(shutil.rmtree, _STATE, True)
 
 import pytest  # noqa: E402
 

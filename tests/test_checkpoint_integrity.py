@@ -77,6 +77,12 @@ def nan_weights(path: Path) -> None:
     store.save_state(path.parent, state)
 
 
+def format_2(path: Path) -> None:
+    """A checkpoint as gradcomp wrote it before the coordinator had a secret (magic GCCK\\x02)."""
+    data = path.read_bytes()
+    path.write_bytes(b"GCCK\x02" + data[len(store.MAGIC) :])
+
+
 def huge_round(path: Path) -> None:
     rewrite_body(path, lambda m: setattr(m, "round", 2**63))
 
@@ -98,6 +104,9 @@ DAMAGE = {
         lambda p: rewrite_body(p, with_meta(liveness={"misses": {"s": -1}, "benched_until": {}})),
         "liveness",
     ),
+    "format 2 (no coordinator secret)": (format_2, "format 2 was written by an older gradcomp"),
+    "no secret": (lambda p: rewrite_body(p, with_meta(secret=None)), "meta key 'secret' is missing"),
+    "short secret": (lambda p: rewrite_body(p, with_meta(secret="ab" * 16)), "64 lowercase hex digits"),
     "no checksum (old format)": (lambda p: p.write_bytes(p.read_bytes()[len(store.MAGIC) + 32 :]), "no checksum"),
 }
 
@@ -108,6 +117,9 @@ def test_a_good_checkpoint_round_trips(tmp_path: Path) -> None:
     back = store.load_state(tmp_path)
     assert back["version"] == 1 and back["status"] == "running"
     assert torch.equal(back["params"]["w"], state["params"]["w"])
+    assert back["secret"] == state["secret"] and len(bytes.fromhex(back["secret"])) == 32
+    # the file holds the coordinator's secret: readable by its owner only
+    assert (tmp_path / store.FILENAME).stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))

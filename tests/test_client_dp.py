@@ -1,6 +1,8 @@
 """Local client-level DP on the client runtime: the dp stage clips the whole update (all tensors
-together), and a client's noise is a function of (job seed, client, round), so a round redone
-after a coordinator crash and --resume re-sends the same noisy update, not a second release."""
+together), and a client's noise is a function of its secret key and the release's inputs (job
+config, client, round, global model), so a round redone after a coordinator crash and --resume
+re-sends the same noisy update, not a second release; the coordinator, which knows everything
+but the key, cannot regenerate the noise (audit finding 1, `test_noise_secrecy.py` runs the attack)."""
 
 from __future__ import annotations
 
@@ -9,19 +11,22 @@ import torch
 
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import dataset_tensors
+from gradcomp.fedclient.noisekey import OneKey
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
+from gradcomp.keyed_random import new_key
 from gradcomp.protocol.codec import serialize_model
 from gradcomp.tasks import load_task
 
 TASK = load_task("digits-mlp")
 DATA = dataset_tensors(TASK.train_set).subset(torch.arange(96).numpy())
+KEY = new_key()  # the client's noise key (what `gradcomp client` keeps in its --noise-key-file)
 
 
-def _runtime(spec: str) -> ClientRuntime:
-    """A fresh client process: nothing carried over but the job's settings and the global model."""
+def _runtime(spec: str, key: bytes = KEY, model_seed: int = 0) -> ClientRuntime:
+    """A fresh client process: nothing carried over but its key, the job's settings and the global model."""
     cfg = LocalTrainingConfig(task="digits-mlp", epochs=1, batch_size=16, lr=0.5, momentum=0.0, spec=spec, seed=7)
-    runtime = ClientRuntime(cfg, task=TASK)
-    torch.manual_seed(0)
+    runtime = ClientRuntime(cfg, task=TASK, noise_keys=OneKey(key))
+    torch.manual_seed(model_seed)
     runtime.load_global(4, serialize_model(dict(TASK.make_model().named_parameters()), 4))
     return runtime
 
@@ -52,9 +57,34 @@ def test_a_redone_round_resends_the_same_noise() -> None:
     survivor = _runtime(spec)
     first, first_bytes = _update(survivor, "c1", 3)
     assert _update(survivor, "c1", 3)[1] == first_bytes  # the same client process retrains round 3
-    assert _update(_runtime(spec), "c1", 3)[1] == first_bytes  # a restarted client retrains round 3
+    assert _update(_runtime(spec), "c1", 3)[1] == first_bytes  # a restarted client with its key retrains round 3
     other, _ = _update(_runtime(spec), "c1", 4)
     neighbour, _ = _update(_runtime(spec), "c2", 3)
     for name in first:
         assert not torch.equal(first[name], other[name])  # fresh noise in a new round
-        assert not torch.equal(first[name], neighbour[name])  # and for another client
+        assert not torch.equal(first[name], neighbour[name])  # and for another client name
+    assert _update(_runtime(spec, key=new_key()), "c1", 3)[1] != first_bytes  # another key: other noise
+
+
+def _noise(runtime: ClientRuntime, client: str, round: int) -> torch.Tensor:
+    """What the dp stage added: the update sent minus the clipped update (dense spec, no selection)."""
+    result = runtime.train(client, round, DATA)
+    deltas = torch.cat(
+        [(result.params[k].float() - runtime.global_params[k]).reshape(-1) for k in runtime.global_params]
+    )
+    clipped = deltas * min(1.0, 1.0 / float(deltas.norm()))
+    sent, _ = _update(runtime, client, round)
+    return torch.cat([sent[k].reshape(-1) for k in runtime.global_params]) - clipped
+
+
+def test_two_releases_on_different_inputs_never_share_noise() -> None:
+    """A coordinator that asks the same round again with another global model gets independent noise,
+    not the same noise on a different update (whose difference would cancel it)."""
+    spec = "dp(clip=1.0, sigma=2.0)"
+    first = _noise(_runtime(spec), "c1", 3)
+    again = _noise(_runtime(spec), "c1", 3)
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-5)  # same inputs: same noise (up to float rounding)
+    other_model = _noise(_runtime(spec, model_seed=1), "c1", 3)
+    assert float(first.std()) == pytest.approx(2.0, rel=0.05)  # the noise the spec asks for, sigma * clip
+    corr = float(torch.corrcoef(torch.stack([first, other_model]))[0, 1])
+    assert abs(corr) < 0.05, corr

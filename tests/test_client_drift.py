@@ -1,6 +1,8 @@
 """One client runtime, three transports: for the same job, seed, client and round, the in-process
 simulation, the `--grpc` simulation and a real `gradcomp client` send byte-identical updates, and
-both simulations make the same dropout and straggler decisions."""
+both simulations make the same dropout and straggler decisions. The real client gets the
+simulation's secrets as a deployment would hold them: its noise key in its --noise-key-file, the
+coordinator's secret passed to the coordinator (`sim/keys.py`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from gradcomp.server.app import round_loop, start
 from gradcomp.sim import engine, grpc_mode
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.fate import Fate, client_fate
+from gradcomp.sim.keys import ClientKeys, coordinator_secret, simulation_secret
 from gradcomp.sim.pool import LocalPool
 from gradcomp.sim.setup import build_simulation, client_config
 from gradcomp.sim.state import client_name
@@ -57,7 +60,7 @@ class Recorder(LocalPool):
 
     def __init__(self, job: FedJob):
         assert job.simulation is not None
-        super().__init__(client_config(job), job.simulation.vectorize)
+        super().__init__(client_config(job), simulation_secret(job), job.simulation.vectorize)
         self.requests: dict[tuple[int, int], bytes] = {}
 
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
@@ -135,7 +138,8 @@ def test_a_real_client_sends_the_simulations_bytes(simulations: dict[str, Any], 
     me = both[0]
     tokens = {f"tok-{i}": client_name(i) for i in range(N)}
     job = validate(FedJob, {**JOB, "clients": {"expected": N, "min": N}, "server": {"port": 0, "linger_seconds": 0}})
-    run = start(job, tmp_path / "run", host="127.0.0.1", tokens=tokens)
+    secret = simulation_secret(job)
+    run = start(job, tmp_path / "run", host="127.0.0.1", tokens=tokens, secret=coordinator_secret(secret))
     stop = threading.Event()
     loop = threading.Thread(target=round_loop, args=(run, stop, False), daemon=True)
     loop.start()
@@ -144,7 +148,10 @@ def test_a_real_client_sends_the_simulations_bytes(simulations: dict[str, Any], 
     args = argparse.Namespace(
         server=f"127.0.0.1:{run.port}", token=f"tok-{me}", client_id=None, shard=f"{me}/{N}", tls_ca=None,
         tls_cert=None, tls_key=None, seed=0, retry_seconds=10.0, rpc_timeout=10.0, quiet=True,
+        noise_key_file=str(tmp_path / "noise.key"),
     )  # fmt: skip
+    (tmp_path / "noise.key").write_text(ClientKeys(secret)(client_name(me)).hex())
+    (tmp_path / "noise.key").chmod(0o600)
     real = FLClient(args)
     try:
         for i in range(N):

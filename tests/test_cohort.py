@@ -15,6 +15,7 @@ from gradcomp.cli import main
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import SGDConfig, num_steps, train_one
+from gradcomp.keyed_random import new_key
 from gradcomp.partition import partition
 from gradcomp.sim.client import ClientJob, SimClientRunner
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, bucket, plan_groups, why_not_vectorizable
@@ -22,6 +23,8 @@ from gradcomp.sim.pool import split_cohort
 from gradcomp.sim.setup import build_simulation, load_fedsim_job
 from gradcomp.sim.state import client_name
 from gradcomp.tasks import load_task
+
+SECRET = new_key()  # the simulation secret the runners' client noise keys derive from
 
 
 def _sequential(model: nn.Module, start, x, y, clients, cfg):
@@ -87,8 +90,8 @@ def _local() -> LocalTrainingConfig:
 
 
 def test_trainer_switch() -> None:
-    assert SimClientRunner(_local(), "auto").vectorized and SimClientRunner(_local(), "on").vectorized
-    off = SimClientRunner(_local(), "off")
+    assert SimClientRunner(_local(), SECRET, "auto").vectorized and SimClientRunner(_local(), SECRET, "on").vectorized
+    off = SimClientRunner(_local(), SECRET, "off")
     assert not off.vectorized and "off" in str(off.fallback)
 
 

@@ -98,14 +98,18 @@ def test_fedadam_matches_the_adam_recursion() -> None:
 
 
 # --- sampling and aggregation ---------------------------------------------------------------------
-def test_configure_round_is_a_seeded_uniform_sample() -> None:
-    s = FedAvg(seed=3)
+def test_configure_round_is_a_keyed_uniform_sample() -> None:
+    key = bytes(range(32))
+    s = FedAvg(key=key)
     pool = [f"c{i}" for i in range(20)]
     picked = s.configure_round(4, 0, pool, 5)
     assert len(picked) == 5 and set(picked) <= set(pool) and picked == sorted(picked)
-    assert picked == FedAvg(seed=3).configure_round(4, 0, list(reversed(pool)), 5)  # order of the pool is moot
+    assert picked == FedAvg(key=key).configure_round(4, 0, list(reversed(pool)), 5)  # order of the pool is moot
     assert picked != s.configure_round(4, 1, pool, 5)  # a retry draws afresh
     assert s.configure_round(1, 0, pool[:2], 5) == pool[:2]
+    # another key (a fresh one by default) samples otherwise: the sample is the key's, not the round's
+    other = FedAvg()
+    assert any(s.configure_round(r, 0, pool, 5) != other.configure_round(r, 0, pool, 5) for r in range(1, 6))
 
 
 def test_default_aggregate_is_the_example_weighted_mean() -> None:
@@ -141,7 +145,7 @@ def test_a_robust_aggregate_plugs_into_the_coordinator() -> None:
     assert float(coord.params["x"]) == 2.0  # the outlier did not move the model
     assert not _Median.aggregates_by_mean() and FedAdam.aggregates_by_mean()
     with pytest.raises(ValueError, match="central DP cannot wrap"):
-        CentralDP(_Median(), clip=1.0, noise_multiplier=1.0, expected_clients=3, seed=0)
+        CentralDP(_Median(), clip=1.0, noise_multiplier=1.0, expected_clients=3)
 
 
 # --- central DP wrapper ---------------------------------------------------------------------------
@@ -162,15 +166,17 @@ def test_central_dp_wraps_the_jobs_strategy(tmp_path: Path) -> None:
 
 def test_central_dp_aggregate_fixed_denominator_and_noise() -> None:
     ups = [ClientUpdate(n, 7, {"x": torch.full((1000,), 10.0)}) for n in "ab"]
-    quiet = CentralDP(FedAvg(), clip=1.0, noise_multiplier=0.0, expected_clients=4, seed=0)
+    quiet = CentralDP(FedAvg(), clip=1.0, noise_multiplier=0.0, expected_clients=4)
     # each update clipped to norm 1 (0.0316 per coord), summed (2x), divided by m=4, example counts ignored
     torch.testing.assert_close(quiet.aggregate(1, ups)["x"], torch.full((1000,), 2 * (1 / math.sqrt(1000)) / 4))
-    noisy = CentralDP(FedAvg(), clip=1.0, noise_multiplier=2.0, expected_clients=4, seed=0)
+    key = bytes(32)
+    noisy = CentralDP(FedAvg(), clip=1.0, noise_multiplier=2.0, expected_clients=4, noise_key=key)
     first = noisy.aggregate(1, ups)
     assert float((first["x"] - quiet.aggregate(1, ups)["x"]).std()) == pytest.approx(2.0 / 4, rel=0.1)
-    twin = CentralDP(FedAvg(), clip=1.0, noise_multiplier=2.0, expected_clients=4, seed=0)
-    twin.load_state_dict(noisy.state_dict())
-    torch.testing.assert_close(twin.aggregate(2, ups)["x"], noisy.aggregate(2, ups)["x"])  # same noise stream
+    twin = CentralDP(FedAvg(), clip=1.0, noise_multiplier=2.0, expected_clients=4, noise_key=key)
+    torch.testing.assert_close(twin.aggregate(2, ups)["x"], noisy.aggregate(2, ups)["x"])  # same key: same noise
+    stranger = CentralDP(FedAvg(), clip=1.0, noise_multiplier=2.0, expected_clients=4)
+    assert not torch.equal(stranger.aggregate(2, ups)["x"], noisy.aggregate(2, ups)["x"])
 
 
 def test_central_dp_refuses_a_non_mean_strategy_at_load_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -125,6 +125,13 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--min-noise-multiplier", type=float, default=None, help="refuse dp with a lower sigma")
     p.add_argument("--max-clip", type=float, default=None, help="refuse dp with a larger clip")
+    p.add_argument(
+        "--noise-key-file",
+        default=None,
+        metavar="PATH",
+        help="this client's secret local-DP noise key, created 0600 on first use; keep it to resend a redone "
+        "round unchanged (default: $XDG_STATE_HOME/gradcomp/client-noise.key, ~/.local/state when unset)",
+    )
     p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
 
 

@@ -23,6 +23,7 @@ from gradcomp.compression.stages import (
     Work,
     make_stage,
 )
+from gradcomp.keyed_random import KeyedStream
 
 SpecLike = str | Sequence[Any] | None
 
@@ -78,12 +79,15 @@ class Pipeline:
     shape and dtype. Randomness comes from `seed`, so runs are reproducible; `randomk`
     positions depend only on its own seed, the key and the key's step count, so every
     worker that compresses the same keys in the same order picks the same positions.
+    With `noise_key` the dp stage's noise comes from a `KeyedStream` under that key instead:
+    reproducible only by whoever holds the key (a federated client's local DP noise).
     """
 
-    def __init__(self, stages: list[Stage], seed: int = 0):
+    def __init__(self, stages: list[Stage], seed: int = 0, noise_key: bytes | None = None):
         check_order(stages)
         self.stages = stages
         self.seed = seed
+        self._noise = KeyedStream(noise_key) if noise_key is not None else None
         self.ef = any(isinstance(s, ErrorFeedback) for s in stages)
         work_stages = [s for s in stages if not isinstance(s, ErrorFeedback | NoneStage)]
         dp_at = max((i for i, s in enumerate(work_stages) if isinstance(s, DP)), default=-1)
@@ -177,7 +181,7 @@ class Pipeline:
         contexts: dict[str, StepContext] = {}
         for key, tensor in tensors.items():
             step = self._count_step(key, tensor)
-            contexts[key] = ctx = StepContext(key, step, self._generator(tensor.device), choose)
+            contexts[key] = ctx = StepContext(key, step, self._generator(tensor.device), choose, self._noise)
             compute = torch.float64 if tensor.dtype == torch.float64 else torch.float32
             flat = tensor.detach().reshape(-1)
             work = Work(flat.to(compute), None, flat.numel(), tensor.dtype)
@@ -267,6 +271,7 @@ class Pipeline:
             "memory": {k: v.detach().cpu().clone() for k, v in self._memory.items()},
             "steps": dict(self._steps),
             "generators": {d: g.get_state() for d, g in self._generators.items()},
+            **({"noise_position": self._noise.position} if self._noise is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -276,6 +281,8 @@ class Pipeline:
         self._steps = dict(state.get("steps", {}))
         for device, gen_state in state.get("generators", {}).items():
             self._generator(torch.device(device)).set_state(gen_state)
+        if self._noise is not None and "noise_position" in state:
+            self._noise = KeyedStream(self._noise.key, int(state["noise_position"]))
 
     def __repr__(self) -> str:
         return f"Pipeline({self.spec!r}, seed={self.seed})"
@@ -294,6 +301,6 @@ def _joint(dp: DP, works: dict[str, Work], ctx: StepContext) -> dict[str, Work]:
     return out
 
 
-def build(spec: SpecLike, seed: int = 0) -> Pipeline:
+def build(spec: SpecLike, seed: int = 0, noise_key: bytes | None = None) -> Pipeline:
     """Build a pipeline from a spec string (`"topk(ratio=0.01) | ef"`) or its YAML-list form."""
-    return Pipeline(parse_spec(spec), seed=seed)
+    return Pipeline(parse_spec(spec), seed=seed, noise_key=noise_key)

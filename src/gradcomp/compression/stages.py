@@ -18,6 +18,7 @@ import torch
 
 from gradcomp.compression.selection import random_subset, top_magnitude
 from gradcomp.compression.spec import SpecError
+from gradcomp.keyed_random import KeyedStream
 
 
 @dataclass
@@ -39,12 +40,14 @@ SHARE_MODES = ("gather", "leader")
 @dataclass
 class StepContext:
     """Per-call facts a stage may use: which memory key, its step count, the pipeline's RNG,
-    and (leader mode, inside a collective) how positions are agreed on."""
+    (leader mode, inside a collective) how positions are agreed on, and the secret stream the
+    dp stage draws its noise from when the pipeline has one (else it uses `generator`)."""
 
     key: str
     step: int
     generator: torch.Generator
     choose: Chooser | None = None
+    noise: KeyedStream | None = None
 
 
 def keep_count(ratio: float, n: int) -> int:
@@ -257,7 +260,12 @@ class DP(Stage):
         norm = torch.linalg.vector_norm(v, ord=order)
         v = v * (self.clip / norm.clamp_min(self.clip))
         if self.sigma > 0 and v.numel():
-            v = v + self.noise_scale * _noise(self.mechanism, v, ctx.generator)
+            unit = (
+                ctx.noise.noise(self.mechanism, v)
+                if ctx.noise is not None
+                else _noise(self.mechanism, v, ctx.generator)
+            )
+            v = v + self.noise_scale * unit
         return dataclasses.replace(work, values=v)
 
 

@@ -197,6 +197,12 @@ class SimulationConfig(StrictModel):
     stragglers: StragglerSection = Field(default_factory=StragglerSection)
     actors: int | None = Field(None, ge=0, description="Ray actors (default one per CPU); 0 runs in the driver")
     grpc: bool = Field(False, description="send updates over real gRPC on 127.0.0.1 to the coordinator service")
+    secret_seed: int | None = Field(
+        None,
+        description="seeds the simulated secrets (each client's local-DP noise key, the coordinator's sampling "
+        "and central-DP noise; default: the job seed). Everything runs in one process: this models the "
+        "deployment's secrets, it protects nothing",
+    )
     eval_every: int = Field(1, ge=1, description="evaluate the global model every this many rounds")
     vectorize: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto",

@@ -29,7 +29,7 @@ class LocalTrainingConfig:
     lr: float
     momentum: float
     spec: str  # the client compression spec (`FedJob.client_spec()`: dp prepended where the job says)
-    seed: int  # the job seed; a client's round randomness is derived from it (`seeds.round_seed`)
+    seed: int  # the job seed: batch order and random selection derive from it (`seeds.round_seed`), not dp noise
     task_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """One client's round: the global model (decoded once per version), local training, update =
 local - global, compression with the client's error-feedback memory, the protobuf request.
 
-    runtime = ClientRuntime(LocalTrainingConfig.from_pb(task.config), checks=[...])
+    runtime = ClientRuntime(LocalTrainingConfig.from_pb(task.config), checks=[...], noise_keys=OneKey(key))
     if not runtime.has_global(version):
         runtime.load_global(version, model_bytes)
     out = runtime.train_round(client=name, round=r, model_version=version, data=data, memory=memory)
@@ -9,12 +9,15 @@ local - global, compression with the client's error-feedback memory, the protobu
 
 `train_round` = `train` (the `LocalTrainer`, replaceable by a cohort trainer) + `build_update`.
 The compression pipeline is rebuilt every round from `round_seed(job seed, client, round)` with
-its step counters at the round number and the client's residuals loaded, so the result depends
-only on (job, client, round, global model, data, memory), not on where the client runs.
+its step counters at the round number and the client's residuals loaded; its dp stage draws its
+noise from the client's secret key (`noisekey`: keyed by the client key and every input of the
+release). So the result depends only on (job, client, round, global model, data, memory, the
+client's key), not on where the client runs, and the coordinator cannot regenerate the noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from gradcomp._proto import fed_pb2
 from gradcomp.compression import Payload, Pipeline, parse_spec
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, run_checks
 from gradcomp.fedclient.data import ClientData
+from gradcomp.fedclient.noisekey import NoiseKeys, fresh_keys, release_key
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import LocalTrainer, SGDTrainer, TrainResult
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, update_request
@@ -56,7 +60,9 @@ class RoundUpdate:
 
 
 class ClientRuntime:
-    """Holds the task, one model (inside the trainer) and the decoded global model; no client state."""
+    """Holds the task, one model (inside the trainer) and the decoded global model; no client state.
+    `noise_keys` gives a client's secret noise key by its name (default: one fresh key for this runtime,
+    secret but not reproduced by a restarted process)."""
 
     def __init__(
         self,
@@ -65,14 +71,17 @@ class ClientRuntime:
         task: Task | None = None,
         trainer: LocalTrainer | None = None,
         checks: Sequence[ConfigCheck] = (),
+        noise_keys: NoiseKeys | None = None,
     ):
         run_checks(config, checks)  # before the task is even loaded
         self.config = config
+        self.noise_keys = noise_keys if noise_keys is not None else fresh_keys()
         self.task = task if task is not None else load_task(config.task, **config.task_args)
         model = self.task.make_model()
         self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(model)
         self.expected = ModelSpec.of(model)  # what a global model from the coordinator must be
         self.global_version: int | None = None
+        self.global_digest = ""  # SHA-256 of the loaded model's bytes: part of each release's noise key
         self.global_params: Params = {}
         self.stages = parse_spec(config.spec)  # stages hold settings only; each round's Pipeline holds the state
 
@@ -88,10 +97,18 @@ class ClientRuntime:
         if got != version:
             raise ValueError(f"model bytes hold version {got}, expected {version}")
         self.global_params, self.global_version = params, version
+        self.global_digest = hashlib.sha256(model).hexdigest()
 
     def seed_for(self, client: str, round: int) -> int:
-        """The seed of `client`'s batch order, DP noise and random selection in `round`."""
+        """The seed of `client`'s batch order and random selection in `round` (known to the coordinator)."""
         return round_seed(self.config.seed, client, round)
+
+    def noise_key_for(self, client: str, round: int, model_version: int) -> bytes:
+        """The secret key of `client`'s dp noise in `round` on the loaded global model (`noisekey`)."""
+        if model_version != self.global_version:
+            raise ValueError(f"an update on model v{model_version} while v{self.global_version} is loaded")
+        key = self.noise_keys(client)
+        return release_key(key, self.config, client, round, model_version, self.global_digest)
 
     def train(self, client: str, round: int, data: ClientData) -> TrainResult:
         if self.global_version is None:
@@ -103,7 +120,9 @@ class ClientRuntime:
     ) -> tuple[fed_pb2.SubmitUpdateRequest, dict[str, Payload], ClientMemory]:
         """Compress local - global (tensors in the global model's order) into the request. The tensors
         are compressed as one update: a dp stage clips and noises the whole update jointly."""
-        pipe = Pipeline(self.stages, seed=self.seed_for(client, round))
+        pipe = Pipeline(
+            self.stages, seed=self.seed_for(client, round), noise_key=self.noise_key_for(client, round, model_version)
+        )
         names = list(self.global_params)
         # Step counters at the round number: shared-seed randomk positions agree across a round's clients.
         state: dict[str, object] = {"steps": dict.fromkeys(names, round)}

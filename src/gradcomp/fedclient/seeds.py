@@ -1,7 +1,9 @@
-"""The one key of a client's randomness in a round (batch order, DP noise, random selection).
+"""The seed of a client's public randomness in a round (batch order, random selection).
 
 Keyed by (job seed, client name, round), never by a counter the client keeps, so a restarted
-client, a simulated one and a real one draw the same numbers for the same round.
+client, a simulated one and a real one draw the same numbers for the same round. The coordinator
+knows all three, so nothing that protects data may come from it: DP noise comes from the
+client's secret key (`noisekey`).
 """
 
 from __future__ import annotations

@@ -99,6 +99,15 @@ def insecure_warning(host: str) -> str:
     )
 
 
+def no_secret_warning(rounds: int) -> str:
+    """Said when a checkpoint from before the coordinator's secret (format 2 or 3) is resumed."""
+    return (
+        f"gradcomp serve: warning: the checkpoint holds no coordinator secret (format 2 or 3): its {rounds} rounds "
+        "sampled clients and drew central-DP noise from the job seed, which every client knows. The rounds from "
+        f"{rounds + 1} on use a fresh secret."
+    )
+
+
 def checkpointer(job: FedJob, run_dir: Path, record: RunRecord) -> Callable[[Coordinator], None]:
     """What runs after every round: the coordinator state to disk, then results.json from it."""
 
@@ -158,10 +167,12 @@ def start(
     host: str | None = None,
     kind: str = "fed",
     tokens: Mapping[str, str] | None = None,
+    secret: bytes | None = None,
 ) -> Running:
     """Build and start everything (no round loop); used by run_serve, `fedsim --grpc` (kind "fedsim")
     and in-process tests. `tokens` (bearer token -> client name) replaces the job's tokens file or
-    environment variable."""
+    environment variable. `secret` is the coordinator's (os.urandom when None; a resumed run takes
+    its checkpoint's); only the simulator passes one, to be reproducible."""
     book = TokenBook.from_names(tokens) if tokens is not None else TokenBook(load_tokens(job.server))
     host = resolve_host(job, host)
     creds = server_credentials(job.server)
@@ -174,9 +185,13 @@ def start(
     config = json.loads(job.model_dump_json())
     record = resumed_record(run_dir, job.name, kind, config) if resume else RunRecord(run_dir, job.name, kind, config)
     checkpoint = checkpointer(job, run_dir, record)
-    coord = Coordinator(job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=book.names)
+    coord = Coordinator(
+        job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=book.names, secret=secret
+    )
     if saved is not None:
         coord.load_state_dict(saved)
+        if saved["secret"] is None:
+            print(no_secret_warning(int(saved["version"])), file=sys.stderr, flush=True)
         checkpoint(coord)  # results.json from the checkpoint's log (no round lost or doubled)
     server = make_grpc_server(job, book, coord)
     service = CoordinatorService(coord, job, book)

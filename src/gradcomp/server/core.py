@@ -4,7 +4,7 @@ privacy accounting and the round log, as plain thread-safe Python (no gRPC, no f
 `server/service.py` is a thin gRPC servicer over it and `gradcomp fedsim` drives it
 in-process. Public interface (kept stable):
 
-    coord = Coordinator(job, params, evaluate=fn, checkpoint=fn, clock=time.monotonic)
+    coord = Coordinator(job, params, evaluate=fn, checkpoint=fn, clock=time.monotonic, secret=None)
     coord.register(name) -> ClientInfo            # join; also implied by touch()
     coord.touch(name) / coord.leave(name)         # heartbeat / goodbye
     coord.select_clients() -> list[str] | None    # open a round if none is open and enough clients are connected
@@ -21,7 +21,7 @@ in-process. Public interface (kept stable):
     coord.wait(timeout)                           # block until an update arrives or the state changes
     coord.snapshot() -> (version, params)          # a consistent pair, for serving the model
     coord.params, coord.version, coord.round, coord.done, coord.status, coord.log, coord.epsilon
-    coord.state_dict() / coord.load_state_dict(state)   # everything --resume needs
+    coord.state_dict() / coord.load_state_dict(state)   # everything --resume needs, the secret included
 
 Every accepted update is first scaled to L2 norm <= `limits.max_update_norm` (any privacy mode),
 and the weights a mean-aggregating strategy sees are the example counts capped at
@@ -45,6 +45,12 @@ Privacy (`server/accounting.py`): each released round is charged at the sampling
 really drawn at (`RoundState.sampling`: clients asked per attempt and the pool each was drawn
 from), and the budget is checked at that rate when a round opens and before a retry asks more.
 In local DP every client is charged when it is asked, before it can train.
+
+The coordinator's secret (`secret`, 32 bytes; os.urandom when not given) keys the randomness
+clients must not predict: who is sampled each round and central DP's noise (HMAC-derived
+sub-keys, `keyed_random`). It never leaves the coordinator except in its checkpoint, so a
+resumed coordinator samples and noises exactly as the run it continues. The job seed, which
+every client receives in its `TrainingConfig`, keys nothing secret.
 
 Round numbers: `version` = rounds completed (the global model's version); the open round
 has number version + 1. Each round is appended to `log` exactly once, and `checkpoint`
@@ -70,6 +76,7 @@ from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
+from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.updates import (
     Params,
@@ -87,9 +94,11 @@ from gradcomp.strategies.central_dp import CentralDP
 RUNNING, FINISHED, BUDGET_EXHAUSTED, FAILED = "running", "finished", "budget_exhausted", "failed"
 
 
-def strategy_for_job(job: FedJob) -> Strategy:
-    """The job's strategy, wrapped in central DP when `privacy.mode` is central (the one place that asks)."""
-    strategy = build_strategy(job.strategy, seed=job.seed)
+def strategy_for_job(job: FedJob, secret: bytes | None = None) -> Strategy:
+    """The job's strategy, wrapped in central DP when `privacy.mode` is central (the one place that asks);
+    its client sampling and its noise are keyed by sub-keys of the coordinator's `secret`."""
+    secret = check_key(secret, "coordinator secret") if secret is not None else new_key()
+    strategy = build_strategy(job.strategy, key=subkey(secret, "client-selection"))
     if job.privacy.mode != "central":
         return strategy
     assert job.privacy.clip is not None and job.privacy.noise_multiplier is not None  # validated with the job
@@ -98,7 +107,7 @@ def strategy_for_job(job: FedJob) -> Strategy:
         clip=job.privacy.clip,
         noise_multiplier=job.privacy.noise_multiplier,
         expected_clients=job.clients_per_round,
-        seed=job.seed,
+        noise_key=subkey(secret, "central-dp"),
     )
 
 
@@ -164,12 +173,14 @@ class Coordinator:
         checkpoint: Callable[[Coordinator], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         client_names: list[str] | None = None,
+        secret: bytes | None = None,
     ):
         self.job = job
+        self.secret = check_key(secret, "coordinator secret") if secret is not None else new_key()
         self.params: Params = {k: v.detach().clone().float() for k, v in params.items()}
         self.spec = model_spec(self.params)
         self.dense_update_bytes = dense_update_nbytes(self.spec)
-        self.strategy: Strategy = strategy_for_job(job)
+        self.strategy: Strategy = strategy_for_job(job, self.secret)
         self.dp = job.dp_params()
         self.accounting = FedAccounting(job)
         self.ledger, self.client_ledger = self.accounting.ledger, self.accounting.clients
@@ -627,6 +638,7 @@ class Coordinator:
                 "log": [dict(e) for e in self.log],
                 "totals": dict(self.totals),
                 "liveness": self.bench.state_dict(),
+                "secret": self.secret.hex(),
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -640,6 +652,10 @@ class Coordinator:
             self.status = state.get("status", RUNNING)
             self.reason = state.get("reason", "")
             self.params = {k: v.clone().float() for k, v in state["params"].items()}
+            if state.get("secret") is not None:  # the run's own sampling and noise keys
+                self.secret = check_key(bytes.fromhex(state["secret"]), "coordinator secret")
+                self.strategy = strategy_for_job(self.job, self.secret)
+            # else a checkpoint from before the secret (format 2, 3): this coordinator's fresh secret goes on
             self.strategy.load_state_dict(state["strategy"])
             self.accounting.load_state_dict(state, self.version)
             self.log = [dict(e) for e in state.get("log", [])]

@@ -4,17 +4,21 @@
 runs/<name>/checkpoint.pb is a `gradcomp.v1.Checkpoint` protobuf (tensors as typed bytes,
 the rest as JSON): global model, rounds completed, strategy state, accountant state (each
 released round's sampling rate; in local DP the clients already charged for the open round),
-round log and byte totals. Because it is a single file written by temp-file + rename, a kill -9
-at any moment leaves either the previous state or the new one, never a mix. The round log
-inside the checkpoint is the source of truth for results.json on resume, so no round is lost
-or counted twice. Format 2 files (every round charged at the configured m / N) are migrated to
-upper bounds on load (`_from_format_2`).
+round log, byte totals and the coordinator's secret (the key of its client sampling and
+central-DP noise: the file is created 0600 and must stay private to the coordinator). Because
+it is a single file written by temp-file + rename, a kill -9 at any moment leaves either the
+previous state or the new one, never a mix. The round log inside the checkpoint is the source
+of truth for results.json on resume, so no round is lost or counted twice. Format 2 files
+(every round charged at the configured m / N) are migrated to upper bounds on load
+(`_from_format_2`); format 2 and 3 files hold no secret (their sampling and central-DP noise
+were keyed by the job seed), so the resumed coordinator keeps the fresh one it started with.
 
 The file is MAGIC + SHA-256 of the protobuf + the protobuf. Loading checks the checksum (a
 truncated or bit-flipped file), the schema of the meta JSON (known status, a round log that
-holds exactly rounds 1..round, non-negative totals) and that every tensor is finite, and
-raises `CheckpointError` naming the file and the problem: `gradcomp serve --resume` then
-exits 2 instead of serving a damaged model.
+holds exactly rounds 1..round, non-negative totals, a 32-byte secret) and that every tensor is
+finite, and raises `CheckpointError` naming the file and the problem: `gradcomp serve --resume`
+then exits 2 instead of serving a damaged model. A checkpoint of an older format is refused the
+same way: format 2 holds no secret (its noise and sampling were keyed by the job seed).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from gradcomp._proto import checkpoint_pb2
 from gradcomp.protocol.codec import named_to_pb, pb_to_named
 from gradcomp.results import atomic_write_bytes
 
-FORMAT = 3  # 2: the file carries a SHA-256 of the protobuf; 3: each round charged at its real sampling rate
-READS = (2, 3)  # format 2 is migrated to upper bounds on load (`_from_format_2`)
+FORMAT = 4  # 2: a SHA-256 of the protobuf; 3: each round charged at its real sampling rate; 4: the secret
+READS = (2, 3, 4)  # format 2 is migrated to upper bounds on load (`_from_format_2`); 2 and 3 hold no secret
 MAGIC = b"GCCK\x02"
 _DIGEST = 32
 STATUSES = ("running", "finished", "budget_exhausted", "failed")
 META_TYPES = {"status": str, "reason": str, "strategy_scalars": dict, "log": list, "totals": dict}
+SECRET_HEX = 64  # the coordinator's 32-byte secret, hex (format 4 on)
 MAX_ROUND = 2**31 - 1
 
 
@@ -63,6 +68,7 @@ def save_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
         "log": state["log"],
         "totals": state["totals"],
         "liveness": state.get("liveness"),
+        "secret": state["secret"],
     }
     msg.meta_json = json.dumps(meta)
     path = Path(run_dir) / FILENAME
@@ -101,6 +107,12 @@ def _checked_meta(path: Path, msg: checkpoint_pb2.Checkpoint) -> dict[str, Any]:
     for key, kind in META_TYPES.items():
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{path}: meta key {key!r} is missing or not a {kind.__name__}")
+    if msg.format >= 4:
+        secret = meta.get("secret")
+        if not isinstance(secret, str) or len(secret) != SECRET_HEX or any(c not in "0123456789abcdef" for c in secret):
+            raise CheckpointError(f"{path}: the coordinator secret must be {SECRET_HEX} lowercase hex digits")
+    else:
+        meta["secret"] = None  # formats 2 and 3 keyed sampling and noise by the job seed: nothing to continue
     if meta["status"] not in STATUSES:
         raise CheckpointError(f"{path}: unknown status {meta['status']!r}; expected one of {', '.join(STATUSES)}")
     if msg.round > MAX_ROUND:
@@ -181,4 +193,5 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         "log": meta["log"],
         "totals": meta["totals"],
         "liveness": meta.get("liveness"),
+        "secret": meta["secret"],
     }

@@ -23,6 +23,7 @@ from gradcomp.fedclient.data import dataset_tensors
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, TrainResult
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, why_not_vectorizable
+from gradcomp.sim.keys import ClientKeys
 from gradcomp.sim.state import client_name, pack_residuals, unpack_residuals
 
 
@@ -48,11 +49,12 @@ class ClientResult:
 
 
 class SimClientRunner:
-    """Runs virtual clients' rounds for one job; reused across thousands of clients."""
+    """Runs virtual clients' rounds for one job; reused across thousands of clients. `secret` is the
+    simulation secret each client's noise key derives from (`sim/keys.py`)."""
 
-    def __init__(self, cfg: LocalTrainingConfig, vectorize: str = "auto", threads: int = 1):
+    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto", threads: int = 1):
         torch.set_num_threads(threads)
-        self.runtime = ClientRuntime(cfg)
+        self.runtime = ClientRuntime(cfg, noise_keys=ClientKeys(secret))
         self.data = dataset_tensors(self.runtime.task.train_set)
         model = self.model = self.runtime.task.make_model()
         self.fallback = why_not_vectorizable(model) if vectorize != "off" else "simulation.vectorize is off"

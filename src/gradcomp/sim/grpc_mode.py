@@ -33,6 +33,7 @@ from gradcomp.results import print_summary
 from gradcomp.server import app, store
 from gradcomp.sim.client import ClientJob
 from gradcomp.sim.fate import client_fate
+from gradcomp.sim.keys import coordinator_secret, simulation_secret
 from gradcomp.sim.pool import ClientPool, peak_rss_bytes
 from gradcomp.sim.setup import make_clients, make_pool, release
 from gradcomp.sim.state import ClientTable, client_id, client_name
@@ -221,7 +222,9 @@ def simulate_over_grpc(
     if stale.exists():  # a simulation always starts afresh (there is no fedsim --resume)
         print(f"fedsim: removing the coordinator checkpoint of an earlier simulation: {stale}", flush=True)
         stale.unlink()
-    run = app.start(job, run_dir, host="127.0.0.1", kind="fedsim", tokens={tok: name for name, tok in tokens.items()})
+    tokens_by_value = {tok: name for name, tok in tokens.items()}
+    secret = coordinator_secret(simulation_secret(job))
+    run = app.start(job, run_dir, host="127.0.0.1", kind="fedsim", tokens=tokens_by_value, secret=secret)
     stop = threading.Event()
     loop = threading.Thread(target=app.round_loop, args=(run, stop, show), daemon=True, name="round-loop")
     loop.start()

@@ -45,8 +45,8 @@ class ClientPool(Protocol):
 class LocalPool:
     """Clients trained one after another in the driver process."""
 
-    def __init__(self, cfg: LocalTrainingConfig, vectorize: str = "auto"):
-        self.trainer = SimClientRunner(cfg, vectorize, threads=1)
+    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto"):
+        self.trainer = SimClientRunner(cfg, secret, vectorize, threads=1)
         self.size = 1
 
     @property
@@ -66,8 +66,8 @@ class LocalPool:
 class _Runner:
     """The actor body (wrapped with ray.remote at pool creation, so importing this module needs no Ray)."""
 
-    def __init__(self, cfg: LocalTrainingConfig, vectorize: str = "auto"):
-        self.trainer = SimClientRunner(cfg, vectorize, threads=1)
+    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto"):
+        self.trainer = SimClientRunner(cfg, secret, vectorize, threads=1)
 
     def run_many(self, jobs: list[ClientJob], model: bytes) -> list[ClientResult]:
         return self.trainer.run_many(jobs, model)
@@ -93,13 +93,13 @@ def split_cohort(jobs: list[ClientJob], parts: int) -> list[list[int]]:
 class RayPool:
     """A fixed set of actors; every round sends each actor one chunk of the cohort."""
 
-    def __init__(self, cfg: LocalTrainingConfig, actors: int, vectorize: str = "auto"):
+    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, actors: int, vectorize: str = "auto"):
         import ray
 
         if actors < 1:
             raise ValueError(f"a Ray pool needs at least one actor, got {actors}")
         remote = ray.remote(num_cpus=1)(_Runner)
-        self.actors = [remote.remote(cfg, vectorize) for _ in range(actors)]
+        self.actors = [remote.remote(cfg, secret, vectorize) for _ in range(actors)]
         self.size = actors
         self._model_ref: tuple[int, object] | None = None
         self.vectorized = bool(ray.get(self.actors[0].vectorized.remote()))

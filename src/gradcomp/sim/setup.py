@@ -21,6 +21,7 @@ from gradcomp.protocol.model import initial_params
 from gradcomp.raycluster import cluster_cpus
 from gradcomp.server.core import Coordinator
 from gradcomp.sim.engine import Simulation, VirtualClock
+from gradcomp.sim.keys import coordinator_secret, simulation_secret
 from gradcomp.sim.pool import ClientPool, LocalPool, RayPool
 from gradcomp.sim.state import ClientTable, client_name
 from gradcomp.tasks import Task, evaluate, load_task
@@ -62,10 +63,11 @@ def client_config(job: FedJob) -> LocalTrainingConfig:
 def make_pool(job: FedJob, actors: int | None) -> ClientPool:
     """`actors` 0: in the driver; None: one Ray actor per CPU of the cluster (at most one per client)."""
     vectorize = (job.simulation or SimulationConfig()).vectorize
+    secret = simulation_secret(job)
     if actors == 0:
-        return LocalPool(client_config(job), vectorize)
+        return LocalPool(client_config(job), secret, vectorize)
     n = actors if actors is not None else cluster_cpus()
-    return RayPool(client_config(job), max(1, min(n, job.clients.expected)), vectorize)
+    return RayPool(client_config(job), secret, max(1, min(n, job.clients.expected)), vectorize)
 
 
 def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
@@ -102,7 +104,9 @@ def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool
 
     clock = VirtualClock()
     names = [client_name(i) for i in range(len(table))]
-    coord = Coordinator(job, initial_params(task, job.seed), evaluate=evaluate_global, clock=clock, client_names=names)
+    params = initial_params(task, job.seed)
+    secret = coordinator_secret(simulation_secret(job))
+    coord = Coordinator(job, params, evaluate=evaluate_global, clock=clock, client_names=names, secret=secret)
     for name in names:
         coord.register(name, clock.now)
     if pool is None:

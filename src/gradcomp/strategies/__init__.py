@@ -5,7 +5,8 @@ existing: adding one is adding one file.
 - `strategy_names()`, `strategy_class(name)`: what job files may name.
 - `StrategySection`: the `strategy:` job-file type (a union of every strategy's `Config`,
   told apart by `name`; `strategy: fedadam` is short for `{name: fedadam}`; no name means fedavg).
-- `build_strategy(config, seed=...)`: the strategy a validated section describes.
+- `build_strategy(config, key=...)`: the strategy a validated section describes, sampling clients
+  from the secret `key`.
 - `CentralDP` (in `central_dp`): the central-DP wrapper around any mean-aggregating strategy.
 """
 
@@ -57,9 +58,10 @@ def default_config() -> StrategyConfig:
     return REGISTRY[DEFAULT].Config()
 
 
-def build_strategy(config: StrategyConfig, *, seed: int = 0) -> Strategy:
-    """The strategy a validated `strategy:` section describes (its defaults are the Config's)."""
-    return strategy_class(config.name)(config, seed=seed)
+def build_strategy(config: StrategyConfig, *, key: bytes | None = None) -> Strategy:
+    """The strategy a validated `strategy:` section describes (its defaults are the Config's); it samples
+    clients from the secret `key` (a fresh one when None)."""
+    return strategy_class(config.name)(config, key=key)
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from gradcomp.config.common import StrictModel
+from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.strategies.aggregate import weighted_average
 
 Params = dict[str, torch.Tensor]
@@ -68,9 +69,10 @@ class Strategy:
     name: ClassVar[str]
     Config: ClassVar[type[StrategyConfig]]
 
-    def __init__(self, config: StrategyConfig | None = None, *, seed: int = 0):
+    def __init__(self, config: StrategyConfig | None = None, *, key: bytes | None = None):
         self.config = config if config is not None else self.Config()
-        self.seed = seed
+        # The secret client sampling is drawn from (the coordinator's, `server.core`); fresh when not given.
+        self.key = check_key(key, "strategy key") if key is not None else new_key()
 
     @classmethod
     def aggregates_by_mean(cls) -> bool:
@@ -78,8 +80,10 @@ class Strategy:
         return cls.aggregate is Strategy.aggregate
 
     def configure_round(self, round: int, attempt: int, available: Sequence[str], num_clients: int) -> list[str]:
-        """Uniform sample without replacement, seeded by (job seed, round, attempt): reproducible."""
-        rng = random.Random(self.seed * 1_000_003 + round * 1_009 + attempt)
+        """Uniform sample without replacement, drawn from HMAC(key, round, attempt): the same for the same
+        key (a resumed coordinator), unpredictable without it (amplification by sampling assumes a secret
+        sample; a client knows the job seed, so the sample must not come from it)."""
+        rng = random.Random(subkey(self.key, "select", round, attempt))
         return sorted(rng.sample(sorted(available), min(num_clients, len(available))))
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:

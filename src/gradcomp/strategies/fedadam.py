@@ -23,8 +23,8 @@ class FedAdam(Strategy):
     Config = FedAdamConfig
     config: FedAdamConfig
 
-    def __init__(self, config: FedAdamConfig | None = None, *, seed: int = 0):
-        super().__init__(config, seed=seed)
+    def __init__(self, config: FedAdamConfig | None = None, *, key: bytes | None = None):
+        super().__init__(config, key=key)
         self.m: Params = {}
         self.v: Params = {}
         self.step = 0

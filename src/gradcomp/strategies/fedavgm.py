@@ -20,8 +20,8 @@ class FedAvgM(Strategy):
     Config = FedAvgMConfig
     config: FedAvgMConfig
 
-    def __init__(self, config: FedAvgMConfig | None = None, *, seed: int = 0):
-        super().__init__(config, seed=seed)
+    def __init__(self, config: FedAvgMConfig | None = None, *, key: bytes | None = None):
+        super().__init__(config, key=key)
         self.velocity: Params = {}
 
     def apply(self, params: Params, aggregate: Params) -> Params:

@@ -6,6 +6,11 @@ the shared client runtime (`fedclient/`) train on this client's shard and build 
 coordinator says DONE, then leave and exit 0. Asked again for a round it already trained
 (its submit was lost), it resends the same update instead of training twice.
 
+Its local-DP noise comes from a key only it holds (`--noise-key-file`, default
+`fedclient.noisekey.default_key_path()`, created 0600 from os.urandom on first use), never from
+the job seed the coordinator sends; keeping the file keeps a restarted client's redone round
+identical to the update it replaces (`fedclient/noisekey.py`).
+
 Transient gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff
 and jitter for up to --retry-seconds, which also rides out a coordinator restart (`gradcomp
 serve --resume`). A refused update (stale round, duplicate, ...) is logged and the client
@@ -45,6 +50,7 @@ import torch
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
+from gradcomp.fedclient.noisekey import KeyFileError, OneKey, default_key_path, load_or_create_key
 from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.protocol.channel import channel_credentials, is_local_target
@@ -120,6 +126,14 @@ class Backoff:
                 time.sleep(delay)
 
 
+def _noise_keys(path: str | None) -> OneKey:
+    """The client's secret noise key from `path` (default location when None), created on first use."""
+    try:
+        return OneKey(load_or_create_key(path or default_key_path()))
+    except (KeyFileError, OSError) as err:
+        raise ClientError(f"--noise-key-file: {err}") from None
+
+
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -153,6 +167,7 @@ class FLClient:
                 "for mutual TLS), or accept clear text with --insecure"
             )
         self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
+        self.noise_keys = _noise_keys(getattr(args, "noise_key_file", None))
         self.channel, self.stub = self._open()
         # The client's own checks on a task before it trains; by default its policy flags (fedclient.policy).
         self.checks = ClientPolicy.from_args(args).checks() if checks is None else checks
@@ -263,7 +278,7 @@ class FLClient:
         config = LocalTrainingConfig.from_pb(cfg)
         # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
         local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
-        runtime = ClientRuntime(local, checks=self.checks)
+        runtime = ClientRuntime(local, checks=self.checks, noise_keys=self.noise_keys)
         return runtime, iid_shard(runtime.task, self.shard[0], self.shard[1], config.seed)
 
     def fetch_model(self, task: fed_pb2.PullTaskResponse) -> None:

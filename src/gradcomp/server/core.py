@@ -648,14 +648,14 @@ class Coordinator:
             spec = model_spec(state["params"])
             if spec != self.spec:
                 raise ValueError("checkpoint does not match the job's model (different tensors or shapes)")
-            self.version = int(state["version"])
-            self.status = state.get("status", RUNNING)
-            self.reason = state.get("reason", "")
-            self.params = {k: v.clone().float() for k, v in state["params"].items()}
             if state.get("secret") is not None:  # the run's own sampling and noise keys
                 self.secret = check_key(bytes.fromhex(state["secret"]), "coordinator secret")
                 self.strategy = strategy_for_job(self.job, self.secret)
             # else a checkpoint from before the secret (format 2, 3): this coordinator's fresh secret goes on
+            self.version = int(state["version"])
+            self.status = state.get("status", RUNNING)
+            self.reason = state.get("reason", "")
+            self.params = {k: v.clone().float() for k, v in state["params"].items()}
             self.strategy.load_state_dict(state["strategy"])
             self.accounting.load_state_dict(state, self.version)
             self.log = [dict(e) for e in state.get("log", [])]

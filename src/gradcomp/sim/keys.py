@@ -13,7 +13,6 @@ the simulator does.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 from gradcomp.config.fed import FedJob, SimulationConfig
 from gradcomp.keyed_random import check_key, subkey
@@ -31,14 +30,11 @@ def coordinator_secret(secret: bytes) -> bytes:
     return subkey(secret, "coordinator")
 
 
-@dataclass(frozen=True)
 class ClientKeys:
     """Each virtual client's noise key, by name (`fedclient.noisekey.NoiseKeys`)."""
 
-    secret: bytes
-
-    def __post_init__(self) -> None:
-        check_key(self.secret, "simulation secret")
+    def __init__(self, secret: bytes):
+        self.secret = check_key(secret, "simulation secret")
 
     def __call__(self, client: str) -> bytes:
         return subkey(self.secret, "client-noise-key", client)

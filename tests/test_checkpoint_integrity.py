@@ -77,12 +77,6 @@ def nan_weights(path: Path) -> None:
     store.save_state(path.parent, state)
 
 
-def format_2(path: Path) -> None:
-    """A checkpoint as gradcomp wrote it before the coordinator had a secret (magic GCCK\\x02)."""
-    data = path.read_bytes()
-    path.write_bytes(b"GCCK\x02" + data[len(store.MAGIC) :])
-
-
 def huge_round(path: Path) -> None:
     rewrite_body(path, lambda m: setattr(m, "round", 2**63))
 
@@ -104,8 +98,7 @@ DAMAGE = {
         lambda p: rewrite_body(p, with_meta(liveness={"misses": {"s": -1}, "benched_until": {}})),
         "liveness",
     ),
-    "format 2 (no coordinator secret)": (format_2, "format 2 was written by an older gradcomp"),
-    "no secret": (lambda p: rewrite_body(p, with_meta(secret=None)), "meta key 'secret' is missing"),
+    "no secret": (lambda p: rewrite_body(p, with_meta(secret=None)), "secret must be 64 lowercase hex digits"),
     "short secret": (lambda p: rewrite_body(p, with_meta(secret="ab" * 16)), "64 lowercase hex digits"),
     "no checksum (old format)": (lambda p: p.write_bytes(p.read_bytes()[len(store.MAGIC) + 32 :]), "no checksum"),
 }
@@ -120,6 +113,30 @@ def test_a_good_checkpoint_round_trips(tmp_path: Path) -> None:
     assert back["secret"] == state["secret"] and len(bytes.fromhex(back["secret"])) == 32
     # the file holds the coordinator's secret: readable by its owner only
     assert (tmp_path / store.FILENAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_checkpoint_from_before_the_secret_resumes_with_a_fresh_one(tmp_path: Path) -> None:
+    """Format 3 (and 2) held no coordinator secret: their sampling and central-DP noise were keyed by the job
+    seed, and the old noise generator's state sits in the strategy scalars. Such a run resumes, with the new
+    coordinator's own secret, never one derived from the job."""
+    job = FedJob.model_validate({**JOB, "strategy": {"name": "fedadam"},
+                                 "privacy": {"mode": "central", "clip": 1.0, "noise_multiplier": 1.0}})  # fmt: skip
+    coord = Coordinator(job, {"w": torch.zeros(4), "b": torch.ones(2)})
+    store.save_state(tmp_path, coord.state_dict())
+
+    def as_format_3(msg: checkpoint_pb2.Checkpoint) -> None:
+        meta = json.loads(msg.meta_json)
+        meta.pop("secret")
+        meta["strategy_scalars"]["dp_noise_rng"] = [0] * 8  # the job-seeded generator's state, as format 3 kept it
+        msg.meta_json, msg.format = json.dumps(meta), 3
+
+    rewrite_body(tmp_path / store.FILENAME, as_format_3)
+    state = store.load_state(tmp_path)
+    assert state["secret"] is None
+    resumed = Coordinator(job, {"w": torch.zeros(4), "b": torch.ones(2)})
+    fresh = resumed.secret
+    resumed.load_state_dict(state)
+    assert resumed.secret == fresh != coord.secret
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))

@@ -74,9 +74,9 @@ import torch
 from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
+from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
-from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.updates import (
     Params,

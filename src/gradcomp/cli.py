@@ -132,6 +132,14 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         help="this client's secret local-DP noise key, created 0600 on first use; keep it to resend a redone "
         "round unchanged (default: $XDG_STATE_HOME/gradcomp/client-noise.key, ~/.local/state when unset)",
     )
+    p.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=None,
+        help="refuse a release that would take this client's own epsilon (Gaussian at q = 1 over every release it "
+        "recorded next to its key file, across jobs) past this",
+    )
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of the client's own epsilon (default 1e-5)")
     p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
 
 

@@ -15,6 +15,8 @@ client noise key they send byte-identical `SubmitUpdateRequest` messages (tests/
 - `seeds.round_seed`: the seed of a client's public randomness in a round (batch order, selection).
 - `noisekey`: the client's secret key (a 0600 key file) and the per-release key its local-DP noise
   is drawn from; the coordinator, which sends the job seed, cannot regenerate that noise.
+- `ledger.ClientLedger`: the client's own record of its local-DP releases and its epsilon over them
+  (`gradcomp client --max-epsilon` refuses a release past it, whatever the coordinator asks).
 
 Nothing here imports `server/` or `sim/`; both sides share only `protocol/`.
 """

@@ -42,14 +42,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
+from gradcomp.compression.stages import DP
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
+from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
 from gradcomp.fedclient.noisekey import KeyFileError, OneKey, default_key_path, load_or_create_key
 from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
@@ -126,12 +129,23 @@ class Backoff:
                 time.sleep(delay)
 
 
-def _noise_keys(path: str | None) -> OneKey:
-    """The client's secret noise key from `path` (default location when None), created on first use."""
+def _noise_keys(path: Path) -> OneKey:
+    """The client's secret noise key from `path`, created on first use."""
     try:
-        return OneKey(load_or_create_key(path or default_key_path()))
+        return OneKey(load_or_create_key(path))
     except (KeyFileError, OSError) as err:
         raise ClientError(f"--noise-key-file: {err}") from None
+
+
+def _ledger(key_file: Path, args: argparse.Namespace) -> ClientLedger:
+    """The client's own ledger of releases, next to its key (`fedclient/ledger.py`)."""
+    delta, cap = float(getattr(args, "delta", None) or 1e-5), getattr(args, "max_epsilon", None)
+    if not 0 < delta < 1 or (cap is not None and not cap > 0):
+        raise ClientError(f"--delta must be in (0, 1) and --max-epsilon > 0, got {delta} and {cap}")
+    try:
+        return ClientLedger(ledger_path(key_file), delta, cap)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ClientError(f"privacy ledger {ledger_path(key_file)} is unreadable ({err}); move it aside") from None
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -167,7 +181,9 @@ class FLClient:
                 "for mutual TLS), or accept clear text with --insecure"
             )
         self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
-        self.noise_keys = _noise_keys(getattr(args, "noise_key_file", None))
+        key_file = Path(getattr(args, "noise_key_file", None) or default_key_path())
+        self.noise_keys = _noise_keys(key_file)
+        self.ledger = _ledger(key_file, args)
         self.channel, self.stub = self._open()
         # The client's own checks on a task before it trains; by default its policy flags (fedclient.policy).
         self.checks = ClientPolicy.from_args(args).checks() if checks is None else checks
@@ -308,6 +324,7 @@ class FLClient:
         if self.memory.already_trained(task.round) and last is not None and last.round == task.round:
             return last
         self.fetch_model(task)
+        self._charge(runtime, task)
         assert self.data is not None
         out = runtime.train_round(
             client=self.client_id,
@@ -318,6 +335,20 @@ class FLClient:
         )
         self.memory, self.last_request = out.memory, out.request
         return out.request
+
+    def _charge(self, runtime: ClientRuntime, task: fed_pb2.PullTaskResponse) -> None:
+        """Record this release in the client's own ledger before training; past --max-epsilon, refuse it."""
+        dp = next((s for s in runtime.stages if isinstance(s, DP)), None)
+        if dp is None or dp.sigma <= 0 or dp.mechanism != "gaussian":
+            if self.ledger.max_epsilon is not None:
+                raise ClientError(f"--max-epsilon needs a Gaussian dp stage with noise; spec {runtime.config.spec!r}")
+            return
+        key = runtime.noise_key_for(self.client_id, task.round, task.model_version)
+        try:
+            eps = self.ledger.charge(release_id(key), dp.sigma)
+        except BudgetSpent as err:
+            raise ClientError(f"refusing round {task.round}: {err}") from None
+        self.log(f"round {task.round}: epsilon {eps:.3f} (delta {self.ledger.delta:g}) over this client's releases")
 
     def submit(self, req: fed_pb2.SubmitUpdateRequest) -> bool:
         try:

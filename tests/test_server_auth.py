@@ -153,13 +153,11 @@ def test_oversized_requests_are_counted_too_large_and_garbage_is_invalid_argumen
     assert raw_call(channel, b"\x0a" * (limit + 10), TOKENS["client-0"]) == Code.RESOURCE_EXHAUSTED
     # (>=: metrics are process-wide, and a coordinator left by an earlier test may still count)
     assert metrics.value("gradcomp_fed_updates_rejected_total", {"reason": "too_large"}) >= too_large + 1
-    # Beyond gRPC's hard limit the call never reaches gradcomp: it shows up as a cancelled call.
-    cancelled = metrics.value("gradcomp_fed_rpcs_total", {"method": "SubmitUpdate", "code": "CANCELLED"})
-    assert raw_call(channel, b"\x0a" * (2 * limit + 10), TOKENS["client-0"]) != Code.OK
-    deadline = time.monotonic() + 30
-    while metrics.value("gradcomp_fed_rpcs_total", {"method": "SubmitUpdate", "code": "CANCELLED"}) == cancelled:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    # Beyond gRPC's hard limit gRPC itself refuses the call. Whether gradcomp's handler had started
+    # (and counts it CANCELLED) is up to gRPC's scheduling, so only the refusal is asserted: the
+    # counted-cancelled wait here failed about one run in four under load.
+    beyond = raw_call(channel, b"\x0a" * (2 * limit + 10), TOKENS["client-0"])
+    assert beyond not in (Code.OK, Code.INTERNAL, Code.UNKNOWN), beyond
     # Not protobuf: gRPC's own deserialisation failure used to answer INTERNAL.
     assert raw_call(channel, b"\xff\xff\xff\xff garbage", TOKENS["client-0"]) == Code.INVALID_ARGUMENT
     assert metrics.value("gradcomp_fed_updates_rejected_total", {"reason": "malformed"}) >= malformed + 1

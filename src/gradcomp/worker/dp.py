@@ -23,7 +23,7 @@ Two ledgers, two adversaries. `ledger` (the printed epsilon, the budget) holds a
 sees the averaged gradients and the model: noise sigma * clip once per step. `rank_ledger` holds
 against whoever sees one rank's own messages (the interconnect): that rank's noise alone,
 sigma / sqrt(world) under linear aggregation. The noise comes from the rank's
-`secret_generator` (OS entropy, new at every start and resume, never checkpointed).
+`secret_source` (a 256-bit OS key, new at every start and resume, never checkpointed).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from gradcomp.compression import Pipeline
 from gradcomp.compression.stages import ErrorFeedback, NoneStage, RandomK
 from gradcomp.config.train import DPConfig
 from gradcomp.privacy import PrivacyLedger
-from gradcomp.worker.sampling import secret_generator
+from gradcomp.worker.sampling import RandomSource, normal_like, secret_source
 
 
 def linear_aggregation(pipeline: Pipeline) -> bool:
@@ -72,8 +72,8 @@ class ExampleDP:
         self.ledger = PrivacyLedger(cfg.delta, cfg.accountant, budget=cfg.epsilon_budget)
         self.rank_ledger = PrivacyLedger(cfg.delta, cfg.accountant)
         device = next(model.parameters()).device
-        self.generator = (
-            secret_generator(device) if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+        self.noise_source: RandomSource = (
+            secret_source() if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
         )
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -99,8 +99,7 @@ class ExampleDP:
         """
         summed, loss_sum = self._clipped_sum(x, y, canaries)
         if self.cfg.noise_multiplier > 0:
-            noise = torch.randn(summed.shape, generator=self.generator, device=summed.device, dtype=summed.dtype)
-            summed.add_(noise, alpha=self.noise_std)
+            summed.add_(normal_like(self.noise_source, summed), alpha=self.noise_std)
         return summed.div_(self.expected_batch), loss_sum
 
     def _clipped_sum(self, x: torch.Tensor, y: torch.Tensor, extra: torch.Tensor | None) -> tuple[torch.Tensor, float]:

@@ -26,7 +26,7 @@ from gradcomp.config.train import TrainJob
 from gradcomp.tasks import Task, evaluate, load_task
 from gradcomp.worker.dp import ExampleDP, linear_aggregation
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
-from gradcomp.worker.sampling import PoissonPlan, secret_generator
+from gradcomp.worker.sampling import PoissonPlan, RandomSource, secret_source
 
 STATE_FILE = "state.pt"
 
@@ -73,7 +73,7 @@ class _Run:
     n_train: int
     steps_per_epoch: int
     poisson: PoissonPlan | None  # DP-SGD's batch sampling (None: shuffled fixed-size batches)
-    inclusions: torch.Generator | None  # DP-SGD: the rank's secret source of Poisson inclusions
+    inclusions: RandomSource | None  # DP-SGD: the rank's secret source of Poisson inclusions
 
 
 class StopTraining(Exception):
@@ -162,7 +162,7 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     model, dp = _wrap_model(job, session, module, hook_state, poisson)
     optimizer = make_optimizer(job, module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
-    inclusions = secret_generator() if poisson is not None else None
+    inclusions = secret_source() if poisson is not None else None
     return _Run(
         job,
         session,

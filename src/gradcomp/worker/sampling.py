@@ -3,8 +3,9 @@
 The RDP/PRV accountants price the *sampled* Gaussian mechanism: every step, every training
 example joins the batch independently with probability q. Shuffled fixed-size batches are a
 different mechanism (a published gap, not a rounding error), so the DP path draws its batches
-with Opacus' `UniformWithReplacementSampler` instead, and the ledger is charged exactly the
-sampler's q.
+as Opacus' `UniformWithReplacementSampler` does (each example of the share joins when a uniform
+draw falls below q), and the ledger is charged exactly that q. The draws are gradcomp's own so
+that they can come from a keyed stream rather than a torch generator (below).
 
 Across ranks: the examples are split into `world` strided shares of a per-epoch permutation
 (as Opacus' `DistributedUniformWithReplacementSampler` does) and each rank Poisson-samples
@@ -16,20 +17,24 @@ batch is not the mechanism the accountant prices. Here every rank yields exactly
 with a zero gradient plus its noise (see `ExampleDP.gradient`).
 
 Who was sampled must stay secret for amplification to hold, so the inclusion draws come from
-a generator seeded with OS entropy (`secret_generator`), never from the job seed (which sits in
-the job file and results.json): anyone who knew the batches would face the Gaussian mechanism
-without amplification. The share permutation stays seeded by (job seed, epoch): which rank
-holds an example says nothing about whether it was sampled.
+an AES-CTR stream under a fresh 256-bit OS key (`secret_source`), never from the job seed (which
+sits in the job file and results.json): anyone who knew the batches would face the Gaussian
+mechanism without amplification. Not a torch generator seeded from OS entropy: torch's CPU
+generator keeps only 32 bits of its seed, so 2^32 candidate seeds could be searched. The share
+permutation stays seeded by (job seed, epoch): which rank holds an example says nothing about
+whether it was sampled.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from gradcomp.keyed_random import KeyedStream, new_key
+
+RandomSource = torch.Generator | KeyedStream
 
 
 @dataclass(frozen=True)
@@ -67,28 +72,37 @@ class PoissonPlan:
         return perm[rank :: self.world]
 
     def batches(
-        self, rank: int, seed: int, epoch: int, generator: torch.Generator, steps: int | None = None
+        self, rank: int, seed: int, epoch: int, source: RandomSource, steps: int | None = None
     ) -> Iterator[torch.Tensor]:
         """This rank's next `steps` batches of `epoch` (default: a whole epoch), some may be empty.
 
-        The inclusions are drawn from `generator` (the rank's `secret_generator` in training); a run
-        resumed mid-epoch draws fresh batches for the steps it has left, each one still a Poisson sample.
+        The inclusions are drawn from `source` (the rank's `secret_source` in training; a seeded
+        generator in tests); a run resumed mid-epoch draws fresh batches for the steps it has left,
+        each one still a Poisson sample.
         """
         share = self.share(rank, seed, epoch)
-        sampler = UniformWithReplacementSampler(
-            num_samples=share.numel(),
-            sample_rate=self.sample_rate,
-            generator=generator,
-            steps=self.steps_per_epoch if steps is None else steps,
-        )
-        for picked in sampler:
-            yield share[torch.as_tensor(picked, dtype=torch.long)]
+        for _ in range(self.steps_per_epoch if steps is None else steps):
+            yield share[uniform(source, share.numel()) < self.sample_rate]
 
 
-def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded with 64 bits of OS entropy: DP noise and Poisson inclusions come from one.
+def secret_source() -> KeyedStream:
+    """An AES-CTR stream under a fresh 256-bit OS key: DP noise and Poisson inclusions come from one.
 
     Nothing derived from the job seed can reproduce it, it differs per rank and per (re)start, and it
     is never checkpointed (a resumed run draws new noise, never the same draws on other gradients).
     """
-    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return KeyedStream(new_key())
+
+
+def uniform(source: RandomSource, n: int) -> torch.Tensor:
+    """`n` float64 draws, uniform on (0, 1) (CPU)."""
+    if isinstance(source, KeyedStream):
+        return torch.from_numpy(source.uniform(n))
+    return torch.rand(n, generator=source, dtype=torch.float64)
+
+
+def normal_like(source: RandomSource, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws of `like`'s shape, dtype and device."""
+    if isinstance(source, KeyedStream):
+        return source.normal(tuple(like.shape), like.dtype, like.device)
+    return torch.randn(like.shape, generator=source, device=like.device, dtype=like.dtype)

@@ -117,10 +117,13 @@ def test_three_clients_local_dp_rtopk_metrics(tmp_path: Path) -> None:
     job = write_job(tmp_path, server={"heartbeat_seconds": 2, "linger_seconds": 10, "metrics_linger_seconds": 60})
     runs, port = tmp_path / "runs", free_port()
     server = serve(job, runs, "--port", str(port), "--metrics-port", "0")
-    procs = clients(port)  # started with the server: they retry until it answers, so the imports overlap
+    procs: list[subprocess.Popen] = []
     try:
         ep = wait_file(runs / "e2e" / "endpoint.json", server)
         assert ep["port"] == port
+        # Clients start once the port is bound: one retrying against a port nobody listens on yet can
+        # be given that very port as its source and connect to itself, and the server's bind fails.
+        procs = clients(port)
         assert finish(procs) == [0, 0, 0], [p.stdout.read() for p in procs if p.stdout]
         results = wait_file(runs / "e2e" / "results.json", server)
         end = time.monotonic() + 60

@@ -10,9 +10,10 @@ from gradcomp.compression import Dense, build, to_fields
 from gradcomp.compression.wire import Fields
 from gradcomp.config.common import ConfigError, validate
 from gradcomp.config.fed import FedJob
+from gradcomp.protocol.model import model_spec
 from gradcomp.server import store
 from gradcomp.server.core import BUDGET_EXHAUSTED, FAILED, FINISHED, Coordinator
-from gradcomp.server.updates import Rejected, decode_update, model_spec
+from gradcomp.server.updates import Rejected, decode_update
 
 PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
 

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from gradcomp.compression import Fields, WireError, from_fields
 from gradcomp.compression.indices import GAP_CODES, GapError, decode_gaps
 from gradcomp.compression.wire import KIND_SPARSE
-from gradcomp.server.updates import Rejected, decode_update, model_spec
+from gradcomp.protocol.model import model_spec
+from gradcomp.server.updates import Rejected, decode_update
 
 INT64_MAX = 2**63 - 1
 GAP_RANGES = {torch.uint8: (0, 255), torch.int16: (-(2**15), 2**15 - 1), torch.int32: (-(2**31), 2**31 - 1)}

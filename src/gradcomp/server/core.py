@@ -65,7 +65,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,7 @@ from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
 from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
+from gradcomp.protocol.model import model_spec
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
 from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.updates import (
@@ -84,7 +85,6 @@ from gradcomp.server.updates import (
     client_metrics_problem,
     decode_update,
     dense_update_nbytes,
-    model_spec,
     update_nbytes,
 )
 from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
@@ -243,7 +243,7 @@ class Coordinator:
             return info
 
     def _join(self, name: str, now: float) -> ClientInfo:
-        """Record a client not seen before, with its shard (callers publish membership and notify)."""
+        """Record a client not seen before, with its shard (callers notify waiters)."""
         index = self._shard_of.get(name)
         if index is None:
             index, self._strangers = self._known_names + self._strangers, self._strangers + 1
@@ -275,15 +275,16 @@ class Coordinator:
     def connected(self, now: float | None = None) -> list[str]:
         """Clients that have not left and were heard from within `server.liveness_window`, sorted."""
         with self._lock:
-            now = self._now(now)
-            timeout = self.job.server.liveness_window
-            return sorted(n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
+            return sorted(self._live(self._now(now)))
 
     def connected_count(self) -> int:
-        """len(connected()) now, without building the list (the gauge's scrape-time value)."""
+        """len(connected()) now, without sorting (the gauge's scrape-time value)."""
         with self._lock:
-            now, timeout = self._now(None), self.job.server.liveness_window
-            return sum(1 for c in self.clients.values() if not c.left and now - c.last_seen <= timeout)
+            return sum(1 for _ in self._live(self._now(None)))
+
+    def _live(self, now: float) -> Iterator[str]:
+        timeout = self.job.server.liveness_window
+        return (n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
 
     def has_members(self) -> bool:
         """True while some client that joined has not left (the server lingers for them after the job)."""

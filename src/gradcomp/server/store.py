@@ -17,8 +17,8 @@ The file is MAGIC + SHA-256 of the protobuf + the protobuf. Loading checks the c
 truncated or bit-flipped file), the schema of the meta JSON (known status, a round log that
 holds exactly rounds 1..round, non-negative totals, a 32-byte secret) and that every tensor is
 finite, and raises `CheckpointError` naming the file and the problem: `gradcomp serve --resume`
-then exits 2 instead of serving a damaged model. A checkpoint of an older format is refused the
-same way: format 2 holds no secret (its noise and sampling were keyed by the job seed).
+then exits 2 instead of serving a damaged model. A format other than 2, 3 or 4 is refused the
+same way.
 """
 
 from __future__ import annotations

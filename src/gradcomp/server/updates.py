@@ -16,7 +16,7 @@ import torch
 
 from gradcomp.compression import Fields, WireError, dense_nbytes, from_fields, to_fields
 from gradcomp.compression.payload import DIM_BYTES, DTYPE_CODES, HEADER_BYTES, Dense, Payload, Sparse
-from gradcomp.protocol.model import TensorSpec, model_spec  # noqa: F401 (model_spec: the coordinator's import)
+from gradcomp.protocol.model import TensorSpec
 
 Params = dict[str, torch.Tensor]
 

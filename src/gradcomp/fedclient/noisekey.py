@@ -63,10 +63,10 @@ def config_digest(config: LocalTrainingConfig) -> str:
 
 
 def release_key(
-    client_key: bytes, config: LocalTrainingConfig, client: str, round: int, model_version: int, model_digest: str
+    client_key: bytes, config_sha: str, client: str, round: int, model_version: int, model_digest: str
 ) -> bytes:
-    """The key of one release's noise (see the module docstring)."""
-    return subkey(client_key, "local-dp-noise", config_digest(config), client, round, model_version, model_digest)
+    """The key of one release's noise (see the module docstring); `config_sha` is `config_digest(config)`."""
+    return subkey(client_key, "local-dp-noise", config_sha, client, round, model_version, model_digest)
 
 
 def default_key_path() -> Path:

@@ -26,9 +26,10 @@ import torch
 
 from gradcomp._proto import fed_pb2
 from gradcomp.compression import Payload, Pipeline, parse_spec
+from gradcomp.compression.stages import DP
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, run_checks
 from gradcomp.fedclient.data import ClientData
-from gradcomp.fedclient.noisekey import NoiseKeys, fresh_keys, release_key
+from gradcomp.fedclient.noisekey import NoiseKeys, config_digest, fresh_keys, release_key
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import LocalTrainer, SGDTrainer, TrainResult
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, update_request
@@ -84,6 +85,8 @@ class ClientRuntime:
         self.global_digest = ""  # SHA-256 of the loaded model's bytes: part of each release's noise key
         self.global_params: Params = {}
         self.stages = parse_spec(config.spec)  # stages hold settings only; each round's Pipeline holds the state
+        self.noised = any(isinstance(s, DP) for s in self.stages)  # only a dp stage draws from the noise key
+        self.config_sha = config_digest(config)  # part of every release's noise key, fixed for the runtime
 
     def has_global(self, version: int) -> bool:
         return version == self.global_version
@@ -108,7 +111,7 @@ class ClientRuntime:
         if model_version != self.global_version:
             raise ValueError(f"an update on model v{model_version} while v{self.global_version} is loaded")
         key = self.noise_keys(client)
-        return release_key(key, self.config, client, round, model_version, self.global_digest)
+        return release_key(key, self.config_sha, client, round, model_version, self.global_digest)
 
     def train(self, client: str, round: int, data: ClientData) -> TrainResult:
         if self.global_version is None:
@@ -120,9 +123,8 @@ class ClientRuntime:
     ) -> tuple[fed_pb2.SubmitUpdateRequest, dict[str, Payload], ClientMemory]:
         """Compress local - global (tensors in the global model's order) into the request. The tensors
         are compressed as one update: a dp stage clips and noises the whole update jointly."""
-        pipe = Pipeline(
-            self.stages, seed=self.seed_for(client, round), noise_key=self.noise_key_for(client, round, model_version)
-        )
+        noise_key = self.noise_key_for(client, round, model_version) if self.noised else None
+        pipe = Pipeline(self.stages, seed=self.seed_for(client, round), noise_key=noise_key)
         names = list(self.global_params)
         # Step counters at the round number: shared-seed randomk positions agree across a round's clients.
         state: dict[str, object] = {"steps": dict.fromkeys(names, round)}

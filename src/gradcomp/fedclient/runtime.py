@@ -85,7 +85,7 @@ class ClientRuntime:
         self.global_digest = ""  # SHA-256 of the loaded model's bytes: part of each release's noise key
         self.global_params: Params = {}
         self.stages = parse_spec(config.spec)  # stages hold settings only; each round's Pipeline holds the state
-        self.noised = any(isinstance(s, DP) for s in self.stages)  # only a dp stage draws from the noise key
+        self.dp_stage: DP | None = next((s for s in self.stages if isinstance(s, DP)), None)  # draws from the noise key
         self.config_sha = config_digest(config)  # part of every release's noise key, fixed for the runtime
 
     def has_global(self, version: int) -> bool:
@@ -123,7 +123,7 @@ class ClientRuntime:
     ) -> tuple[fed_pb2.SubmitUpdateRequest, dict[str, Payload], ClientMemory]:
         """Compress local - global (tensors in the global model's order) into the request. The tensors
         are compressed as one update: a dp stage clips and noises the whole update jointly."""
-        noise_key = self.noise_key_for(client, round, model_version) if self.noised else None
+        noise_key = self.noise_key_for(client, round, model_version) if self.dp_stage is not None else None
         pipe = Pipeline(self.stages, seed=self.seed_for(client, round), noise_key=noise_key)
         names = list(self.global_params)
         # Step counters at the round number: shared-seed randomk positions agree across a round's clients.

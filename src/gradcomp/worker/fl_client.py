@@ -49,7 +49,6 @@ import grpc
 import torch
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
-from gradcomp.compression.stages import DP
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
@@ -338,7 +337,7 @@ class FLClient:
 
     def _charge(self, runtime: ClientRuntime, task: fed_pb2.PullTaskResponse) -> None:
         """Record this release in the client's own ledger before training; past --max-epsilon, refuse it."""
-        dp = next((s for s in runtime.stages if isinstance(s, DP)), None)
+        dp = runtime.dp_stage
         if dp is None or dp.sigma <= 0 or dp.mechanism != "gaussian":
             if self.ledger.max_epsilon is not None:
                 raise ClientError(f"--max-epsilon needs a Gaussian dp stage with noise; spec {runtime.config.spec!r}")

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
+from gradcomp.client.grpc_client import FLClient
 from gradcomp.config.common import validate
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.channel import message_options
@@ -29,7 +30,6 @@ from gradcomp.sim.keys import ClientKeys, coordinator_secret, simulation_secret
 from gradcomp.sim.pool import LocalPool
 from gradcomp.sim.setup import build_simulation, client_config
 from gradcomp.sim.state import client_name
-from gradcomp.worker.fl_client import FLClient
 
 N = 6
 JOB: dict[str, Any] = {

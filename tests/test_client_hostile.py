@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
+from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import iid_shard
@@ -31,7 +32,6 @@ from gradcomp.protocol.codec import serialize_model
 from gradcomp.protocol.messages import training_config
 from gradcomp.protocol.model import initial_params
 from gradcomp.tasks import load_task
-from gradcomp.worker.fl_client import ClientError, FLClient
 
 JOB = FedJob.model_validate({"task": {"name": "digits-mlp", "args": {"hidden": 16}}, "compression": "topk(ratio=0.1)"})
 PARAMS = initial_params(load_task("digits-mlp", hidden=16), JOB.seed)  # 0.weight [16, 64], 0.bias, 2.weight, 2.bias

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path
 from gradcomp.privacy import PrivacyLedger
 from gradcomp.server.app import round_loop, start
-from gradcomp.worker.fl_client import ClientError, FLClient
 
 DELTA = 1e-5
 

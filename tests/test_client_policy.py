@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from gradcomp._proto import fed_pb2
+from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.fedclient.config import LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientRuntime
-from gradcomp.worker.fl_client import ClientError, FLClient
 
 EVIL = """
 from pathlib import Path

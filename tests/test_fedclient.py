@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.compression import from_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.config import LocalTrainingConfig, TaskRefused
@@ -18,7 +19,6 @@ from gradcomp.protocol.codec import serialize_model
 from gradcomp.protocol.messages import training_config, update_fields
 from gradcomp.protocol.model import initial_params
 from gradcomp.tasks import load_task
-from gradcomp.worker.fl_client import ClientError, FLClient
 
 JOB = FedJob.model_validate(
     {"task": {"name": "digits-mlp", "args": {"hidden": 16}}, "compression": "topk(ratio=0.1) | ef", "seed": 4}

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.compression import build
 from gradcomp.fedclient.noisekey import KeyFileError, default_key_path, load_or_create_key
 from gradcomp.keyed_random import KeyedStream, new_key, subkey
-from gradcomp.worker.fl_client import ClientError, FLClient
 
 
 def test_torch_seeds_are_32_bits_which_is_why_secret_streams_are_not_torch_generators() -> None:

@@ -17,10 +17,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradcomp.cli import main
+from gradcomp.client.grpc_client import FLClient
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.channel import is_local_target
 from gradcomp.server.app import start
-from gradcomp.worker.fl_client import FLClient
 
 JOB = {"name": "plain", "task": {"name": "digits-mlp", "args": {"hidden": 8}}, "server": {"port": 0}}
 

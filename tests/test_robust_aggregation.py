@@ -14,8 +14,8 @@ from gradcomp import metrics
 from gradcomp.compression import Dense
 from gradcomp.config.common import ConfigError, validate
 from gradcomp.config.fed import FedJob, load_fed_job
-from gradcomp.server.core import Coordinator, strategy_for_job
-from gradcomp.strategies import ClientUpdate
+from gradcomp.server.core import Coordinator
+from gradcomp.strategies import ClientUpdate, strategy_for_job
 from gradcomp.strategies.aggregate import capped_shares, coordinate_median, trimmed_mean
 from gradcomp.strategies.central_dp import CentralDP
 from gradcomp.strategies.krum import Krum, KrumConfig

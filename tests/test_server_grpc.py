@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
+from gradcomp.client.grpc_client import FLClient
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.codec import named_to_pb
 from gradcomp.server.app import Running, round_loop, start
-from gradcomp.worker.fl_client import FLClient
 
 TOKENS = {"alice": "alice-token-123", "bob": "bob-token-4567", "mallory": "mallory-token-89"}
 Code = grpc.StatusCode

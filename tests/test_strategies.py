@@ -14,8 +14,8 @@ import yaml
 from gradcomp.compression import Dense
 from gradcomp.config.common import ConfigError, validate
 from gradcomp.config.fed import FedJob, load_fed_job
-from gradcomp.server.core import Coordinator, strategy_for_job
-from gradcomp.strategies import ClientUpdate, Strategy, build_strategy, strategy_class, strategy_names
+from gradcomp.server.core import Coordinator
+from gradcomp.strategies import ClientUpdate, Strategy, build_strategy, strategy_class, strategy_for_job, strategy_names
 from gradcomp.strategies.aggregate import clip_update, clipped_sum, weighted_average
 from gradcomp.strategies.central_dp import CentralDP
 from gradcomp.strategies.fedadam import FedAdam, FedAdamConfig

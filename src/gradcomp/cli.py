@@ -1,7 +1,7 @@
 """`gradcomp` command line. Each verb's work lives in its own module, imported on use so
 that `gradcomp --help` stays fast and a verb's dependencies load only when needed.
 
-Verb handlers: train -> worker.launch, serve -> server.app, client -> worker.fl_client,
+Verb handlers: train -> worker.launch, serve -> server.app, client -> client.grpc_client,
 fedsim -> sim.run, sweep -> study.sweep, audit -> audit.run, bench -> benchmarks/<name>.py.
 """
 
@@ -140,7 +140,7 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         "recorded next to its key file, across jobs) past this",
     )
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the client's own epsilon (default 1e-5)")
-    p.set_defaults(handler="gradcomp.worker.fl_client:run_client")
+    p.set_defaults(handler="gradcomp.client.grpc_client:run_client")
 
 
 def _add_fedsim(verbs: argparse._SubParsersAction) -> None:

@@ -23,7 +23,7 @@ from gradcomp.strategies import StrategySection, default_config, strategy_class
 Spec = Annotated[str, BeforeValidator(compression_spec)]
 # Stored in its canonical spelling (`dirichlet(0.5)` -> `dirichlet(alpha=0.5)`), checked at load time.
 Partition = Annotated[str, AfterValidator(lambda text: str(parse_partition(text)))]
-# Limits a client holds its coordinator to as well (worker/fl_answers.py): a job outside them is refused
+# Limits a client holds its coordinator to as well (client/answers.py): a job outside them is refused
 # here, and a coordinator's answer outside them is refused by the client.
 MIN_CHUNK_BYTES = 1024  # smallest limits.chunk_bytes: bounds the chunk count of a model of known size
 HEARTBEAT_SECONDS = (0.1, 3600.0)  # server.heartbeat_seconds: faster is a busy loop, slower is not a heartbeat

@@ -1,6 +1,6 @@
 """The federated client runtime: one implementation of a client's round, whatever carries it.
 
-`gradcomp client` (worker/fl_client.py, over gRPC), the in-process simulation and the `--grpc`
+`gradcomp client` (client/grpc_client.py, over gRPC), the in-process simulation and the `--grpc`
 simulation (sim/) all build their updates here, so for the same job, seed, client, round and
 client noise key they send byte-identical `SubmitUpdateRequest` messages (tests/test_client_drift.py).
 

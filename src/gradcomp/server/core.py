@@ -74,7 +74,7 @@ import torch
 from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
-from gradcomp.keyed_random import check_key, new_key, subkey
+from gradcomp.keyed_random import check_key, new_key
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.protocol.model import model_spec
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
@@ -87,28 +87,10 @@ from gradcomp.server.updates import (
     dense_update_nbytes,
     update_nbytes,
 )
-from gradcomp.strategies import ClientUpdate, Strategy, build_strategy
+from gradcomp.strategies import ClientUpdate, Strategy, strategy_for_job
 from gradcomp.strategies.aggregate import capped_shares, clip_update
-from gradcomp.strategies.central_dp import CentralDP
 
 RUNNING, FINISHED, BUDGET_EXHAUSTED, FAILED = "running", "finished", "budget_exhausted", "failed"
-
-
-def strategy_for_job(job: FedJob, secret: bytes | None = None) -> Strategy:
-    """The job's strategy, wrapped in central DP when `privacy.mode` is central (the one place that asks);
-    its client sampling and its noise are keyed by sub-keys of the coordinator's `secret`."""
-    secret = check_key(secret, "coordinator secret") if secret is not None else new_key()
-    strategy = build_strategy(job.strategy, key=subkey(secret, "client-selection"))
-    if job.privacy.mode != "central":
-        return strategy
-    assert job.privacy.clip is not None and job.privacy.noise_multiplier is not None  # validated with the job
-    return CentralDP(
-        strategy,
-        clip=job.privacy.clip,
-        noise_multiplier=job.privacy.noise_multiplier,
-        expected_clients=job.clients_per_round,
-        noise_key=subkey(secret, "central-dp"),
-    )
 
 
 @dataclass

@@ -8,6 +8,9 @@ existing: adding one is adding one file.
 - `build_strategy(config, key=...)`: the strategy a validated section describes, sampling clients
   from the secret `key`.
 - `CentralDP` (in `central_dp`): the central-DP wrapper around any mean-aggregating strategy.
+- `strategy_for_job(job, secret)`: the strategy a federated job runs, wrapped in central DP when its
+  `privacy.mode` says so (the one place that asks). It reads the job through `JobView`, because
+  `config.fed` takes its `strategy:` section types from this package.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import functools
 import importlib
 import operator
 import pkgutil
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import BeforeValidator, Field
 
+from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.strategies.base import REGISTRY, ClientUpdate, Params, Strategy, StrategyConfig, register
+from gradcomp.strategies.central_dp import CentralDP
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -64,8 +69,40 @@ def build_strategy(config: StrategyConfig, *, key: bytes | None = None) -> Strat
     return strategy_class(config.name)(config, key=key)
 
 
+class _Privacy(Protocol):
+    mode: str
+    clip: float | None
+    noise_multiplier: float | None
+
+
+class JobView(Protocol):
+    """What of a federated job picks and wraps its strategy."""
+
+    strategy: StrategyConfig
+    privacy: _Privacy
+    clients_per_round: int
+
+
+def strategy_for_job(job: JobView, secret: bytes | None = None) -> Strategy:
+    """The job's strategy, wrapped in central DP when `privacy.mode` is central; its client sampling
+    and its noise are keyed by sub-keys of the coordinator's `secret` (a fresh one when None)."""
+    secret = check_key(secret, "coordinator secret") if secret is not None else new_key()
+    strategy = build_strategy(job.strategy, key=subkey(secret, "client-selection"))
+    if job.privacy.mode != "central":
+        return strategy
+    assert job.privacy.clip is not None and job.privacy.noise_multiplier is not None  # validated with the job
+    return CentralDP(
+        strategy,
+        clip=job.privacy.clip,
+        noise_multiplier=job.privacy.noise_multiplier,
+        expected_clients=job.clients_per_round,
+        noise_key=subkey(secret, "central-dp"),
+    )
+
+
 __all__ = [
     "ClientUpdate",
+    "JobView",
     "Params",
     "Strategy",
     "StrategyConfig",
@@ -74,5 +111,6 @@ __all__ = [
     "default_config",
     "register",
     "strategy_class",
+    "strategy_for_job",
     "strategy_names",
 ]

@@ -49,15 +49,7 @@ import grpc
 import torch
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
-from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
-from gradcomp.fedclient.data import ClientData, iid_shard
-from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
-from gradcomp.fedclient.noisekey import KeyFileError, OneKey, default_key_path, load_or_create_key
-from gradcomp.fedclient.policy import ClientPolicy
-from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
-from gradcomp.protocol.channel import channel_credentials, is_local_target
-from gradcomp.protocol.messages import PROTOCOL_VERSION
-from gradcomp.worker.fl_answers import (
+from gradcomp.client.answers import (
     ClientError,
     assigned_shard,
     check_action,
@@ -66,6 +58,14 @@ from gradcomp.worker.fl_answers import (
     heartbeat_seconds,
     wait_seconds,
 )
+from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
+from gradcomp.fedclient.data import ClientData, iid_shard
+from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
+from gradcomp.fedclient.noisekey import KeyFileError, OneKey, default_key_path, load_or_create_key
+from gradcomp.fedclient.policy import ClientPolicy
+from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
+from gradcomp.protocol.channel import channel_credentials, is_local_target
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 
 log = logging.getLogger("gradcomp.client")
 

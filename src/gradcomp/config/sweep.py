@@ -91,7 +91,7 @@ class PrivacyEntry(StrictModel):
 
 
 class LeakageConfig(StrictModel):
-    """The optional leakage column: `gradcomp audit` on each distinct spec (see README, Leakage audit)."""
+    """The optional leakage column: `gradcomp audit` on each distinct spec (see docs/privacy.md, Leakage audit)."""
 
     victims: int = Field(8, ge=1, le=256)
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)

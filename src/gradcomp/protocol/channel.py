@@ -1,5 +1,5 @@
 """gRPC channel settings both ends share: message limits, client TLS credentials, and which
-addresses plaintext may use (loopback only, unless the operator opts in: README, Security model)."""
+addresses plaintext may use (loopback only, unless the operator opts in: docs/security.md)."""
 
 from __future__ import annotations
 

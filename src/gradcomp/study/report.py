@@ -145,7 +145,7 @@ def _fmt_acc(values: list[float | None]) -> str:
 def settings_table(
     rows: Sequence[Row], target: float | None, baseline_setting: str | None, step_name: str = "round"
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-setting Markdown table (also used for the README).
+    """Header and rows of the per-setting Markdown table (also used for docs/benchmarks.md).
 
     `step_name` is what a history entry counts: rounds (federated) or epochs (data-parallel).
     """

@@ -20,53 +20,21 @@ in-process. Public interface (kept stable):
     coord.tick() -> RoundResult | None            # select_clients + finish_round + join timeout
     coord.wait(timeout)                           # block until an update arrives or the state changes
     coord.snapshot() -> (version, params)          # a consistent pair, for serving the model
+    coord.open_round() -> OpenRound | None          # read-only view of the open round (sim reads this)
     coord.params, coord.version, coord.round, coord.done, coord.status, coord.log, coord.epsilon
     coord.state_dict() / coord.load_state_dict(state)   # everything --resume needs, the secret included
 
-Every accepted update is first scaled to L2 norm <= `limits.max_update_norm` (any privacy mode),
-and the weights a mean-aggregating strategy sees are the example counts capped at
-`limits.max_weight_share` of the round (`ClientUpdate.weight`): one client cannot dominate a
-round by its update's size or by the count it claims.
-
-Liveness: a client counts as connected while its last authenticated call is within
-`server.liveness_window`. The `gradcomp_fed_clients_connected` gauge is counted when it is read
-(a scrape), from the newest coordinator in the process: always current, and joins and heartbeats
-cost O(1) (refreshing it on each join made N registrations cost N^2). A selected client that ends
-`round.bench_after_misses` consecutive rounds without an accepted update is benched for
-`round.bench_rounds` rounds (`server/liveness.py`), and a retry asks only clients that have not
-already missed the round, so a client that heartbeats but never submits cannot stall or fail a
-job the others can carry.
-
-Who is asked each round, how the received updates combine and how the global model moves are
-the job's strategy's (`strategies/`; `strategy_for_job` wraps it in central DP when the job says
-so); the coordinator only hands it the round's accepted updates.
-
-Privacy (`server/accounting.py`): each released round is charged at the sampling rate it was
-really drawn at (`RoundState.sampling`: clients asked per attempt and the pool each was drawn
-from), and the budget is checked at that rate when a round opens and before a retry asks more.
-In local DP every client is charged when it is asked, before it can train.
-
-The coordinator's secret (`secret`, 32 bytes; os.urandom when not given) keys the randomness
-clients must not predict: who is sampled each round and central DP's noise (HMAC-derived
-sub-keys, `keyed_random`). It never leaves the coordinator except in its checkpoint, so a
-resumed coordinator samples and noises exactly as the run it continues. The job seed, which
-every client receives in its `TrainingConfig`, keys nothing secret.
-
-Round numbers: `version` = rounds completed (the global model's version); the open round
-has number version + 1. Each round is appended to `log` exactly once, and `checkpoint`
-(if given) is called inside `finish_round` before the next round can open, so a persisted
-state never holds half a round; in local DP it is also called when a round asks clients, so
-their charge is on disk before any of them can train.
+Its parts: `membership` (who joined, shards, liveness), `rounds` (round state, the task a client
+is told, the read-only `OpenRound` view), `round_report` (the round-log entry and its metrics),
+`accounting` (privacy charges), `liveness` (benching), `store` (checkpoint checks). How rounds
+open, retry, close and are charged: docs/architecture.md, "The coordinator".
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -79,6 +47,20 @@ from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.protocol.model import model_spec
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
 from gradcomp.server.liveness import Bench, prefer
+from gradcomp.server.membership import ClientInfo, Membership, gauge_connected
+from gradcomp.server.round_report import add_evaluation, count_accepted, round_closed, round_entry
+from gradcomp.server.rounds import (
+    BUDGET_EXHAUSTED,
+    FAILED,
+    FINISHED,
+    RUNNING,
+    OpenRound,
+    RoundResult,
+    RoundState,
+    Task,
+    submit_refusal,
+)
+from gradcomp.server.store import check_same_job
 from gradcomp.server.updates import (
     Params,
     Rejected,
@@ -90,57 +72,7 @@ from gradcomp.server.updates import (
 from gradcomp.strategies import ClientUpdate, Strategy, strategy_for_job
 from gradcomp.strategies.aggregate import capped_shares, clip_update
 
-RUNNING, FINISHED, BUDGET_EXHAUSTED, FAILED = "running", "finished", "budget_exhausted", "failed"
-
-
-@dataclass
-class ClientInfo:
-    name: str
-    shard_index: int
-    num_shards: int
-    last_seen: float
-    left: bool = False
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a client should do now."""
-
-    action: str  # "wait" | "train" | "done"
-    round: int = 0
-    model_version: int = 0
-    retry_after: float = 0.5
-    deadline_in: float = 0.0
-    message: str = ""
-
-
-@dataclass
-class RoundState:
-    number: int
-    attempt: int
-    selected: set[str]
-    started_at: float
-    deadline: float
-    received: dict[str, tuple[int, Params]] = field(default_factory=dict)
-    pending: set[str] = field(default_factory=set)
-    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    uplink_bytes: int = 0
-    dense_bytes: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
-    clipped: int = 0  # accepted updates scaled down to limits.max_update_norm
-    missed: set[str] = field(default_factory=set)  # selected in an earlier attempt, delivered nothing
-    sampling: list[tuple[int, int]] = field(default_factory=list)  # per attempt: (clients asked, pool size)
-
-    @property
-    def sample_rate(self) -> float:
-        """The q this round is charged at, over all its attempts (`accounting.round_sample_rate`)."""
-        return round_sample_rate(self.sampling)
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    round: int
-    entry: dict[str, Any]  # the round-log entry (also in coord.log)
+__all__ = ["BUDGET_EXHAUSTED", "FAILED", "FINISHED", "RUNNING", "ClientInfo", "Coordinator", "OpenRound", "Task"]
 
 
 class Coordinator:
@@ -173,22 +105,15 @@ class Coordinator:
         self.status = RUNNING
         self.reason = ""
         self.log: list[dict[str, Any]] = []
-        self.clients: dict[str, ClientInfo] = {}
-        self.current: RoundState | None = None
+        self.members = Membership(job.clients.expected, job.server.liveness_window, client_names or [])
+        self.current: RoundState | None = None  # internal: others read `open_round()`
         self.bench = Bench(job.round.bench_after_misses, job.round.bench_rounds)
         self.totals = {"uplink_bytes": 0, "dense_bytes": 0, "accepted": 0, "rejected": 0}
-        # Shard order: known names first (sorted), then unknown clients in the order they join.
-        names = sorted(client_names or [])
-        self._known_names = len(names)
-        self._shard_of: dict[str, int] = {}
-        for i, n in enumerate(names):
-            self._shard_of.setdefault(n, i)
-        self._strangers = 0  # clients joined whose names were not known
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._idle_since = clock()
         self._check_budget(None, starting=True)
-        _count_connected_on_scrape(self)
+        gauge_connected(self)
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -213,25 +138,22 @@ class Coordinator:
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
 
-    # --- membership ------------------------------------------------------------------------
-    def register(self, name: str, now: float | None = None) -> ClientInfo:
-        """Join (idempotent). Shards follow the order of the known client names, so a client
-        gets the same shard after a coordinator restart."""
+    def open_round(self) -> OpenRound | None:
+        """A snapshot of the open round (None between rounds and after the job)."""
         with self._lock:
-            now = self._now(now)
-            info = self.clients.get(name) or self._join(name, now)
-            info.last_seen, info.left = now, False
-            self._changed.notify_all()
-            return info
+            return None if self.current is None else self.current.view()
 
-    def _join(self, name: str, now: float) -> ClientInfo:
-        """Record a client not seen before, with its shard (callers notify waiters)."""
-        index = self._shard_of.get(name)
-        if index is None:
-            index, self._strangers = self._known_names + self._strangers, self._strangers + 1
-        shards = max(self.job.clients.expected, self._known_names, index + 1)
-        info = self.clients[name] = ClientInfo(name, index % shards, shards, now)
-        return info
+    # --- membership (`membership.Membership`, under the lock) ---------------------------------
+    @property
+    def clients(self) -> dict[str, ClientInfo]:
+        return self.members.clients
+
+    def register(self, name: str, now: float | None = None) -> ClientInfo:
+        """Join (idempotent); a client keeps its shard across a coordinator restart."""
+        with self._lock:
+            self.members.seen([name], self._now(now))
+            self._changed.notify_all()
+            return self.members.clients[name]
 
     def touch(self, name: str, now: float | None = None) -> None:
         self.touch_many([name], now)
@@ -239,39 +161,28 @@ class Coordinator:
     def touch_many(self, names: Iterable[str], now: float | None = None) -> None:
         """Mark clients alive at `now` (joining those not seen before)."""
         with self._lock:
-            now, joined = self._now(now), False
-            for name in names:
-                info = self.clients.get(name)
-                if info is None:
-                    info, joined = self._join(name, now), True
-                info.last_seen, info.left = now, False
-            if joined:
+            if self.members.seen(names, self._now(now)):
                 self._changed.notify_all()
 
     def leave(self, name: str, now: float | None = None) -> None:
         with self._lock:
-            if name in self.clients:
-                self.clients[name].left = True
+            self.members.leave(name)
             self._changed.notify_all()
 
     def connected(self, now: float | None = None) -> list[str]:
         """Clients that have not left and were heard from within `server.liveness_window`, sorted."""
         with self._lock:
-            return sorted(self._live(self._now(now)))
+            return sorted(self.members.live(self._now(now)))
 
     def connected_count(self) -> int:
         """len(connected()) now, without sorting (the gauge's scrape-time value)."""
         with self._lock:
-            return sum(1 for _ in self._live(self._now(None)))
-
-    def _live(self, now: float) -> Iterator[str]:
-        timeout = self.job.server.liveness_window
-        return (n for n, c in self.clients.items() if not c.left and now - c.last_seen <= timeout)
+            return sum(1 for _ in self.members.live(self._now(None)))
 
     def has_members(self) -> bool:
         """True while some client that joined has not left (the server lingers for them after the job)."""
         with self._lock:
-            return any(not c.left for c in self.clients.values())
+            return self.members.has_members()
 
     # --- rounds ----------------------------------------------------------------------------
     def _check_budget(self, rate: float | None, starting: bool = False) -> bool:
@@ -394,26 +305,20 @@ class Coordinator:
                 raise self._reject("stale_round", f"round {round_id} closed before the update was decoded")
             r.received[name] = (count, dense)
             r.client_metrics[name] = kept_metrics
-            self._count_accepted(r, nbytes, clipped=norm > self.job.limits.max_update_norm)
+            count_accepted(r, nbytes, self.dense_update_bytes, clipped=norm > self.job.limits.max_update_norm)
+            self.totals["accepted"] += 1
             self._changed.notify_all()
             return len(r.received)
 
     def _open_round_for(self, name: str, round_id: int, model_version: int | None) -> RoundState:
         """The open round, if `name` may submit to it now (under the lock); otherwise the refusal."""
-        r = self.current
         if self.done:
             raise self._reject("job_done", f"the job is over ({self.status}); no more updates")
-        if r is None or round_id != r.number:
-            open_ = f"round {r.number} is open" if r else f"no round is open (next is {self.version + 1})"
-            raise self._reject("stale_round", f"update for round {round_id} but {open_}", r)
-        if model_version is not None and model_version != self.version:
-            msg = f"update trained on model v{model_version}; round {round_id} hands out v{self.version}"
-            raise self._reject("stale_round", msg, r)
-        if name not in r.selected:
-            raise self._reject("not_selected", f"client {name!r} was not selected for round {r.number}", r)
-        if name in r.received or name in r.pending:
-            raise self._reject("duplicate", f"client {name!r} already submitted for round {r.number}", r)
-        return r
+        refusal = submit_refusal(self.current, self.version, name, round_id, model_version)
+        if refusal is not None:
+            raise self._reject(*refusal, self.current)
+        assert self.current is not None
+        return self.current
 
     def _claims(self, num_examples: int, metrics_: Mapping[str, float], r: RoundState) -> tuple[int, dict[str, float]]:
         """Validate what an update says besides its tensors; what the round keeps of it.
@@ -435,17 +340,6 @@ class Coordinator:
             return PRIVATE_EXAMPLE_COUNT, {}
         return int(num_examples), {k: float(v) for k, v in metrics_.items()}
 
-    def _count_accepted(self, r: RoundState, nbytes: int, clipped: bool) -> None:
-        r.uplink_bytes += nbytes
-        r.dense_bytes += self.dense_update_bytes
-        r.clipped += clipped
-        self.totals["accepted"] += 1
-        metrics.FED_UPDATES_ACCEPTED.inc()
-        metrics.FED_UPDATES_CLIPPED.inc(clipped)
-        metrics.FED_UPLINK_BYTES.inc(nbytes)
-        metrics.FED_UPLINK_DENSE_BYTES.inc(self.dense_update_bytes)
-        metrics.FED_CLIENTS_REPORTED.set(len(r.received))
-
     def _decode(self, update: Mapping[str, Fields | Payload]) -> tuple[Params, float]:
         """The validated dense update scaled to norm <= limits.max_update_norm, and its norm as sent."""
         dense = decode_update(update, self.spec, max_bytes=self.job.limits.max_update_bytes)
@@ -457,7 +351,7 @@ class Coordinator:
         if r.pending or not r.received:
             return False
         return len(r.received) == len(r.selected) or all(
-            n in r.received or (n in self.clients and self.clients[n].left) for n in r.selected
+            n in r.received or self.members.has_left(n) for n in r.selected
         )
 
     def finish_round(self, now: float | None = None, force: bool = False) -> RoundResult | None:
@@ -527,33 +421,11 @@ class Coordinator:
         updates = [ClientUpdate(n, r.received[n][0], r.received[n][1], w) for n, w in zip(names, shares, strict=True)]
         self.params = self.strategy.apply(self.params, self.strategy.aggregate(r.number, updates))
         agg_seconds = time.perf_counter() - t0
-        metrics.FED_AGGREGATE_SECONDS.observe(agg_seconds)
         self.version = r.number
         privacy = self._account(r)
-        entry: dict[str, Any] = {
-            "round": r.number,
-            "clients": len(names),
-            "selected": len(r.selected),
-            "attempts": r.attempt + 1,
-            "uplink_bytes": r.uplink_bytes,
-            "dense_bytes": r.dense_bytes,
-            "rejected": dict(r.rejected),
-            "clipped": r.clipped,
-            "aggregate_seconds": round(agg_seconds, 6),
-            "round_seconds": round(now - r.started_at, 3),
-        }
-        if self.client_ledger is None:  # local DP: the coordinator keeps no count (`_claims`)
-            entry["examples"] = sum(r.received[n][0] for n in names)
-        losses = [m["train_loss"] for m in r.client_metrics.values() if "train_loss" in m]
-        if losses:
-            entry["train_loss"] = sum(losses) / len(losses)
+        entry = round_entry(r, agg_seconds, now, keep_claims=self.client_ledger is None)
         if self.evaluate is not None:
-            ev = self.evaluate(self.params)
-            entry.update({f"test_{k}": float(v) for k, v in ev.items()})
-            if "loss" in ev:
-                metrics.FED_TEST_LOSS.set(ev["loss"])
-            if "accuracy" in ev:
-                metrics.FED_TEST_ACCURACY.set(ev["accuracy"])
+            add_evaluation(entry, self.evaluate(self.params))
         entry.update(privacy)
         benched = self.bench.record(r.number, r.selected | r.missed, r.received)
         if benched:
@@ -564,10 +436,13 @@ class Coordinator:
         self.totals["dense_bytes"] += r.dense_bytes
         self.current = None
         self._idle_since = now
-        metrics.FED_ROUND.set(self.version)
-        metrics.FED_ROUNDS_COMPLETED.inc()
-        metrics.FED_ROUND_SECONDS.observe(now - r.started_at)
-        metrics.FED_CLIENTS_SELECTED.set(0)
+        round_closed(r, self.version, now, agg_seconds)
+        self._after_round(now)
+        self._changed.notify_all()
+        return RoundResult(r.number, entry)
+
+    def _after_round(self, now: float) -> None:
+        """Finish the job or check the next round's budget; then persist the round."""
         if self.version >= self.job.rounds:
             self.status, self.reason = FINISHED, f"all {self.job.rounds} rounds done"
         else:
@@ -576,8 +451,6 @@ class Coordinator:
                 self._check_budget(self._first_rate(pool))
         if self.checkpoint is not None:
             self.checkpoint(self)
-        self._changed.notify_all()
-        return RoundResult(r.number, entry)
 
     def tick(self, now: float | None = None) -> RoundResult | None:
         """One step of the round loop: open a round when possible, close it when due."""
@@ -627,7 +500,7 @@ class Coordinator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state`; refused (ValueError) when it was written for another job."""
         with self._lock:
-            _check_same_job(state.get("job"), self.job.resume_key())
+            check_same_job(state.get("job"), self.job.resume_key())
             spec = model_spec(state["params"])
             if spec != self.spec:
                 raise ValueError("checkpoint does not match the job's model (different tensors or shapes)")
@@ -651,29 +524,3 @@ class Coordinator:
                 metrics.FED_EPSILON.set(self.epsilon)
             if self.status == RUNNING and self.version >= self.job.rounds:
                 self.status = FINISHED
-
-
-def _check_same_job(saved: Any, current: dict[str, Any]) -> None:
-    """A checkpoint continues only the job that wrote it: another strategy would misread its state,
-    another seed, task or privacy setting would make one run out of two (and its epsilon wrong)."""
-    if not isinstance(saved, dict):
-        raise ValueError(
-            "checkpoint records no job (written by an older gradcomp): cannot check that it belongs to this job"
-        )
-    changed = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
-    if changed:
-        raise ValueError(
-            f"checkpoint was written for a different job (changed: {', '.join(changed)}); "
-            "resume with the job file it was started with, or start a new run"
-        )
-
-
-def _count_connected_on_scrape(coord: Coordinator) -> None:
-    """Point the connected gauge at `coord`, held weakly: a dropped coordinator reads as 0."""
-    ref = weakref.ref(coord)
-
-    def count() -> float:
-        alive = ref()
-        return 0.0 if alive is None else float(alive.connected_count())
-
-    metrics.FED_CLIENTS_CONNECTED.set_function(count)

@@ -195,3 +195,18 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
         "liveness": meta.get("liveness"),
         "secret": meta["secret"],
     }
+
+
+def check_same_job(saved: Any, current: dict[str, Any]) -> None:
+    """A checkpoint continues only the job that wrote it: another strategy would misread its state,
+    another seed, task or privacy setting would make one run out of two (and its epsilon wrong)."""
+    if not isinstance(saved, dict):
+        raise ValueError(
+            "checkpoint records no job (written by an older gradcomp): cannot check that it belongs to this job"
+        )
+    changed = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(
+            f"checkpoint was written for a different job (changed: {', '.join(changed)}); "
+            "resume with the job file it was started with, or start a new run"
+        )

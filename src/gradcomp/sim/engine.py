@@ -128,13 +128,13 @@ class Simulation:
         chosen = self.coord.select_clients(self.clock.now)
         if chosen is None:
             return None, stats
-        r = self.coord.current
+        r = self.coord.open_round()
         assert r is not None
         number, tried = r.number, set(chosen)
         inflight = self._train(chosen, number, stats)
         result = None
         while result is None and not self.coord.done:
-            r = self.coord.current
+            r = self.coord.open_round()
             assert r is not None and r.number == number
             if inflight and inflight[0][0] <= r.deadline:
                 at, res = inflight.pop(0)
@@ -146,7 +146,7 @@ class Simulation:
             self._heartbeat()
             attempt = r.attempt
             result = self.coord.finish_round(self.clock.now)
-            cur = self.coord.current
+            cur = self.coord.open_round()
             if result is None and cur is not None and cur.attempt > attempt:  # retried: train the new picks
                 fresh = sorted(set(cur.selected) - tried)
                 tried |= set(fresh)
@@ -158,7 +158,7 @@ class Simulation:
     def run(self, on_round: Callable[[dict[str, Any], RoundStats], None] | None = None) -> None:
         while not self.coord.done:
             entry, stats = self.run_round()
-            if entry is None and not self.coord.done and self.coord.current is None:
+            if entry is None and not self.coord.done and self.coord.open_round() is None:
                 raise RuntimeError(f"the coordinator opened no round ({self.coord.status}: {self.coord.reason})")
             if entry is not None and on_round is not None:
                 on_round(entry, stats)

@@ -6,12 +6,14 @@ but the key, cannot regenerate the noise (audit finding 1, `test_noise_secrecy.p
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import dataset_tensors
-from gradcomp.fedclient.noisekey import OneKey
+from gradcomp.fedclient.noisekey import CONFIG_FIELDS, OneKey, UnlistedConfigField, config_digest
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.keyed_random import new_key
 from gradcomp.protocol.codec import serialize_model
@@ -33,7 +35,7 @@ def _runtime(spec: str, key: bytes = KEY, model_seed: int = 0) -> ClientRuntime:
 
 def _update(runtime: ClientRuntime, client: str, round: int) -> tuple[dict[str, torch.Tensor], bytes]:
     result = runtime.train(client, round, DATA)
-    request, payloads, _ = runtime.build_update(client, round, 4, result, ClientMemory())
+    request, payloads, _ = runtime.build_update(client, round, 4, result, ClientMemory(), DATA)
     return {k: p.to_dense() for k, p in payloads.items()}, request.SerializeToString(deterministic=True)
 
 
@@ -88,3 +90,41 @@ def test_two_releases_on_different_inputs_never_share_noise() -> None:
     assert float(first.std()) == pytest.approx(2.0, rel=0.05)  # the noise the spec asks for, sigma * clip
     corr = float(torch.corrcoef(torch.stack([first, other_model]))[0, 1])
     assert abs(corr) < 0.05, corr
+
+
+BASE = LocalTrainingConfig(
+    task="digits-mlp", epochs=1, batch_size=16, lr=0.5, momentum=0.0, spec="dp(clip=1.0, sigma=1.0)", seed=7,
+    task_args={"hidden": 16},
+)  # fmt: skip
+
+
+def test_the_noise_key_hashes_an_explicit_versioned_list_of_config_fields() -> None:
+    """Every field of the config changes the key (a setting that changes the update and not the key
+    would let two different updates share noise), and the encoding is pinned: a change to the list
+    or to how it is hashed must bump NOISE_KEY_VERSION and update this digest."""
+    assert set(CONFIG_FIELDS) == {f.name for f in dataclasses.fields(LocalTrainingConfig)}
+    assert config_digest(BASE) == "17d943a5985a7198155c350f1e0a95aea6d44da961fcb38e440cbb1110bc49cd"
+    changed = {"task": "digits-cnn", "epochs": 2, "batch_size": 8, "lr": 0.25, "momentum": 0.5,
+               "spec": "dp(clip=1.0, sigma=2.0)", "seed": 8, "task_args": {"hidden": 17}}  # fmt: skip
+    assert set(changed) == set(CONFIG_FIELDS)
+    digests = {config_digest(dataclasses.replace(BASE, **{name: value})) for name, value in changed.items()}
+    assert len(digests) == len(changed) and config_digest(BASE) not in digests
+
+    @dataclasses.dataclass(frozen=True)
+    class WithMu(LocalTrainingConfig):  # a new client setting (a FedProx mu) not yet in the key
+        mu: float = 0.01
+
+    with pytest.raises(UnlistedConfigField, match="mu"):
+        config_digest(WithMu(**{f: getattr(BASE, f) for f in CONFIG_FIELDS}))
+
+
+def test_the_noise_key_covers_the_data() -> None:
+    """Same key, client, round, model and config on other examples (another shard): another release key."""
+    runtime = _runtime("dp(clip=1.0, sigma=1.0)")
+    other = dataset_tensors(TASK.train_set).subset(torch.arange(96, 192).numpy())
+    same = dataset_tensors(TASK.train_set).subset(torch.arange(96).numpy())  # equal examples, another object
+    key = runtime.noise_key_for("c1", 3, 4, DATA)
+    assert runtime.noise_key_for("c1", 3, 4, same) == key
+    assert runtime.noise_key_for("c1", 3, 4, other) != key
+    flipped = type(DATA)(DATA.x, DATA.y.roll(1))  # the same inputs with other labels
+    assert runtime.noise_key_for("c1", 3, 4, flipped) != key

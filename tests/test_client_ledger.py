@@ -7,11 +7,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradcomp.client.grpc_client import ClientError, FLClient
+from gradcomp.compression import from_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path
 from gradcomp.privacy import PrivacyLedger
+from gradcomp.protocol.messages import update_fields
 from gradcomp.server.app import round_loop, start
 
 DELTA = 1e-5
@@ -77,3 +80,61 @@ def test_gradcomp_client_stops_at_its_own_budget(tmp_path: Path) -> None:
         stop.set()
         loop.join(5)
         run.stop(0)
+
+
+def _release_after_restart(tmp_path: Path, key_file: Path, tokens: dict[str, str], tag: str) -> FLClient:
+    """A fresh coordinator of the same one-round job, and a fresh `gradcomp client` process (token
+    "token-me-aaaaaaaa", named c1 by the coordinator) with the same key file: one release."""
+    job = FedJob.model_validate(JOB | {"rounds": 1, "clients": {"expected": 2, "min": 1}})
+    run = start(job, tmp_path / tag, host="127.0.0.1", tokens=tokens)
+    stop = threading.Event()
+    loop = threading.Thread(target=round_loop, args=(run, stop, False), daemon=True)
+    loop.start()
+    from gradcomp.cli import build_parser
+
+    argv = ["client", "--server", f"127.0.0.1:{run.port}", "--token", "token-me-aaaaaaaa", "--quiet",
+            "--retry-seconds", "10", "--noise-key-file", str(key_file)]  # fmt: skip
+    try:
+        client = FLClient(build_parser().parse_args(argv))
+        client.run()
+        return client
+    finally:
+        stop.set()
+        loop.join(5)
+        run.stop(0)
+
+
+def _sent_and_clipped(client: FLClient) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update the client sent (noised) and, recomputed from its data, the clipped update it noised."""
+    assert client.runtime is not None and client.data is not None and client.last_request is not None
+    rt, req = client.runtime, client.last_request
+    sent = {k: from_fields(f).to_dense() for k, f in update_fields(req).items()}
+    trained = rt.train(client.client_id, req.round, client.data)
+    delta = torch.cat([(trained.params[k].float() - g).reshape(-1) for k, g in rt.global_params.items()])
+    clip = JOB["privacy"]["clip"]  # type: ignore[index]
+    return torch.cat([sent[k].reshape(-1) for k in rt.global_params]), delta * min(1.0, clip / float(delta.norm()))
+
+
+def test_a_restarted_client_given_another_shard_draws_fresh_noise_and_is_charged_again(tmp_path: Path) -> None:
+    """The coordinator is the adversary. It restarts the job and asks the same client (same key file,
+    name, round, model, config) again, but assigns it another shard. With the noise keyed by those
+    inputs alone, both releases carried the same noise, so their difference was exactly the
+    difference of the two clipped updates (error 1.7e-7 against a noise std of 1), and the client's
+    ledger saw one release id and charged one release. The key covers the data: fresh noise, two charges."""
+    key_file = tmp_path / "noise.key"
+    first = _release_after_restart(tmp_path, key_file, {"token-me-aaaaaaaa": "c1"}, "a")
+    # the same client, now second in the sorted names: the coordinator assigns it the other shard
+    second = _release_after_restart(tmp_path, key_file, {"token-me-aaaaaaaa": "c1", "token-xx-aaaaaaaa": "c0"}, "b")
+    assert (first.shard, second.shard) == ((0, 2), (1, 2))
+    assert first.client_id == second.client_id == "c1"
+    assert first.last_request is not None and second.last_request is not None
+    assert (first.last_request.round, first.last_request.model_version) == (
+        second.last_request.round,
+        second.last_request.model_version,
+    )
+    (sent_a, clipped_a), (sent_b, clipped_b) = _sent_and_clipped(first), _sent_and_clipped(second)
+    assert float((clipped_a - clipped_b).norm()) > 0.01  # different data: different clipped updates
+    error = (sent_a - sent_b) - (clipped_a - clipped_b)  # what the attack recovers, minus the truth
+    # independent noise in each release: the difference carries noise of std sqrt(2) * sigma * clip
+    assert float(error.std()) == pytest.approx(2**0.5, rel=0.15)
+    assert len(ClientLedger(ledger_path(key_file), DELTA).releases) == 2  # two releases, two charges

@@ -89,7 +89,7 @@ def test_the_coordinator_cannot_remove_a_clients_local_dp_noise() -> None:
     assert float((got - clipped[where]).abs().max()) < 1e-4  # the exact clipped values, as in the audit
 
     # The real client: its noise is keyed by its own secret, so the same attack recovers noise, not data.
-    _, payloads, _ = runtime.build_update(CLIENT, ROUND, 2, runtime.train(CLIENT, ROUND, DATA), ClientMemory())
+    _, payloads, _ = runtime.build_update(CLIENT, ROUND, 2, runtime.train(CLIENT, ROUND, DATA), ClientMemory(), DATA)
     got, where = _coordinator_attack(payloads, names, sizes)
     error = got - clipped[where]
     # what is left is the client's noise minus the guess: more than sigma * clip per value (rtopk keeps the

@@ -342,7 +342,8 @@ class FLClient:
             if self.ledger.max_epsilon is not None:
                 raise ClientError(f"--max-epsilon needs a Gaussian dp stage with noise; spec {runtime.config.spec!r}")
             return
-        key = runtime.noise_key_for(self.client_id, task.round, task.model_version)
+        assert self.data is not None
+        key = runtime.noise_key_for(self.client_id, task.round, task.model_version, self.data)
         try:
             eps = self.ledger.charge(release_id(key), dp.sigma)
         except BudgetSpent as err:

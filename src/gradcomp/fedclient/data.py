@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,16 @@ class ClientData:
     @property
     def num_examples(self) -> int:
         return int(self.y.shape[0])
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the examples (dtypes, shapes and bytes of x and y, in order): part of each
+        local-DP release's noise key, so other data never shares a release's noise. Computed once."""
+        h = hashlib.sha256(b"gradcomp-client-data/v1")
+        for t in (self.x, self.y):
+            h.update(f"\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
 
     def subset(self, indices: np.ndarray) -> ClientData:
         """The examples at `indices` (in that order)."""

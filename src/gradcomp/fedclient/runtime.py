@@ -11,8 +11,8 @@ local - global, compression with the client's error-feedback memory, the protobu
 The compression pipeline is rebuilt every round from `round_seed(job seed, client, round)` with
 its step counters at the round number and the client's residuals loaded; its dp stage draws its
 noise from the client's secret key (`noisekey`: keyed by the client key and every input of the
-release). So the result depends only on (job, client, round, global model, data, memory, the
-client's key), not on where the client runs, and the coordinator cannot regenerate the noise.
+release, the data included). So the result depends only on (job, client, round, global model, data,
+memory, the client's key), not on where the client runs, and the coordinator cannot regenerate the noise.
 """
 
 from __future__ import annotations
@@ -106,12 +106,19 @@ class ClientRuntime:
         """The seed of `client`'s batch order and random selection in `round` (known to the coordinator)."""
         return round_seed(self.config.seed, client, round)
 
-    def noise_key_for(self, client: str, round: int, model_version: int) -> bytes:
-        """The secret key of `client`'s dp noise in `round` on the loaded global model (`noisekey`)."""
+    def noise_key_for(self, client: str, round: int, model_version: int, data: ClientData) -> bytes:
+        """The secret key of `client`'s dp noise in `round` on the loaded global model and `data` (`noisekey`)."""
         if model_version != self.global_version:
             raise ValueError(f"an update on model v{model_version} while v{self.global_version} is loaded")
-        key = self.noise_keys(client)
-        return release_key(key, self.config_sha, client, round, model_version, self.global_digest)
+        return release_key(
+            self.noise_keys(client),
+            config_sha=self.config_sha,
+            data=data,
+            client=client,
+            round=round,
+            model_version=model_version,
+            model_digest=self.global_digest,
+        )
 
     def train(self, client: str, round: int, data: ClientData) -> TrainResult:
         if self.global_version is None:
@@ -119,11 +126,12 @@ class ClientRuntime:
         return self.trainer.train(self.global_params, data, self.config, self.seed_for(client, round))
 
     def build_update(
-        self, client: str, round: int, model_version: int, result: TrainResult, memory: ClientMemory
+        self, client: str, round: int, model_version: int, result: TrainResult, memory: ClientMemory, data: ClientData
     ) -> tuple[fed_pb2.SubmitUpdateRequest, dict[str, Payload], ClientMemory]:
-        """Compress local - global (tensors in the global model's order) into the request. The tensors
-        are compressed as one update: a dp stage clips and noises the whole update jointly."""
-        noise_key = self.noise_key_for(client, round, model_version) if self.dp_stage is not None else None
+        """Compress local - global (tensors in the global model's order) into the request; `result` was
+        trained on `data`. The tensors are compressed as one update: a dp stage clips and noises the
+        whole update jointly."""
+        noise_key = self.noise_key_for(client, round, model_version, data) if self.dp_stage is not None else None
         pipe = Pipeline(self.stages, seed=self.seed_for(client, round), noise_key=noise_key)
         names = list(self.global_params)
         # Step counters at the round number: shared-seed randomk positions agree across a round's clients.
@@ -150,7 +158,7 @@ class ClientRuntime:
             raise ValueError(f"round {round} wants model v{model_version}; v{self.global_version} is loaded")
         t0 = time.perf_counter()
         result = self.train(client, round, data)
-        request, payloads, kept = self.build_update(client, round, model_version, result, memory)
+        request, payloads, kept = self.build_update(client, round, model_version, result, memory, data)
         return RoundUpdate(
             request=request,
             payload_bytes=sum(p.nbytes for p in payloads.values()),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gradcomp.fedclient.config import LocalTrainingConfig
-from gradcomp.fedclient.data import dataset_tensors
+from gradcomp.fedclient.data import ClientData, dataset_tensors
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, TrainResult
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, why_not_vectorizable
@@ -72,8 +72,9 @@ class SimClientRunner:
         """Train one client on its own (the sequential path)."""
         t0 = time.perf_counter()
         self.runtime.load_global(job.model_version, model)
-        result = self.runtime.train(client_name(job.cid), job.round, self.data.subset(job.indices))
-        return self._finish(job, result, time.perf_counter() - t0)
+        data = self.data.subset(job.indices)
+        result = self.runtime.train(client_name(job.cid), job.round, data)
+        return self._finish(job, result, time.perf_counter() - t0, data)
 
     def run_many(self, jobs: list[ClientJob], model: bytes) -> list[ClientResult]:
         """Train a cohort (all on the same model version); results in job order."""
@@ -95,12 +96,17 @@ class SimClientRunner:
             results.append(self._finish(job, TrainResult(params, t.train_loss, int(job.indices.size)), share))
         return results
 
-    def _finish(self, job: ClientJob, result: TrainResult, seconds: float) -> ClientResult:
+    def _finish(
+        self, job: ClientJob, result: TrainResult, seconds: float, data: ClientData | None = None
+    ) -> ClientResult:
         """The runtime builds the update: local - global, compressed with the client's error feedback."""
         rt = self.runtime
         t0 = time.perf_counter()
         memory = ClientMemory(unpack_residuals(job.ef, rt.global_params))
-        request, payloads, kept = rt.build_update(client_name(job.cid), job.round, job.model_version, result, memory)
+        data = data if data is not None else self.data.subset(job.indices)  # what the release's noise key covers
+        request, payloads, kept = rt.build_update(
+            client_name(job.cid), job.round, job.model_version, result, memory, data
+        )
         return ClientResult(
             cid=job.cid,
             round=job.round,

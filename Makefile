@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench proto clean
+.PHONY: install demo test lint format bench proto docs clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: install
 
 proto: install
 	$(BIN)/python -m gradcomp._proto.generate
+
+# The job-key and metric references in docs/ are generated from the code; tests/test_docs.py fails when stale.
+docs: install
+	$(BIN)/python tools/docgen.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info

@@ -3,8 +3,10 @@ and docs/ leads to a file (and heading) inside this repository."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -88,3 +90,43 @@ def test_broken_links_are_caught(tmp_path: Path) -> None:
     found = broken_links(page, root=tmp_path)
     expected = ["https", "missing.md", "#nowhere", "../../etc/passwd", "../shared/x.md"]
     assert [f.split(":")[0] for f in found] == expected, found
+
+
+def _docgen() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docgen", ROOT / "tools" / "docgen.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_references_are_current() -> None:
+    """The job-key and metric tables in docs/ are what tools/docgen.py renders from the code now."""
+    stale = _docgen().stale()
+    assert stale == [], f"{stale}: generated reference is stale; run `make docs` (python tools/docgen.py)"
+
+
+def test_generated_references_cover_every_key_and_metric() -> None:
+    from gradcomp import metrics
+    from gradcomp.config.fed import FedJob
+    from gradcomp.config.train import TrainJob
+
+    jobs = (ROOT / "docs" / "jobs.md").read_text()
+    assert "| `dp.clip` |" in jobs and "| `simulation.vectorize` |" in jobs and "| `krum` | `byzantine` |" in jobs
+    assert all(f"| `{k}` |" in jobs for k in [*TrainJob.model_fields, *FedJob.model_fields])
+    listed = (ROOT / "docs" / "metrics.md").read_text()
+    assert all(f"| `{name}` |" in listed for name in metrics.metric_names())
+
+
+def test_staleness_is_detected_and_fixed(tmp_path: Path) -> None:
+    docgen = _docgen()
+    (tmp_path / "docs").mkdir()
+    for page in ("jobs.md", "metrics.md"):
+        (tmp_path / "docs" / page).write_text((ROOT / "docs" / page).read_text())
+    jobs = tmp_path / "docs" / "jobs.md"
+    jobs.write_text(jobs.read_text().replace("| `dp.clip` |", "| `dp.clipping` |"))
+    assert docgen.stale(tmp_path) == ["docs/jobs.md"]
+    for path, (_, new) in docgen.render(tmp_path).items():
+        path.write_text(new)
+    assert docgen.stale(tmp_path) == []
+    assert "| `dp.clip` |" in jobs.read_text()

@@ -49,7 +49,8 @@ FED_ROUND_RETRIES = Counter(
 )
 FED_CLIENTS_CONNECTED = Gauge(
     "gradcomp_fed_clients_connected",
-    "Clients heard from (any authenticated call) within server.liveness_seconds",
+    "Clients heard from (any authenticated call) within server.liveness_seconds, counted at each scrape "
+    "(over the newest coordinator in the process)",
     registry=REGISTRY,
 )
 FED_CLIENTS_BENCHED = Gauge(
@@ -129,7 +130,10 @@ def _per_run(kind: type, name: str, doc: str) -> Any:
 
 TRAIN_STEPS = _per_rank(Counter, "gradcomp_train_steps", "Optimizer steps taken")
 TRAIN_EXAMPLES = _per_rank(
-    Counter, "gradcomp_train_examples", "Training examples processed (DP-SGD's Poisson batches vary in size)"
+    Counter,
+    "gradcomp_train_examples",
+    "Training examples processed; under DP-SGD the expected batch per step (the drawn Poisson sizes stay "
+    "in the workers unless dp.unprotected_metrics)",
 )
 TRAIN_BYTES_SENT = _per_rank(
     Counter, "gradcomp_train_bytes_sent", "Gradient bytes this rank sent in collectives (compressed)"
@@ -146,7 +150,11 @@ TRAIN_STEP_SECONDS = _per_rank(
     "Time of one training step: forward, backward, compressed collectives, optimizer",
     buckets=_DURATION_BUCKETS,
 )
-TRAIN_LOSS = _per_rank(Gauge, "gradcomp_train_loss", "Training loss of the last step's minibatch on this rank")
+TRAIN_LOSS = _per_rank(
+    Gauge,
+    "gradcomp_train_loss",
+    "Training loss of the last step's minibatch on this rank (not under DP-SGD unless dp.unprotected_metrics)",
+)
 TRAIN_EPOCH = _per_run(Gauge, "gradcomp_train_epoch", "Epochs completed")
 TRAIN_TEST_ACCURACY = _per_run(Gauge, "gradcomp_train_test_accuracy", "Test accuracy at the last evaluation (0..1)")
 TRAIN_TEST_LOSS = _per_run(Gauge, "gradcomp_train_test_loss", "Test loss at the last evaluation")

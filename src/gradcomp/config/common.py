@@ -32,8 +32,12 @@ class TaskConfig(StrictModel):
     A job file may also write just the name (`task: digits-cnn`).
     """
 
-    name: str = "digits-mlp"
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(
+        "digits-mlp",
+        description="a built-in task (`digits-mlp`, `digits-cnn`, `synthetic`) or your `module:function`, which "
+        "returns a `gradcomp.tasks.Task` or `(model_factory, train_set, test_set)`",
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task function")
 
     @model_validator(mode="before")
     @classmethod

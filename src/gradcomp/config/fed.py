@@ -30,6 +30,8 @@ HEARTBEAT_SECONDS = (0.1, 3600.0)  # server.heartbeat_seconds: faster is a busy 
 
 
 class ClientsSection(StrictModel):
+    """Who takes part: the population the coordinator plans for."""
+
     expected: int = Field(
         3,
         ge=1,
@@ -40,6 +42,8 @@ class ClientsSection(StrictModel):
 
 
 class RoundSection(StrictModel):
+    """How a round asks, waits, retries, and benches clients that miss rounds."""
+
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of the expected clients asked per round")
     min_clients: int = Field(1, ge=1, description="fewest updates that make a round; fewer means retry")
     deadline_seconds: float = Field(60.0, gt=0, description="how long a round waits for its clients")
@@ -56,25 +60,29 @@ class RoundSection(StrictModel):
 
 
 class LocalSection(StrictModel):
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
+    """Each client's local SGD in a round (sent to clients in their training config)."""
+
+    epochs: int = Field(1, ge=1, description="passes over the client's shard per round")
+    batch_size: int = Field(32, ge=1, description="local minibatch size")
+    lr: float = Field(0.1, gt=0, description="local learning rate")
+    momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum (reset every round)")
 
 
 class PrivacySection(StrictModel):
     """Client-level DP (McMahan et al. 2018). local: each client clips and noises its own update;
     central: clients clip, the coordinator clips again and adds Gaussian noise to the sum."""
 
-    mode: Literal["none", "local", "central"] = "none"
+    mode: Literal["none", "local", "central"] = Field("none", description="who adds the noise (docs/privacy.md)")
     clip: float | None = Field(None, gt=0, description="L2 bound on one client's update")
     noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta every reported epsilon is at")
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    accountant: Literal["rdp", "prv", "gdp"] = Field("rdp", description="Opacus accountant that composes the rounds")
 
 
 class LimitsSection(StrictModel):
+    """Bounds on what clients may send and claim (both ends hold the message limits)."""
+
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="gRPC send/receive limit, both ends")
     max_update_bytes: int = Field(32 * 1024 * 1024, ge=64, description="largest compressed update accepted")
     chunk_bytes: int = Field(
@@ -111,6 +119,8 @@ class LimitsSection(StrictModel):
 
 
 class ServerSection(StrictModel):
+    """The coordinator's address, TLS, tokens and timings."""
+
     host: str | None = Field(
         None,
         description="bind address; default 127.0.0.1 without TLS, 0.0.0.0 with it; an address other than "
@@ -121,10 +131,10 @@ class ServerSection(StrictModel):
         description="allow serving without TLS on an address other than loopback (gradcomp serve --insecure): "
         "tokens, updates and the model then cross the network in clear text",
     )
-    port: int = Field(50051, ge=0, le=65535)
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (off if unset)")
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls_cert: Path | None = Field(None, description="server certificate (PEM); with tls_key turns TLS on")
+    tls_key: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
     tokens_file: Path | None = Field(
         None, description="lines 'client-name token [cert-identity]' (identity: CN/SAN required with mutual TLS)"
@@ -212,18 +222,18 @@ class SimulationConfig(StrictModel):
 
 
 class FedJob(StrictModel):
-    name: str = Field("fed", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("fed", pattern=r"^[A-Za-z0-9._-]+$", description="run name: runs/<name>/")
     task: TaskConfig = Field(default_factory=TaskConfig)
-    rounds: int = Field(10, ge=1)
+    rounds: int = Field(10, ge=1, description="rounds to aggregate")
     clients: ClientsSection = Field(default_factory=ClientsSection)
     round: RoundSection = Field(default_factory=RoundSection)
     local: LocalSection = Field(default_factory=LocalSection)
-    strategy: StrategySection = Field(default_factory=default_config)
-    compression: Spec = "none"
+    strategy: StrategySection = Field(default_factory=default_config, description="server step (table below)")
+    compression: Spec = Field("none", description="each client's update pipeline, e.g. `dp(...) | rtopk(...) | ef`")
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     server: ServerSection = Field(default_factory=ServerSection)
-    seed: int = 0
+    seed: int = Field(0, description="public randomness: initial model, batch order, randomk; never noise")
     simulation: SimulationConfig | None = Field(None, description="gradcomp fedsim only")
 
     def resume_key(self) -> dict[str, Any]:

@@ -48,8 +48,8 @@ Name = Annotated[str, AfterValidator(_name)]
 class SpecEntry(StrictModel):
     """One compression setting. A bare string in the YAML becomes {name: <string>, spec: <string>}."""
 
-    name: Name
-    spec: Spec
+    name: Name = Field(description="label in tables and plots")
+    spec: Spec = Field(description="the compression spec")
 
     @model_validator(mode="before")
     @classmethod
@@ -74,9 +74,9 @@ class PrivacyEntry(StrictModel):
     """One DP setting: a `dp(...)` stage put in front of each spec (local DP), and/or key overrides
     (e.g. central DP keys of the federated job). `name: non-private` with neither is plain training."""
 
-    name: Name = "non-private"
-    stage: Spec | None = None
-    set: dict[str, Any] = Field(default_factory=dict)
+    name: Name = Field("non-private", description="label in tables and plots")
+    stage: Spec | None = Field(None, description="a single `dp(...)` stage put in front of each spec")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted-key overrides, e.g. central DP keys")
 
     @field_validator("stage")
     @classmethod
@@ -93,9 +93,11 @@ class PrivacyEntry(StrictModel):
 class LeakageConfig(StrictModel):
     """The optional leakage column: `gradcomp audit` on each distinct spec (see docs/privacy.md, Leakage audit)."""
 
-    victims: int = Field(8, ge=1, le=256)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
-    iterations: int = Field(200, ge=1, le=10_000)
+    victims: int = Field(8, ge=1, le=256, description="test images attacked")
+    batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 4], min_length=1, description="images per sent gradient, each <= victims"
+    )
+    iterations: int = Field(200, ge=1, le=10_000, description="optimisation steps of each attack")
 
     @model_validator(mode="after")
     def _batches_fit(self) -> LeakageConfig:
@@ -113,17 +115,23 @@ def _leakage_flag(value: Any) -> Any:
 
 
 class SweepJob(StrictModel):
-    name: Name
+    """A `gradcomp sweep` file: a grid of cells over a base job."""
+
+    name: Name = Field(description="study name: runs/<name>/")
     base: str = Field(description="base job file, relative to the sweep file")
-    runner: Literal["fedsim", "train"] = "fedsim"
-    spec_key: str | None = None
-    seed_key: str | None = None
+    runner: Literal["fedsim", "train"] = Field("fedsim", description="what runs each cell")
+    spec_key: str | None = Field(None, description="dotted key the spec goes to (default: compression)")
+    seed_key: str | None = Field(None, description="dotted key the seed goes to (default: seed)")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted-key overrides for every cell")
-    specs: list[SpecEntry] = Field(min_length=1)
-    privacy: list[PrivacyEntry] = Field(default_factory=lambda: [PrivacyEntry()], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    specs: list[SpecEntry] = Field(min_length=1, description="compression settings; a bare string is its own name")
+    privacy: list[PrivacyEntry] = Field(
+        default_factory=lambda: [PrivacyEntry()], min_length=1, description="privacy settings crossed with specs"
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one cell per seed")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values")
-    target_accuracy: float | None = Field(default=None, gt=0, le=1)
+    target_accuracy: float | None = Field(
+        default=None, gt=0, le=1, description="report rounds and bytes to reach this test accuracy"
+    )
     baseline: str | None = Field(default=None, description="spec name of the dense baseline (default: spec 'none')")
     leakage: Annotated[LeakageConfig | None, BeforeValidator(_leakage_flag)] = Field(
         default=None, description="audit each distinct spec once (true, or {victims, batch_sizes, iterations})"

@@ -20,11 +20,11 @@ CompressionSpec = Annotated[str, BeforeValidator(compression_spec)]
 class OptimizerConfig(StrictModel):
     """sgd (plain), momentum (heavy ball), nesterov, or adam."""
 
-    name: Literal["sgd", "momentum", "nesterov", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["sgd", "momentum", "nesterov", "adam"] = Field("sgd", description="the optimizer")
+    lr: float = Field(0.1, gt=0, description="learning rate (the peak, under a schedule)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum and nesterov only")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added by the optimizer")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam only: moment decays, each in [0, 1)")
 
     @field_validator("betas")
     @classmethod
@@ -41,11 +41,11 @@ class ScheduleConfig(StrictModel):
     `step`: multiply by `gamma` every `step_epochs` epochs. `cosine`: decay to `min_lr` at the end.
     """
 
-    name: Literal["none", "step", "cosine"] = "none"
-    warmup_steps: int = Field(0, ge=0)
-    step_epochs: int = Field(1, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
-    min_lr: float = Field(0.0, ge=0)
+    name: Literal["none", "step", "cosine"] = Field("none", description="the schedule after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from ~0 to lr over this many steps first")
+    step_epochs: int = Field(1, ge=1, description="step: multiply by gamma every this many epochs")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the factor")
+    min_lr: float = Field(0.0, ge=0, description="cosine: the rate at the end")
 
 
 class DPConfig(StrictModel):
@@ -53,8 +53,8 @@ class DPConfig(StrictModel):
 
     clip: float = Field(1.0, gt=0, description="L2 bound on each example's gradient")
     noise_multiplier: float = Field(1.0, ge=0, description="noise std / clip of the summed gradient")
-    delta: float = Field(1e-5, gt=0, lt=1)
-    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta every reported epsilon is at")
+    accountant: Literal["rdp", "prv", "gdp"] = Field("rdp", description="Opacus accountant that composes the steps")
     epsilon_budget: float | None = Field(None, gt=0, description="stop before spending more than this")
     unprotected_metrics: bool = Field(
         False,
@@ -64,22 +64,28 @@ class DPConfig(StrictModel):
 
 
 class ScalingSection(StrictModel):
-    num_workers: int = Field(2, ge=1, le=1024)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    """Ray Train workers (`--workers N` overrides num_workers)."""
+
+    num_workers: int = Field(2, ge=1, le=1024, description="data-parallel ranks")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL instead of gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker")
 
 
 class CheckpointConfig(StrictModel):
     """Checkpoint every N epochs and/or every N steps (0 = off); keep the newest `keep`."""
 
-    every_epochs: int = Field(1, ge=0)
-    every_steps: int = Field(0, ge=0)
-    keep: int = Field(2, ge=1)
+    every_epochs: int = Field(1, ge=0, description="checkpoint at the end of every N-th epoch (0 = off)")
+    every_steps: int = Field(
+        0, ge=0, description="checkpoint every N steps (0 = off); under DP it bounds what a resume charges"
+    )
+    keep: int = Field(2, ge=1, description="newest checkpoints kept")
 
 
 class EvalConfig(StrictModel):
-    every_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(512, ge=1)
+    """Test-set evaluation on rank 0."""
+
+    every_epochs: int = Field(1, ge=1, description="evaluate after every N-th epoch (and the last)")
+    batch_size: int = Field(512, ge=1, description="evaluation batch size")
 
 
 class TrainJob(StrictModel):
@@ -87,15 +93,17 @@ class TrainJob(StrictModel):
 
     name: str = Field(description="run name: runs/<name>/ holds results and checkpoints")
     task: TaskConfig = Field(default_factory=TaskConfig)
-    seed: int = 0
-    epochs: int = Field(5, ge=1, le=100_000)
+    seed: int = Field(
+        0, description="one seed for everything public (initialisation, shuffling, randomk); never DP noise"
+    )
+    epochs: int = Field(5, ge=1, le=100_000, description="passes over the training set")
     batch_size: int = Field(32, ge=1, description="examples per worker per step")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    compression: CompressionSpec = "none"
+    compression: CompressionSpec = Field("none", description="e.g. `rtopk(ratio=0.01, r=0.02) | ef` (docs/jobs.md)")
     warmup_dense_steps: int = Field(0, ge=0, description="uncompressed all-reduce for the first N steps")
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
-    dp: DPConfig | None = None
+    dp: DPConfig | None = Field(None, description="example-level DP-SGD; off when absent (docs/privacy.md)")
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")

@@ -28,7 +28,7 @@ Shape = tuple[int, ...] | torch.Size
 Device = torch.device | str
 
 KEY_BYTES = 32
-_WORD = 8  # bytes per uniform draw (53 of its 64 bits are used)
+_WORD = 8  # bytes per word; a uniform float uses 53 of its 64 bits
 _BLOCK = 16  # AES block: the stream's position counts these
 
 
@@ -64,12 +64,24 @@ class KeyedStream:
         counter = self.position.to_bytes(_BLOCK, "big")
         self._cipher = Cipher(algorithms.AES(self.key), modes.CTR(counter)).encryptor()
 
-    def uniform(self, n: int) -> np.ndarray:
-        """`n` float64 draws, uniform on the open interval (0, 1) (2^53 equally spaced values)."""
+    def words(self, n: int) -> np.ndarray:
+        """`n` uniform uint64 words: the raw keystream, 8 bytes each."""
         words = n + n % 2  # whole blocks, so `position` stays exact
         raw = self._cipher.update(bytes(_WORD * words))
         self.position += words * _WORD // _BLOCK
-        ints = np.frombuffer(raw, dtype="<u8")[:n] >> np.uint64(11)
+        return np.frombuffer(raw, dtype="<u8")[:n]
+
+    def integers_mod_pow2(self, n: int, bits: int) -> np.ndarray:
+        """`n` uint64 draws, uniform on [0, 2^bits) exactly: 2^bits divides 2^64, so keeping a
+        uniform word's low `bits` bits has no modulo bias (the masks of secure aggregation)."""
+        if not 1 <= bits <= 64:
+            raise ValueError(f"bits must be in 1..64, got {bits}")
+        w = self.words(n)
+        return w if bits == 64 else w & np.uint64((1 << bits) - 1)
+
+    def uniform(self, n: int) -> np.ndarray:
+        """`n` float64 draws, uniform on the open interval (0, 1) (2^53 equally spaced values)."""
+        ints = self.words(n) >> np.uint64(11)
         return (ints.astype(np.float64) + 0.5) * 2.0**-53
 
     def normal(self, shape: Shape, dtype: torch.dtype, device: Device) -> torch.Tensor:

@@ -9,9 +9,10 @@
   (u's masked input simply arrives late for some). Those who think u alive reveal shares of its
   self-mask seed b_u, those who think it dropped reveal shares of its mask key s_sk; both secrets
   together unmask u's input alone. The two groups are disjoint subsets of u's k neighbours, so
-  with 2t > k at most one group can reach t (Bell et al. 2020 use the same argument against a
-  coordinator that controls message delivery). A coalition of the coordinator and at most t - 1
-  clients still holds fewer than t shares of every honest client's secrets.
+  with 2t > k at most one group can reach t. With c colluding neighbours (who hand over shares of
+  both) it takes 2t > k + c, so a deployment that fears both raises t. A coalition of an
+  honest-but-curious coordinator (one survivor set for all) and at most t - 1 clients holds fewer
+  than t shares of every honest client's secrets.
 - `min_survivors`: the round aborts, before anyone reveals a share, when fewer clients sent their
   masked input. At least t + 1, since every survivor needs t surviving neighbours to rebuild b_u;
   so the coordinator never learns a sum of fewer than t + 1 updates.

@@ -1,4 +1,4 @@
-"""Anchor benchmark (issue 16): gradcomp's federated simulator against pfl-research and Flower.
+"""Anchor benchmark: gradcomp's federated simulator against pfl-research and Flower.
 
 The task: sklearn digits, 100 clients with label Dirichlet(0.5) shards, 10 per round, FedAvg
 weighted by examples (server lr 1), 5 local epochs of batch-10 SGD at lr 0.05, MLP 64-128-10,
@@ -407,7 +407,7 @@ def paired_ratios(runs: dict[str, list[dict[str, Any]]], mine: str, theirs: str)
 
 
 def targets(task: dict[str, Any], scale: dict[str, Any] | None, acc: dict[str, Any] | None) -> dict[str, Any]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The targets set for the simulator against the anchors, each with the measured value and whether it is met."""
 
     def ups(table: dict[str, Any], name: str) -> float:
         return float(table.get(name, {}).get("updates_per_second") or math.nan)

@@ -4,7 +4,7 @@ among 3 and among 10 clients, against the same aggregator with every client hone
 The attacker trains honestly, then its `SubmitUpdateRequest` is rewritten before the coordinator
 sees it (`gradcomp.sim.attack`), either in the last round only (no honest round left to recover:
 the damage one update does) or in every round (a persistent attacker):
-- `norm`: its update negated and scaled to L2 norm 1e6 (issue 14's first attack);
+- `norm`: its update negated and scaled to L2 norm 1e6 (a boosted model-replacement attack);
 - `examples`: its update negated at its own norm, claiming the most examples the job accepts
   (1e6 under the old limits, `limits.max_examples` = 10000 under the defaults: a larger claim is refused).
 

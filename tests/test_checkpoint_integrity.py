@@ -1,4 +1,4 @@
-"""Damaged checkpoints never start a coordinator (issue 14, finding 6).
+"""Damaged checkpoints (a crash mid-write, a flipped bit, a tampered file) never start a coordinator.
 
 The attacks: a checkpoint that still parses but has a flipped bit or NaN weights was resumed
 and served; `round = 2**63` or an unknown status exited 0 silently; an empty `meta` ended in a
@@ -196,7 +196,7 @@ OTHER_JOBS = {
 
 @pytest.mark.parametrize("kind", list(OTHER_JOBS))
 def test_a_checkpoint_of_another_job_is_refused_naming_what_changed(tmp_path: Path, kind: str) -> None:
-    """The audit resumed a fedadam checkpoint as fedavgm (its moments read as velocity), and a run
+    """A fedadam checkpoint used to resume as fedavgm (its moments read as velocity), and a run
     without noise as a central-DP run reporting epsilon 0: both must be refused."""
     change, named = OTHER_JOBS[kind]
     with pytest.raises(ValueError, match=f"different job \\(changed: [a-z, ]*{named}"):

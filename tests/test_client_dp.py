@@ -2,7 +2,7 @@
 together), and a client's noise is a function of its secret key and the release's inputs (job
 config, client, round, global model), so a round redone after a coordinator crash and --resume
 re-sends the same noisy update, not a second release; the coordinator, which knows everything
-but the key, cannot regenerate the noise (audit finding 1, `test_noise_secrecy.py` runs the attack)."""
+but the key, cannot regenerate the noise (`test_noise_secrecy.py` runs that attack)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""A hostile coordinator against the real `gradcomp client` (audit finding 4).
+"""A hostile coordinator (or whoever answers on its address) against the real `gradcomp client`.
 
 A fake coordinator (a real gRPC server on 127.0.0.1 with the protocol's servicer) answers Join,
-PullTask and GetModel with one malformed field each, as in the audit's table. Each must end the
+PullTask and GetModel with one malformed field each (an oversized shape, too many chunks, a wrong
+version, a non-finite number, ...). Each must end the
 client with a `ClientError` that names what was wrong, before anything is allocated from a shape
 the coordinator declared, and with no update sent back. The honest answers train and submit once.
 """

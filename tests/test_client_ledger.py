@@ -1,4 +1,4 @@
-"""The client's own privacy ledger (audit finding 10): a coordinator that asks a client every round
+"""The client's own privacy ledger, against a coordinator that over-asks: a coordinator that asks a client every round
 cannot take it past the client's --max-epsilon, and a redone round costs nothing new."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A coordinator cannot make a client run code or weaken its privacy (issue 14, finding 1).
+"""A coordinator cannot make a client run code or weaken its privacy.
 
 The attack: the coordinator names `subprocess:getoutput` (or any importable module) as the task;
 the client imported it and called it with the coordinator's arguments. Now the client refuses
@@ -72,7 +72,7 @@ def test_builtin_tasks_need_no_allowlist() -> None:
         (ClientPolicy(min_noise_multiplier=1.0), "dp(clip=1.0, sigma=0.5)", "below this client's floor"),
         (ClientPolicy(max_clip=1.0), "dp(clip=5.0, sigma=2.0)", "above this client's ceiling"),
         (ClientPolicy(min_noise_multiplier=0.1), "dp(clip=1.0, sigma=0.0)", "adds none"),  # central DP's clip-only spec
-        # audit finding 10: --require-dp alone accepted a dp stage without noise
+        # --require-dp alone must not accept a dp stage that adds no noise
         (ClientPolicy(require_dp=True), "dp(clip=1.0, sigma=0.0) | ef", "adds none"),
         (ClientPolicy(max_clip=2.0), "dp(clip=1.0, sigma=0.0)", "adds none"),
     ],

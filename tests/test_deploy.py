@@ -476,7 +476,7 @@ def test_metric_names_and_labels_in_dashboard_and_rules_exist() -> None:
             for lab in (x.strip() for x in label.split(",")):
                 used = [n for n, _ in SELECTOR.findall(expr) if n in exported]
                 assert any(lab in exported[n][1] for n in used), f"{where}: no metric in {expr!r} has label {lab!r}"
-    # The dashboard must cover what the issue asks for.
+    # The dashboard must cover the federated job, the training runs and the Ray nodes.
     for needed in (
         "gradcomp_fed_uplink_bytes_total",
         "gradcomp_fed_uplink_dense_bytes_total",

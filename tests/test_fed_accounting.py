@@ -61,7 +61,8 @@ def test_round_sample_rate_is_distinct_asked_over_the_pool_and_never_less() -> N
 
 
 def test_ten_connected_of_a_hundred_expected_is_charged_at_q_1() -> None:
-    """The audit's case: configured q = 10 / 100, but the 10 connected clients take part in every round."""
+    """The under-count this guards against: configured q = 10 / 100, but the 10 connected clients
+    take part in every round."""
     c = Coordinator(central_job(100, 0.1), PARAMS)
     run_rounds(c, [f"c{i}" for i in range(10)], 20)
     assert c.epsilon == pytest.approx(opacus_epsilon((1.0, 20)), rel=1e-9)

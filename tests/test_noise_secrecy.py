@@ -1,13 +1,13 @@
-"""The attacks of the privacy audit (findings 1 and 2), run against the code: the noise that
-protects data cannot be regenerated from what the adversary of each mode knows.
+"""Attacks that regenerate DP noise from what the adversary of each mode knows, run against the
+code: the noise that protects data must not be reproducible without a secret the adversary lacks.
 
 - Local DP, adversary the coordinator: it knows the job seed, the client's name, the round,
-  the global model and the spec. The audit regenerated the client's noise from
-  round_seed(job seed, client, round) and recovered the exact clipped update (max error 4.8e-7).
+  the global model and the spec. When the noise was keyed by round_seed(job seed,
+  client, round), regenerating it recovered the exact clipped update (max error 4.8e-7).
 - Central DP, adversary any client: it knows the job seed (every TrainingConfig carries it),
-  the released models and the number of clients per round. The audit regenerated the noise
-  from the job seed + 7919 and recovered the exact sum of the clipped updates, and predicted
-  who was sampled from the job seed.
+  the released models and the number of clients per round. When the noise was seeded
+  with the job seed + 7919, regenerating it recovered the exact sum of the clipped updates, and
+  the job seed predicted who was sampled.
 
 Each attack is first shown to work where it should (against the pre-fix construction, or with
 the secret in hand), so a failing attack here is the defence, not a broken attack.
@@ -39,7 +39,7 @@ from gradcomp.tasks import load_task
 TASK = load_task("digits-mlp", hidden=16)
 DATA = dataset_tensors(TASK.train_set).subset(torch.arange(64).numpy())
 JOB_SEED, CLIENT, ROUND, SIGMA, CLIP = 7, "client-3", 3, 4.0, 1.0
-SPEC = f"dp(clip={CLIP}, sigma={SIGMA}) | rtopk(ratio=0.1, r=0.3) | ef"  # the audit's spec
+SPEC = f"dp(clip={CLIP}, sigma={SIGMA}) | rtopk(ratio=0.1, r=0.3) | ef"  # dp, then selection and EF after it
 
 
 def _client() -> ClientRuntime:
@@ -62,7 +62,7 @@ def _clipped_update(runtime: ClientRuntime) -> tuple[dict[str, torch.Tensor], to
 
 
 def _coordinator_attack(payloads: dict, names: list[str], sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The audit's attack: regenerate the noise from (job seed, client, round), subtract it from the sent
+    """The attack: regenerate the noise from (job seed, client, round), subtract it from the sent
     values. Returns (the recovered clipped values, their positions in the joint update)."""
     gen = torch.Generator().manual_seed(round_seed(JOB_SEED, CLIENT, ROUND))
     noise = torch.randn(sum(sizes), generator=gen) * SIGMA * CLIP
@@ -140,7 +140,7 @@ def _client_attack(before: dict, after: dict, noise: dict[str, torch.Tensor], m:
 
 
 def _noise_from_job_seed(job: FedJob) -> dict[str, torch.Tensor]:
-    """The audit's regeneration: CentralDP's stream seeded with job seed + 7919, tensors in model order."""
+    """The old construction, regenerated: CentralDP's stream seeded with job seed + 7919, tensors in model order."""
     gen = torch.Generator().manual_seed(job.seed + 7919)
     return {k: torch.randn(s, generator=gen) * Z * CLIP for k, s in SHAPES.items()}
 
@@ -168,7 +168,7 @@ def test_a_client_cannot_remove_the_central_dp_noise() -> None:
 
 
 def test_a_client_cannot_predict_who_is_sampled() -> None:
-    """The audit's prediction: random.Random(seed * 1_000_003 + round * 1_009 + attempt) over the sorted pool."""
+    """The old sampling, predicted: random.Random(seed * 1_000_003 + round * 1_009 + attempt) over the sorted pool."""
     names = [f"c{i:02d}" for i in range(20)]
     coord = Coordinator(_central_job(clients=20, per_round=5), {"w": torch.zeros(3)})
     hits = 0

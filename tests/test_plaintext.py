@@ -1,4 +1,5 @@
-"""Plaintext gRPC stays on loopback unless the operator opts in, on both ends (audit finding 5).
+"""Plaintext gRPC stays on loopback unless the operator opts in, on both ends, so tokens and updates
+never cross a network in clear text by accident.
 
 `gradcomp serve` refuses a non-loopback bind without TLS (exit 2) unless `server.insecure_plaintext`
 (or `--insecure`); `gradcomp client` refuses a plaintext target other than loopback (exit 2)

@@ -1,4 +1,5 @@
-"""Issue 14's model-poisoning attacks, reproduced on the real coordinator with the digits task
+"""Model poisoning by one authenticated client (a huge update; an inflated example count),
+reproduced on the real coordinator with the digits task
 (`gradcomp fedsim` in the driver, 3 clients, one malicious): the legacy limits let one client
 wreck the model; the new limits and a robust aggregator hold. The attacker's real
 `SubmitUpdateRequest` bytes are rewritten after honest training (`gradcomp.sim.attack`)."""
@@ -42,7 +43,7 @@ def test_an_update_of_norm_1e6_is_bounded_and_the_median_ignores_it() -> None:
     honest = _accuracy(_run("fedavg", {}, None))
     assert honest > 0.8
     attack = Attack("norm", frozenset({0}), norm=1e6)
-    assert _accuracy(_run("fedavg", LEGACY_LIMITS, attack)) < 0.2  # the finding: one update wrecks FedAvg
+    assert _accuracy(_run("fedavg", LEGACY_LIMITS, attack)) < 0.2  # legacy limits: one update wrecks FedAvg
     sim = _run("median", {}, attack)
     assert sum(e["clipped"] for e in sim.coord.log) == ROUNDS  # the server bound caught every malicious update
     assert isinstance(sim.pool, AttackPool) and sim.pool.tampered == ROUNDS
@@ -52,7 +53,7 @@ def test_an_update_of_norm_1e6_is_bounded_and_the_median_ignores_it() -> None:
 def test_a_claim_of_a_million_examples_is_refused_and_capped_claims_do_not_take_over() -> None:
     honest = _accuracy(_run("fedavg", {}, None))
     million = Attack("examples", frozenset({0}), num_examples=1_000_000)
-    assert _accuracy(_run("fedavg", LEGACY_LIMITS, million)) < 0.2  # the finding: the claim outweighs the rest
+    assert _accuracy(_run("fedavg", LEGACY_LIMITS, million)) < 0.2  # legacy limits: the claim outweighs the rest
     refused = _run("fedavg", {}, million)  # the default limits.max_examples refuses the claim outright
     log = refused.coord.log
     assert all(e["clients"] == 2 for e in log)

@@ -1,4 +1,5 @@
-"""Attacks on the coordinator's front door (issue 14, findings 4, 5, 7 and 8), over real gRPC on 127.0.0.1.
+"""Attacks on the coordinator's front door by parties with no token, a stolen token or a malformed
+request, over real gRPC on 127.0.0.1.
 
 - A flood of unauthenticated maximum-size `SubmitUpdate` calls against a `gradcomp serve`
   process: before, every body was received in full before the token was checked (16 x 60 MB

@@ -151,8 +151,8 @@ def test_rejections_do_not_disturb_round() -> None:
 def test_a_wrong_model_version_or_bad_metrics_are_refused_without_touching_the_round(
     kwargs: dict[str, object], problem: str
 ) -> None:
-    """Audit findings: model_version was ignored (v999 for round 1 was counted); a NaN train_loss
-    made the round log's mean NaN, in the checkpoint too; metric names were unbounded."""
+    """Updates the coordinator used to accept: model_version was ignored (v999 for round 1 was
+    counted); a NaN train_loss made the round log's mean NaN, in the checkpoint too; metric names were unbounded."""
     clock = Clock()
     c = Coordinator(job(), PARAMS, clock=clock)
     for n in ("a", "b", "c"):
@@ -260,7 +260,7 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path) -> None:  # type: ignor
 
 
 def test_connected_gauge_drops_clients_that_went_silent() -> None:
-    """Issue 14, finding 8: the gauge only moved on join/leave, so a silent client stayed 'connected'."""
+    """The gauge must follow the liveness window, not only join/leave: a silent client is not 'connected'."""
     from gradcomp import metrics
 
     clock = Clock()

@@ -1,4 +1,4 @@
-"""Liveness on the real round core (issue 14, finding 3 and the connected gauge of finding 8):
+"""Liveness on the real round core, against a client that stays connected but never delivers:
 a client that heartbeats but never submits gets benched and cannot fail the job; the connected
 gauge follows the liveness window. Driven in-process with an injected clock (no sleeping)."""
 
@@ -31,7 +31,8 @@ def update() -> dict[str, Dense]:
 
 
 def silent_job(rounds: int = 12, seed: int = 3, **round_: object) -> FedJob:
-    """clients_per_round == min_clients == 2 among 4 clients, one retry per round: the issue's set-up."""
+    """clients_per_round == min_clients == 2 among 4 clients, one retry per round: the set-up in
+    which one silent client used to fail every round."""
     return FedJob.model_validate(
         {
             "rounds": rounds,

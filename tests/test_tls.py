@@ -72,3 +72,43 @@ def test_write_secret_narrows_an_existing_world_readable_file(tmp_path: Path, op
     path.chmod(0o644)
     write_secret(path, b"new")
     assert path.read_bytes() == b"new" and _mode(path) == 0o600
+
+
+@pytest.mark.server
+def test_a_client_refuses_a_coordinator_whose_certificate_its_ca_did_not_sign(tmp_path: Path) -> None:
+    """Someone answering on the coordinator's address with a certificate of their own (another CA)
+    is refused at the handshake; the same client reaches the real coordinator."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from gradcomp.config.fed import ServerSection
+    from gradcomp.protocol.channel import channel_credentials
+
+    real = generate(tmp_path / "real", ["localhost", "127.0.0.1"])
+    impostor = generate(tmp_path / "impostor", ["localhost", "127.0.0.1"])
+
+    def serve(certs: dict[str, Path]) -> tuple[grpc.Server, int]:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+        creds = tls.server_credentials(ServerSection(tls_cert=certs["server_cert"], tls_key=certs["server_key"]))
+        assert creds is not None
+        port = server.add_secure_port("127.0.0.1:0", creds)
+        server.start()
+        return server, port
+
+    def check(port: int) -> grpc.StatusCode:
+        with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(str(real["ca"]))) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except grpc.RpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+    for certs, expected in ((real, grpc.StatusCode.OK), (impostor, grpc.StatusCode.UNAVAILABLE)):
+        server, port = serve(certs)
+        try:
+            assert check(port) == expected
+        finally:
+            server.stop(None)

@@ -1,4 +1,4 @@
-"""Forged payloads (issue 14, finding 5): the gap decoder and the field validator never yield a
+"""Forged payloads from a malicious client or a network attacker: the gap decoder and the field validator never yield a
 wrong tensor and never fail with anything but `WireError` / `Rejected`.
 
 The attack: gaps whose int64 running sum wraps (e.g. [0, 2**63-1, 2**63-1, 2]) produced positions

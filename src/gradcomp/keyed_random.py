@@ -2,7 +2,8 @@
 
 DP noise protects data only from an adversary who cannot regenerate it. A generator seeded
 with an integer the adversary knows (the job seed every client receives) protects nothing
-(audit findings 1 and 2), and a secret integer seed is little better: torch's CPU generator
+(`tests/test_noise_secrecy.py` regenerates such noise and recovers the clipped update), and a
+secret integer seed is little better: torch's CPU generator
 keeps 32 bits of any seed (`manual_seed(2**32 + 5)` draws what `manual_seed(5)` draws), few
 enough to try them all against a noised value. So secret streams here are AES-256 in counter
 mode under a 256-bit key: without the key the draws cannot be told from random, with it the

@@ -1,4 +1,5 @@
-"""A client's own record of the releases of its data (audit finding 10).
+"""A client's own record of the releases of its data, so a coordinator that asks it every round
+cannot spend its privacy past the limit the client set.
 
 In local DP the coordinator is the adversary, and it decides how often a client is asked: the
 coordinator's ledger is its own word. `gradcomp client` keeps this ledger next to its noise key

@@ -1,4 +1,4 @@
-"""A client's own limits on what a coordinator may make it do (issue 14, finding 1).
+"""A client's own limits on what a coordinator may make it do: run code, or drop its local noise.
 
 The coordinator names the task and the compression spec in every `TrainingConfig`. Trusting
 that blindly let a coordinator (or anyone answering on its address without TLS) run any

@@ -1,4 +1,4 @@
-"""Benching of clients that are selected but do not deliver (issue: a silent client stalls rounds).
+"""Benching of clients that are selected but do not deliver (a silent client must not stall rounds).
 
 A client that heartbeats but never submits stays "connected", so plain selection keeps asking it
 and every round waits out its deadline (or fails when `round.min_clients` needs it). `Bench`

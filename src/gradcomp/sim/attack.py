@@ -1,10 +1,10 @@
-"""Malicious clients for robustness studies and tests (issue 14's attacks), injected at the
+"""Malicious clients for robustness studies and tests (model poisoning by one client), injected at the
 narrowest seam: the pool trains every client honestly, then an attacker's serialised
 `SubmitUpdateRequest` is rewritten before the coordinator sees it. The coordinator thus gets
 exactly the bytes an authenticated malicious client could send.
 
 - `norm`: the client's own update negated and scaled to L2 norm `norm` (a boosted
-  model-replacement attack; issue 14 used 1e6).
+  model-replacement attack; 1e6 wrecked FedAvg before updates were norm-bounded).
 - `examples`: the update negated at its own (ordinary) norm, claiming `num_examples`; a claim
   above `limits.max_examples` is refused outright, so a study passes the largest accepted one.
 """

@@ -27,8 +27,8 @@ class CentralDP(Strategy):
     Round r's noise is drawn from a `KeyedStream` under HMAC(`noise_key`, r): reproducible by the
     holder of the key (the coordinator, and a coordinator resumed from its checkpoint, which keeps
     the key), unpredictable to clients, who know the job seed, the released models and their own
-    updates (audit finding 2: with the noise seeded from the job seed a client recovered the exact
-    sum of the clipped updates). A resumed coordinator therefore adds the same noise to a round as
+    updates (noise seeded from the job seed, which every client knows, would let a client subtract it
+    and recover the exact sum of the clipped updates). A resumed coordinator therefore adds the same noise to a round as
     the run it continues, with no generator state to carry.
     """
 

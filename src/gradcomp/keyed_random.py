@@ -10,8 +10,11 @@ mode under a 256-bit key: without the key the draws cannot be told from random, 
 same draws come back (a resumed coordinator, a round a client redoes). Keys for separate uses
 are derived with HMAC-SHA256 (`subkey`): one sub-key reveals neither its parent nor a sibling.
 
-Not addressed: the floating-point artefacts of sampling Gaussians in finite precision
-(Mironov 2012); the draws are float64 Box-Muller, cast to the tensor's dtype.
+Continuous draws are float64 (Box-Muller; sign times an exponential for Laplace) on uniforms with
+full floating-point resolution near 0 (`exact_noise.uniform`), so their tails reach 37.6 (Gaussian)
+and 708 (Laplace) scales; `privacy.sampler_residual_delta` states the delta that reach still costs.
+Not addressed for them: the rounding artefacts of sampling in finite precision (Mironov 2012) and the
+cast to the tensor's dtype. `discrete_gaussian` / `discrete_laplace` have neither: their law is exact.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ import hashlib
 import hmac
 import math
 import os
+from fractions import Fraction
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from gradcomp import exact_noise
+
 Shape = tuple[int, ...] | torch.Size
 Device = torch.device | str
 
 KEY_BYTES = 32
-_WORD = 8  # bytes per word; a uniform float uses 53 of its 64 bits
+_WORD = 8  # bytes per random word
 _BLOCK = 16  # AES block: the stream's position counts these
 
 
@@ -81,12 +87,11 @@ class KeyedStream:
         return w if bits == 64 else w & np.uint64((1 << bits) - 1)
 
     def uniform(self, n: int) -> np.ndarray:
-        """`n` float64 draws, uniform on the open interval (0, 1) (2^53 equally spaced values)."""
-        ints = self.words(n) >> np.uint64(11)
-        return (ints.astype(np.float64) + 0.5) * 2.0**-53
+        """`n` float64 draws on [2^-1022, 1) with full resolution near 0 (`exact_noise.uniform`)."""
+        return exact_noise.uniform(self.words, n)
 
     def normal(self, shape: Shape, dtype: torch.dtype, device: Device) -> torch.Tensor:
-        """Standard normal draws (Box-Muller on pairs of uniforms)."""
+        """Standard normal draws (Box-Muller on pairs of uniforms; |z| <= exact_noise.GAUSSIAN_REACH)."""
         n = math.prod(shape)
         pairs = (n + 1) // 2
         u = self.uniform(2 * pairs)
@@ -96,12 +101,32 @@ class KeyedStream:
         return torch.from_numpy(z).reshape(tuple(shape)).to(device=device, dtype=dtype)
 
     def laplace(self, shape: Shape, dtype: torch.dtype, device: Device) -> torch.Tensor:
-        """Laplace(0, 1) draws (inverse CDF of a uniform)."""
-        c = self.uniform(math.prod(shape)) - 0.5
-        z = -np.sign(c) * np.log1p(-2.0 * np.abs(c))
+        """Laplace(0, 1) draws: a random sign times -log(uniform) (|z| <= exact_noise.LAPLACE_REACH).
+
+        Not the inverse CDF of one uniform: that one's tail ends at 53 log 2 = 36.7 (the uniform's
+        resolution near 1/2), this one's at 1022 log 2."""
+        n = math.prod(shape)
+        magnitude = -np.log(self.uniform(n))
+        negative = (self.words(n) & np.uint64(1)).astype(bool)
+        z = np.where(negative, -magnitude, magnitude)
         return torch.from_numpy(z).reshape(tuple(shape)).to(device=device, dtype=dtype)
 
     def noise(self, mechanism: str, like: torch.Tensor) -> torch.Tensor:
         """Unit-scale noise of `mechanism` ("gaussian" or "laplace") shaped like `like`."""
         draw = self.normal if mechanism == "gaussian" else self.laplace
         return draw(like.shape, like.dtype, like.device)
+
+    def discrete_gaussian(self, n: int, sigma_sq: int | Fraction) -> np.ndarray:
+        """`n` exact discrete Gaussian draws (int64): P(x) proportional to exp(-x^2 / (2 sigma_sq)), x in Z.
+
+        `sigma_sq` is an int or a `fractions.Fraction` (floats are refused: their exact binary value
+        is rarely meant). Canonne-Kamath-Steinke 2020 by rejection on exact integer comparisons of
+        this stream's words, so the law is exactly the stated pmf (no rounding, no truncated tail);
+        its variance is slightly below sigma_sq (`exact_noise.discrete_gaussian_variance`). The
+        same key and position give the same draws; `position` afterwards continues the stream.
+        """
+        return exact_noise.discrete_gaussian(self.words, n, sigma_sq)
+
+    def discrete_laplace(self, n: int, scale: int | Fraction) -> np.ndarray:
+        """`n` exact discrete Laplace draws (int64): P(x) proportional to exp(-|x| / scale), x in Z."""
+        return exact_noise.discrete_laplace(self.words, n, scale)

@@ -25,6 +25,8 @@ class Task:
     test_set: Dataset | None = None
     num_classes: int = 10
     info: dict[str, Any] = field(default_factory=dict)
+    # the natural client of each training example (a writer, a module): what `partition: natural` splits by
+    groups: torch.Tensor | None = None
 
     def labels(self) -> torch.Tensor:
         """Train labels as one tensor (for partitioners); requires a TensorDataset."""

@@ -11,9 +11,15 @@ from typing import Any
 
 from gradcomp.tasks.base import Task, TaskError
 from gradcomp.tasks.digits import digits_cnn, digits_mlp
+from gradcomp.tasks.lm import lm
 from gradcomp.tasks.synthetic import synthetic
 
-BUILTIN: dict[str, Callable[..., Task]] = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "synthetic": synthetic}
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "digits-mlp": digits_mlp,
+    "digits-cnn": digits_cnn,
+    "synthetic": synthetic,
+    "lm": lm,
+}
 
 
 def task_names() -> list[str]:

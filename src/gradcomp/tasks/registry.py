@@ -13,12 +13,14 @@ from gradcomp.tasks.base import Task, TaskError
 from gradcomp.tasks.digits import digits_cnn, digits_mlp
 from gradcomp.tasks.lm import lm
 from gradcomp.tasks.synthetic import synthetic
+from gradcomp.tasks.vision import resnet
 
 BUILTIN: dict[str, Callable[..., Task]] = {
     "digits-mlp": digits_mlp,
     "digits-cnn": digits_cnn,
     "synthetic": synthetic,
     "lm": lm,
+    "resnet": resnet,
 }
 
 

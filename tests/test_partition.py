@@ -103,3 +103,25 @@ def test_parse_and_errors(labels: np.ndarray) -> None:
 def test_summary_text(labels: np.ndarray) -> None:
     text = skew_summary(labels, partition(labels, 10, "iid", seed=0)).format("iid")
     assert "10 clients" in text and "label skew" in text and str(labels.size) in text
+
+
+def test_natural_keeps_groups_whole(labels: np.ndarray) -> None:
+    rng = np.random.default_rng(3)
+    groups = rng.zipf(1.5, labels.size) % 40  # 40-ish groups of very different sizes
+    names = np.unique(groups)
+    one_each = partition(labels, names.size, "natural", seed=0, groups=groups)
+    assert sorted(np.unique(groups[p]).size for p in one_each) == [1] * names.size
+    assert sorted(p.size for p in one_each) == sorted(np.bincount(groups)[names])
+    fewer = partition(labels, 10, "natural", seed=0, groups=groups)
+    assert np.array_equal(np.sort(np.concatenate(fewer)), np.arange(labels.size))
+    owner = {}
+    for c, p in enumerate(fewer):
+        for g in np.unique(groups[p]):
+            assert owner.setdefault(int(g), c) == c  # no group is split between clients
+    assert str(parse_partition("natural")) == "natural"
+    with pytest.raises(PartitionError, match="no natural groups"):
+        partition(labels, 10, "natural")
+    with pytest.raises(PartitionError, match="at most that many"):
+        partition(labels, names.size + 1, "natural", groups=groups)
+    with pytest.raises(PartitionError, match="takes no argument"):
+        parse_partition("natural(2)")

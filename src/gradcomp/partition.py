@@ -1,5 +1,5 @@
-"""Split a training set across virtual clients: IID, Dirichlet(alpha) over labels, or
-pathological label shards.
+"""Split a training set across virtual clients: IID, Dirichlet(alpha) over labels,
+pathological label shards, or natural (the task's own groups: a writer, a source module).
 
 Every partitioner is a pure function of (labels, clients, its argument, seed), so a
 simulation is reproducible and a sweep compares compressors on the same split. The
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KINDS = ("iid", "dirichlet", "shards")
+KINDS = ("iid", "dirichlet", "shards", "natural")
 
 
 class PartitionError(ValueError):
@@ -42,7 +42,7 @@ class PartitionSpec:
             return f"dirichlet(alpha={self.alpha:g})"
         if self.kind == "shards":
             return f"shards(k={self.k})"
-        return "iid"
+        return self.kind
 
 
 _SPEC = re.compile(r"^\s*(\w+)\s*(?:\(\s*(?:(\w+)\s*=\s*)?([^)\s]*)\s*\))?\s*$")
@@ -58,10 +58,10 @@ def parse_partition(text: str | PartitionSpec) -> PartitionSpec:
     kind, name, value = m.group(1), m.group(2), m.group(3)
     if kind not in KINDS:
         raise PartitionError(f"unknown partition {kind!r}; use one of {', '.join(KINDS)}")
-    if kind == "iid":
+    if kind in ("iid", "natural"):
         if value:
-            raise PartitionError("iid takes no argument")
-        return PartitionSpec("iid")
+            raise PartitionError(f"{kind} takes no argument")
+        return PartitionSpec(kind)
     arg = {"dirichlet": "alpha", "shards": "k"}[kind]
     if name not in (None, arg):
         raise PartitionError(f"{kind} takes one argument {arg!r}, got {name!r}")
@@ -74,8 +74,11 @@ def parse_partition(text: str | PartitionSpec) -> PartitionSpec:
     return PartitionSpec(kind, **{arg: number})
 
 
-def partition(labels: np.ndarray, clients: int, spec: PartitionSpec | str, seed: int = 0) -> list[np.ndarray]:
-    """Index arrays (int32, sorted) for each client; together they cover every example once."""
+def partition(
+    labels: np.ndarray, clients: int, spec: PartitionSpec | str, seed: int = 0, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Index arrays (int32, sorted) for each client; together they cover every example once.
+    `groups` (one integer per example) is what `natural` splits by."""
     spec = parse_partition(spec)
     labels = np.asarray(labels).reshape(-1)
     if clients < 1:
@@ -87,6 +90,10 @@ def partition(labels: np.ndarray, clients: int, spec: PartitionSpec | str, seed:
         parts = iid(labels.size, clients, rng)
     elif spec.kind == "dirichlet":
         parts = dirichlet(labels, clients, spec.alpha, rng)
+    elif spec.kind == "natural":
+        if groups is None:
+            raise PartitionError("natural: the task names no natural groups (writers, modules); use iid or dirichlet")
+        parts = natural(np.asarray(groups).reshape(-1), clients, rng)
     else:
         parts = shards(labels, clients, spec.k, rng)
     return [np.sort(p).astype(np.int32) for p in parts]
@@ -126,6 +133,24 @@ def shards(labels: np.ndarray, clients: int, k: int, rng: np.random.Generator) -
     pieces = np.array_split(order, n_shards)
     deal = rng.permutation(n_shards).reshape(clients, k)
     return [np.concatenate([pieces[s] for s in row]) for row in deal]
+
+
+def natural(groups: np.ndarray, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Whole groups per client: one each when there are as many clients as groups; fewer clients
+    take several (largest group first to the client with fewest examples, ties in a seeded order),
+    so no group is ever split and the skew of the task's own grouping is kept."""
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    if clients > names.size:
+        raise PartitionError(f"natural: {clients} clients but the task has {names.size} groups; use at most that many")
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(sizes)[:-1])
+    order = sorted(range(names.size), key=lambda g: (-sizes[g], rng.random()))
+    load = np.zeros(clients, dtype=np.int64)
+    parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
+    for g in order:
+        c = int(np.argmin(load))
+        parts[c].append(members[g])
+        load[c] += sizes[g]
+    return [np.concatenate(p) for p in parts]
 
 
 @dataclass(frozen=True)

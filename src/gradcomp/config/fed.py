@@ -194,7 +194,11 @@ class SimulationConfig(StrictModel):
     """`gradcomp fedsim` only (ignored by `gradcomp serve`): many virtual clients on a Ray actor pool."""
 
     clients: int | None = Field(None, ge=1, description="virtual clients; sets clients.expected (default: it)")
-    partition: Partition = Field("iid", description="iid | dirichlet(alpha=A) | shards(k=K labels per client)")
+    partition: Partition = Field(
+        "iid",
+        description="iid | dirichlet(alpha=A) | shards(k=K labels per client) | natural (the task's own groups: "
+        "a source module of the lm task, a FEMNIST writer; whole groups per client, at most one client per group)",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="probability a selected client drops out of a round")
     dropout_spread: float = Field(
         0.0,

@@ -75,7 +75,8 @@ def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
     sim = job.simulation or SimulationConfig()
     task = load_task(job.task.name, **job.task.args)
     labels = task.labels().numpy()
-    parts = partition(labels, job.clients.expected, sim.partition, seed=job.seed)
+    groups = task.groups.numpy() if task.groups is not None else None
+    parts = partition(labels, job.clients.expected, sim.partition, seed=job.seed, groups=groups)
     if not quiet:
         print(skew_summary(labels, parts).format(sim.partition), flush=True)
     table = ClientTable.build(

@@ -5,7 +5,9 @@ Layout of results.json (keys other parts rely on):
   final (last metrics), history (one dict per epoch or round), bytes_sent,
   dense_bytes (what the same run would send uncompressed), epsilon and delta
   (null without DP; epsilon is also null for DP without noise, whose epsilon is infinite),
-  wall_seconds, started_at, finished_at, gradcomp_version. Strict JSON: no NaN or Infinity.
+  wall_seconds, started_at, finished_at, gradcomp_version, task (the task's own description:
+  for lm the corpus digest and split, for every task what it says of its data and model).
+  Strict JSON: no NaN or Infinity.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class RunRecord:
             "started_at": _iso(self.started),
             "finished_at": None,
             "gradcomp_version": __version__,
+            "task": {},
         }
 
     @classmethod
@@ -136,6 +139,11 @@ class RunRecord:
         self.data["dense_bytes"] += int(dense_bytes)
         self.data["final"] = dict(entry)
         self.save()
+
+    def set_task(self, info: Mapping[str, Any]) -> None:
+        """What the task says about its data and model (a corpus digest, sizes): two runs with the
+        same digest trained on the same text. Saved with the next write."""
+        self.data["task"] = dict(info)
 
     def set_privacy(self, epsilon: float | None, delta: float | None) -> None:
         """The run's privacy guarantee so far (null without DP); saved with the next write."""

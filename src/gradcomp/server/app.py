@@ -184,6 +184,7 @@ def start(
     saved = store.load_state(run_dir) if resume else None  # verified before anything is written
     config = json.loads(job.model_dump_json())
     record = resumed_record(run_dir, job.name, kind, config) if resume else RunRecord(run_dir, job.name, kind, config)
+    record.set_task(task.info)
     checkpoint = checkpointer(job, run_dir, record)
     coord = Coordinator(
         job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=book.names, secret=secret

@@ -60,7 +60,8 @@ def run_in_process(job: FedJob, runs_dir: Path, *, address: str | None = None, s
     record = RunRecord(runs_dir / job.name, job.name, "fedsim", job.model_dump(mode="json"))
     sim: Simulation | None = None
     try:
-        sim, _task = build_simulation(job, quiet=not show)
+        sim, task = build_simulation(job, quiet=not show)
+        record.set_task(task.info)
         report = RoundReport(job, sim, record, show)
         with report.live():
             sim.run(report.on_round)

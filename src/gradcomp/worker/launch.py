@@ -58,6 +58,7 @@ def describe(job: TrainJob) -> dict[str, Any]:
         "parameters": params,
         "steps_per_epoch": steps,
         "total_steps": steps * job.epochs,
+        "task": task.info,
     }
 
 
@@ -99,6 +100,7 @@ class Recorder:
         config = {**job.model_dump(mode="json"), "info": info}
         existing = (run_dir / "results.json").is_file()
         self.rec = (RunRecord.resume if existing else RunRecord)(run_dir, job.name, "train", config)
+        self.rec.set_task(info.get("task", {}))
         self.steps_path = run_dir / "steps.jsonl"
         self.job = job
 

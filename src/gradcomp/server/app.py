@@ -136,6 +136,14 @@ def resumed_record(run_dir: Path, name: str, kind: str, config: dict[str, Any]) 
         return RunRecord(run_dir, name, kind, config)
 
 
+def run_record(job: FedJob, run_dir: Path, kind: str, task: Task, resume: bool) -> RunRecord:
+    """The run's results.json record (continued on `--resume`), with the task's description."""
+    config = json.loads(job.model_dump_json())
+    record = resumed_record(run_dir, job.name, kind, config) if resume else RunRecord(run_dir, job.name, kind, config)
+    record.set_task(task.info)
+    return record
+
+
 def make_grpc_server(job: FedJob, book: TokenBook, coord: Coordinator) -> grpc.Server:
     """A gRPC server whose calls pass the `AuthGate` (token, certificate, size) before being read."""
 
@@ -182,9 +190,7 @@ def start(
     task = load_task(job.task.name, **job.task.args)
     params = initial_params(task, job.seed)
     saved = store.load_state(run_dir) if resume else None  # verified before anything is written
-    config = json.loads(job.model_dump_json())
-    record = resumed_record(run_dir, job.name, kind, config) if resume else RunRecord(run_dir, job.name, kind, config)
-    record.set_task(task.info)
+    record = run_record(job, run_dir, kind, task, resume)
     checkpoint = checkpointer(job, run_dir, record)
     coord = Coordinator(
         job, params, evaluate=make_evaluator(task), checkpoint=checkpoint, client_names=book.names, secret=secret

@@ -4,6 +4,10 @@ One `PrivacyLedger` per run: record each mechanism application (noise multiplier
 sampling rate, steps), ask epsilon at the run's delta, ask before a step whether it
 would exceed a budget, and checkpoint the ledger with the model. `ParticipationLedger`
 keeps local client-level DP's per-client figures (q = 1, each client's own releases).
+
+Every epsilon here is the ideal continuous mechanism's at delta less the residual the sampler's
+finite reach still costs (`gaussian_residual_delta`); where that residual is not negligible (over
+`NEGLIGIBLE_SHARE` of delta) no (epsilon, delta) guarantee is claimed: epsilon is infinite.
 """
 
 from __future__ import annotations
@@ -12,7 +16,81 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from gradcomp.exact_noise import GAUSSIAN_REACH, LAPLACE_REACH
+
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+NOISE_COORDINATES_BOUND = 2**40  # noised coordinates per release the residual is stated for (any model)
+NEGLIGIBLE_SHARE = 0.01  # a residual above this share of delta voids the guarantee
+_TINY = math.ulp(0.0)  # what an underflowed bound is reported as (still an upper bound)
+
+
+def gaussian_residual_delta(
+    noise_multiplier: float,
+    releases: int = 1,
+    *,
+    coordinates: int = NOISE_COORDINATES_BOUND,
+    reach: float = GAUSSIAN_REACH,
+) -> float:
+    """Delta added to the ideal Gaussian mechanism's by a sampler whose pair radius never exceeds `reach`.
+
+    The sampler (Box-Muller on uniforms >= exp(-reach^2/2)) draws each pair of coordinates from the
+    Gaussian conditioned on radius <= reach (B). For neighbours whose noised sums differ by a vector
+    of norm <= 1/z in noise units (z = `noise_multiplier`), an output is impossible under one and
+    possible under the other only if some pair's noise lands within 1/z of B's edge: per release at
+    most pairs * exp(-(reach - 1/z)^2 / 2) under the Gaussian, doubled for the conditioning. Outside
+    that event the privacy loss is the ideal one; the conditioning scales the ideal delta by at most
+    1 + 2 * pairs * exp(-reach^2/2) per release. A union bound over releases (sampled or not, each
+    counted) gives: releases * coordinates * 2 * (exp(-(reach - 1/z)^2/2) + exp(-reach^2/2)).
+    Floating-point rounding inside B (Mironov 2012) is not covered; the discrete samplers avoid it.
+    """
+    if releases <= 0:
+        return 0.0
+    if noise_multiplier <= 0 or 1 / noise_multiplier >= reach:
+        return 1.0
+    gap = reach - 1 / noise_multiplier
+    log_per_coordinate = math.log(2) + _logaddexp(-gap * gap / 2, -reach * reach / 2)
+    return _bound(math.log(releases) + math.log(coordinates) + log_per_coordinate)
+
+
+def laplace_residual_delta(
+    epsilon: float, releases: int = 1, *, coordinates: int = NOISE_COORDINATES_BOUND, reach: float = LAPLACE_REACH
+) -> float:
+    """Delta that makes the Laplace mechanism's "pure" epsilon (per release) hold for a sampler with |z| <= `reach`.
+
+    As for the Gaussian: an output impossible under the neighbour needs some coordinate within
+    its shift of the edge; with L1 shifts summing to epsilon (noise units) that has probability at
+    most exp(-reach) * (coordinates - 1 + e^epsilon); with the conditioning, per release at most
+    2 exp(-reach) (2 coordinates + e^epsilon), composed over releases by a union bound.
+    """
+    if releases <= 0:
+        return 0.0
+    if not math.isfinite(epsilon) or epsilon >= reach:
+        return 1.0
+    log_per_release = math.log(2) + _logaddexp(math.log(2 * coordinates), epsilon) - reach
+    return _bound(math.log(releases) + log_per_release)
+
+
+def negligible_reach_problem(noise_multiplier: float, delta: float, releases: int = 1) -> str | None:
+    """Why `noise_multiplier` at `delta` is refused (the sampler's residual delta is not negligible), or None."""
+    if noise_multiplier == 0:
+        return None  # no noise: epsilon is infinite anyway, and said so
+    residual = gaussian_residual_delta(noise_multiplier, releases)
+    if residual <= NEGLIGIBLE_SHARE * delta:
+        return None
+    return (
+        f"noise multiplier {noise_multiplier} is too small for delta {delta:g}: the Gaussian sampler reaches "
+        f"{GAUSSIAN_REACH:.2f} standard deviations, which leaves a residual delta of {residual:.3g} per "
+        f"{releases} release(s) (more than {NEGLIGIBLE_SHARE:.0%} of delta); raise the noise multiplier"
+    )
+
+
+def _logaddexp(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+def _bound(log_value: float) -> float:
+    return 1.0 if log_value >= 0 else max(math.exp(log_value), _TINY)
 
 
 class BudgetExceeded(RuntimeError):
@@ -26,7 +104,9 @@ class PrivacyLedger:
     `sample_rate` is the probability that one example (or one client) takes part in a step.
     """
 
-    def __init__(self, delta: float, accountant: str = "rdp", budget: float | None = None):
+    def __init__(
+        self, delta: float, accountant: str = "rdp", budget: float | None = None, *, reach: float = GAUSSIAN_REACH
+    ):
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
         if not 0 < delta < 1:
@@ -36,6 +116,7 @@ class PrivacyLedger:
         self.delta = delta
         self.kind = accountant
         self.budget = budget
+        self.reach = reach  # of the sampler that draws this ledger's noise (KeyedStream.normal)
         self._acc = _create_accountant(accountant)
 
     @property
@@ -46,7 +127,19 @@ class PrivacyLedger:
         """Epsilon spent so far at this ledger's delta (0 before any step)."""
         if not self._acc.history:
             return 0.0
-        return float(self._acc.get_epsilon(delta=self.delta))
+        return self._epsilon(self._acc)
+
+    def residual_delta(self, history: Iterable[tuple[float, float, int]] | None = None) -> float:
+        """The sampler's residual delta over `history` (default: the recorded steps), a union bound."""
+        steps = self._acc.history if history is None else history
+        return min(1.0, sum(gaussian_residual_delta(z, int(n), reach=self.reach) for z, _, n in steps))
+
+    def _epsilon(self, acc: Any) -> float:
+        """Ideal epsilon at delta less the residual; infinite where the residual is not negligible."""
+        residual = self.residual_delta(acc.history)
+        if residual > NEGLIGIBLE_SHARE * self.delta:
+            return math.inf
+        return float(acc.get_epsilon(delta=self.delta - residual))
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> float:
         """Epsilon if `steps` more steps were taken, without taking them."""
@@ -55,7 +148,7 @@ class PrivacyLedger:
             return math.inf
         probe = _create_accountant(self.kind)
         probe.history = [*list(self._acc.history), (noise_multiplier, sample_rate, steps)]
-        return float(probe.get_epsilon(delta=self.delta))
+        return self._epsilon(probe)
 
     def would_exceed(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> bool:
         if self.budget is None:

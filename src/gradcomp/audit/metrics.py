@@ -20,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 
 from gradcomp.compression import build
 from gradcomp.compression.stages import DP
-from gradcomp.privacy import gaussian_epsilon
+from gradcomp.privacy import gaussian_epsilon, laplace_residual_delta
 
 LEAK_REIDENTIFICATION = 0.2
 LEAK_PSNR_GAIN_DB = 6.0
@@ -90,13 +90,14 @@ def dp_epsilon(spec: str) -> dict[str, Any] | None:
 
     Adversary: whoever sees one payload. Unit of privacy: the sender's whole gradient (the dp
     stage clips the whole vector), one release, no sampling amplification (q = 1). Gaussian:
-    Opacus' RDP accountant at delta 1e-5; Laplace: pure epsilon = 1 / sigma (L1 clip).
+    Opacus' RDP accountant at delta 1e-5 (less the sampler's residual, `privacy`); Laplace:
+    epsilon = 1 / sigma (L1 clip), "pure" but for the delta its sampler's finite reach leaves.
     """
     stage = next((s for s in build(spec).stages if isinstance(s, DP)), None)
     if stage is None:
         return None
     if stage.mechanism == "laplace":
         eps = math.inf if stage.sigma == 0 else 1.0 / stage.sigma
-        return {"epsilon": eps, "delta": 0.0, "releases": 1, "sample_rate": 1.0}
+        return {"epsilon": eps, "delta": laplace_residual_delta(eps), "releases": 1, "sample_rate": 1.0}
     eps = gaussian_epsilon(stage.sigma, 1, EPSILON_DELTA)
     return {"epsilon": eps, "delta": EPSILON_DELTA, "releases": 1, "sample_rate": 1.0}

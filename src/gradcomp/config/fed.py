@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from gradcomp.config.common import StrictModel, TaskConfig, compression_spec, load_job
 from gradcomp.partition import parse_partition
+from gradcomp.privacy import negligible_reach_problem
 from gradcomp.strategies import StrategySection, default_config, strategy_class
 
 Spec = Annotated[str, BeforeValidator(compression_spec)]
@@ -317,6 +318,9 @@ class FedJob(StrictModel):
             # The accountant models the Gaussian mechanism; a Laplace stage would get a wrong epsilon.
             if dp.mechanism != "gaussian":
                 raise ValueError("client-level DP accounting needs dp(mechanism=gaussian)")
+        params = self.dp_params()
+        if params is not None and (problem := negligible_reach_problem(params[1], p.delta)) is not None:
+            raise ValueError(problem)
 
     # --- derived values used by coordinator, clients and simulation ---------------------------
     @property

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gradcomp.config.common import StrictModel, TaskConfig, compression_spec
+from gradcomp.privacy import negligible_reach_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 CompressionSpec = Annotated[str, BeforeValidator(compression_spec)]
@@ -61,6 +62,12 @@ class DPConfig(StrictModel):
         description="also report each step's un-noised batch loss and drawn batch size and the epoch's "
         "train loss (computed from raw training data: outside the guarantee)",
     )
+
+    @model_validator(mode="after")
+    def _sampler_reaches(self) -> DPConfig:
+        if (problem := negligible_reach_problem(self.noise_multiplier, self.delta)) is not None:
+            raise ValueError(problem)
+        return self
 
 
 class ScalingSection(StrictModel):

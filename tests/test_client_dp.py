@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gradcomp.fedclient.config import LocalTrainingConfig
-from gradcomp.fedclient.data import dataset_tensors
+from gradcomp.fedclient.data import dataset_view
 from gradcomp.fedclient.noisekey import CONFIG_FIELDS, OneKey, UnlistedConfigField, config_digest
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.keyed_random import new_key
@@ -20,7 +20,7 @@ from gradcomp.protocol.codec import serialize_model
 from gradcomp.tasks import load_task
 
 TASK = load_task("digits-mlp")
-DATA = dataset_tensors(TASK.train_set).subset(torch.arange(96).numpy())
+DATA = dataset_view(TASK.train_set).subset(torch.arange(96).numpy())
 KEY = new_key()  # the client's noise key (what `gradcomp client` keeps in its --noise-key-file)
 
 
@@ -121,10 +121,10 @@ def test_the_noise_key_hashes_an_explicit_versioned_list_of_config_fields() -> N
 def test_the_noise_key_covers_the_data() -> None:
     """Same key, client, round, model and config on other examples (another shard): another release key."""
     runtime = _runtime("dp(clip=1.0, sigma=1.0)")
-    other = dataset_tensors(TASK.train_set).subset(torch.arange(96, 192).numpy())
-    same = dataset_tensors(TASK.train_set).subset(torch.arange(96).numpy())  # equal examples, another object
+    other = dataset_view(TASK.train_set).subset(torch.arange(96, 192).numpy())
+    same = dataset_view(TASK.train_set).subset(torch.arange(96).numpy())  # equal examples, another object
     key = runtime.noise_key_for("c1", 3, 4, DATA)
     assert runtime.noise_key_for("c1", 3, 4, same) == key
     assert runtime.noise_key_for("c1", 3, 4, other) != key
-    flipped = type(DATA)(DATA.x, DATA.y.roll(1))  # the same inputs with other labels
+    flipped = type(DATA).of_tensors(DATA.x, DATA.y.roll(1))  # the same inputs with other labels
     assert runtime.noise_key_for("c1", 3, 4, flipped) != key

@@ -10,9 +10,11 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from gradcomp.cli import main
 from gradcomp.fedclient.config import LocalTrainingConfig
+from gradcomp.fedclient.data import ClientData
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import SGDConfig, num_steps, train_one
 from gradcomp.keyed_random import new_key
@@ -22,17 +24,17 @@ from gradcomp.sim.cohort import CohortClient, CohortTrainer, bucket, plan_groups
 from gradcomp.sim.pool import split_cohort
 from gradcomp.sim.setup import build_simulation, load_fedsim_job
 from gradcomp.sim.state import client_name
-from gradcomp.tasks import load_task
+from gradcomp.tasks import Classification, load_task
 
 SECRET = new_key()  # the simulation secret the runners' client noise keys derive from
 
 
-def _sequential(model: nn.Module, start, x, y, clients, cfg):
+def _sequential(model: nn.Module, start, dataset, clients, cfg, objective):
     out = []
     for c in clients:
         model.load_state_dict(start)
         idx = torch.from_numpy(c.indices.astype(np.int64))
-        state, loss, steps = train_one(model, x[idx], y[idx], cfg, c.seed)
+        state, loss, steps = train_one(model, ClientData(dataset, idx), cfg, c.seed, objective)
         out.append(({k: v.clone() for k, v in state.items()}, loss, steps))
     return out
 
@@ -40,15 +42,15 @@ def _sequential(model: nn.Module, start, x, y, clients, cfg):
 @pytest.mark.parametrize(("task_name", "momentum"), [("digits-mlp", 0.0), ("digits-mlp", 0.9), ("digits-cnn", 0.0)])
 def test_vectorised_updates_equal_sequential(task_name: str, momentum: float) -> None:
     task = load_task(task_name, **({"channels": 4} if task_name == "digits-cnn" else {}))
-    x, y = task.train_set.tensors
+    y = task.train_set.tensors[1]
     shards = partition(y.numpy(), 60, "dirichlet(alpha=0.5)", seed=1)[:8]  # unequal shards: 1 to 40 examples
     clients = [CohortClient(s, round_seed(0, client_name(i), 1)) for i, s in enumerate(shards)]
     cfg = SGDConfig(epochs=2, batch_size=8, lr=0.05, momentum=momentum)
     torch.manual_seed(0)
     model = task.make_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    want = _sequential(model, start, x, y, clients, cfg)
-    trainer = CohortTrainer(model, x, y, cfg)
+    want = _sequential(model, start, task.train_set, clients, cfg, task.objective)
+    trainer = CohortTrainer(model, task.train_set, cfg, task.objective)
     # every call replays the recorded step of its shapes (recorded on first use)
     for _ in range(3):
         got = trainer.train(start, clients)
@@ -78,7 +80,10 @@ def test_models_that_cannot_be_vectorised_are_named() -> None:
     assert "random masks" in str(why_not_vectorizable(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))))
     with pytest.raises(ValueError, match="vectorised"):
         CohortTrainer(
-            nn.Sequential(nn.Linear(64, 4), nn.BatchNorm1d(4)), torch.zeros(2, 64), torch.zeros(2), SGDConfig(1, 2, 0.1)
+            nn.Sequential(nn.Linear(64, 4), nn.BatchNorm1d(4)),
+            TensorDataset(torch.zeros(2, 64), torch.zeros(2)),
+            SGDConfig(1, 2, 0.1),
+            Classification(),
         )
 
 

@@ -11,7 +11,7 @@ from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.compression import from_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.config import LocalTrainingConfig, TaskRefused
-from gradcomp.fedclient.data import dataset_tensors, iid_shard
+from gradcomp.fedclient.data import dataset_view, iid_shard
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.partition import partition
@@ -35,7 +35,7 @@ def test_a_real_clients_shard_is_the_simulations_iid_part() -> None:
     task = load_task("digits-mlp")
     parts = partition(task.labels().numpy(), 5, "iid", seed=7)
     shard = iid_shard(task, 2, 5, seed=7)
-    torch.testing.assert_close(shard.y, dataset_tensors(task.train_set).y[torch.from_numpy(parts[2].astype("int64"))])
+    torch.testing.assert_close(shard.y, dataset_view(task.train_set).y[torch.from_numpy(parts[2].astype("int64"))])
 
 
 def test_checks_refuse_a_task_before_anything_loads() -> None:

@@ -23,7 +23,7 @@ import torch
 from gradcomp.compression import Dense, Pipeline, parse_spec
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.config import LocalTrainingConfig
-from gradcomp.fedclient.data import dataset_tensors
+from gradcomp.fedclient.data import dataset_view
 from gradcomp.fedclient.noisekey import OneKey
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.seeds import round_seed
@@ -37,7 +37,7 @@ from gradcomp.tasks import load_task
 
 # --- local DP: the coordinator against one client --------------------------------------------------
 TASK = load_task("digits-mlp", hidden=16)
-DATA = dataset_tensors(TASK.train_set).subset(torch.arange(64).numpy())
+DATA = dataset_view(TASK.train_set).subset(torch.arange(64).numpy())
 JOB_SEED, CLIENT, ROUND, SIGMA, CLIP = 7, "client-3", 3, 4.0, 1.0
 SPEC = f"dp(clip={CLIP}, sigma={SIGMA}) | rtopk(ratio=0.1, r=0.3) | ef"  # dp, then selection and EF after it
 

@@ -11,17 +11,28 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from gradcomp.tasks import Classification, Objective
+
 
 class GroupGradients:
     """`grads(x)` -> [G, P]: the flat mean-loss gradient of each group of inputs `x` [G, B, ...].
 
-    The flat order is `model.named_parameters()` order, the order the wire carries.
+    The loss is the task's objective (default: classification), with the targets the attacker is
+    assumed to know (`labels` [G, B, ...]: class labels, regression targets, next tokens). The flat
+    order is `model.named_parameters()` order, the order the wire carries.
     """
 
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], labels: torch.Tensor):
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        objective: Objective | None = None,
+    ):
         self.model = model
         self.params = {n: p.detach() for n, p in params.items()}
-        self.labels = labels  # [G, B]
+        self.labels = labels  # [G, B, ...]
+        self.objective = objective if objective is not None else Classification()
 
     @property
     def size(self) -> int:
@@ -37,14 +48,15 @@ class GroupGradients:
 
     def __call__(self, x: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
         """Flat gradients [G, P]; with `create_graph` they stay differentiable in `x` (for attacks)."""
-        groups, batch = self.labels.shape
+        groups, batch = self.labels.shape[:2]
         copies = {n: p.expand(groups, *p.shape).clone().requires_grad_() for n, p in self.params.items()}
 
         def forward(p: dict[str, torch.Tensor], xg: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, p, (xg,))
 
-        out = vmap(forward)(copies, x)  # [G, B, classes]
-        losses = nn.functional.cross_entropy(out.reshape(groups * batch, -1), self.labels.reshape(-1), reduction="none")
+        out = vmap(forward)(copies, x)  # [G, B, ...]
+        flat_out = out.reshape(groups * batch, *out.shape[2:])
+        losses = self.objective.per_example(flat_out, self.labels.reshape(groups * batch, *self.labels.shape[2:]))
         total = losses.view(groups, batch).mean(dim=1).sum()  # each group's own mean loss
         grads = torch.autograd.grad(total, list(copies.values()), create_graph=create_graph)
         return torch.cat([g.reshape(groups, -1) for g in grads], dim=1)

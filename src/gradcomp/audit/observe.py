@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from gradcomp.audit.gradients import GroupGradients
 from gradcomp.compression import Sparse, build, decode, encode
-from gradcomp.tasks import Task
+from gradcomp.tasks import Objective, Task
 
 
 def as_images(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -79,6 +79,7 @@ class Setting:
     victim_ids: torch.Tensor  # [victims]
     mean_image: torch.Tensor
     bounds: tuple[float, float]
+    objective: Objective  # the task's loss: what the victims' gradients are gradients of
 
 
 def make_setting(task: Task, victims: int, seed: int) -> Setting:
@@ -94,7 +95,7 @@ def make_setting(task: Task, victims: int, seed: int) -> Setting:
     model = task.make_model().eval()
     order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed))
     bounds = (float(train_x.min()), float(train_x.max()))
-    return Setting(model, test_x.float(), test_y, order[:victims], train_x.mean(dim=0), bounds)
+    return Setting(model, test_x.float(), test_y, order[:victims], train_x.mean(dim=0), bounds, task.objective)
 
 
 def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observation, Truth]:
@@ -110,7 +111,7 @@ def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observa
     x = setting.test_x[ids]
     labels = setting.test_y[ids]
     params = dict(setting.model.named_parameters())
-    grads = GroupGradients(setting.model, params, labels)
+    grads = GroupGradients(setting.model, params, labels, setting.objective)
     true = grads(x).detach()
     pipe = build(spec, seed=seed)
     observed = torch.zeros_like(true)

@@ -95,6 +95,7 @@ def one_run_audit(cfg: OneRunConfig) -> dict[str, Any]:
         sample_rate=plan.sample_rate,
         expected_batch=plan.expected_local_batch,
         noise_seed=cfg.seed,  # an audit is reproducible; training draws secret noise
+        objective=task.objective,
     )
     dp.scale = cfg.noise_scale
     scores = _train_and_score(cfg, model, dp, plan, x_all, y_all, members)

@@ -79,7 +79,7 @@ class ClientRuntime:
         self.noise_keys = noise_keys if noise_keys is not None else fresh_keys()
         self.task = task if task is not None else load_task(config.task, **config.task_args)
         model = self.task.make_model()
-        self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(model)
+        self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(model, self.task.objective)
         self.expected = ModelSpec.of(model)  # what a global model from the coordinator must be
         self.global_version: int | None = None
         self.global_digest = ""  # SHA-256 of the loaded model's bytes: part of each release's noise key

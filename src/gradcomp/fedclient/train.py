@@ -5,10 +5,11 @@ trainer replaces (`sim/cohort.py` does, for a whole cohort at once): it sees onl
 the training config and a seed, and returns new parameters. The reference semantics, which
 the cohort path must match, are here: `epochs` passes over the client's shard in batches of
 `batch_size`, reshuffled every epoch by `client_batches` (one `torch.randperm` per epoch from a
-generator seeded with `seed`), cross-entropy, SGD with heavy-ball momentum exactly as
-torch.optim.SGD (dampening 0). `train_loss` is the mean of the batch losses over all local
-steps. The step is written out because the first `torch.optim` optimiser in a process imports
-torch._dynamo, sympy and torch.distributed (~3 s of CPU per client start).
+generator seeded with `seed`), the task's objective (`Objective.mean` of each batch), SGD with
+heavy-ball momentum exactly as torch.optim.SGD (dampening 0). `train_loss` is the mean of the
+batch losses over all local steps. The step is written out because the first `torch.optim`
+optimiser in a process imports torch._dynamo, sympy and torch.distributed (~3 s of CPU per
+client start).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import ClientData
+from gradcomp.tasks import Classification, Objective
 
 Params = dict[str, torch.Tensor]
 
@@ -58,15 +60,16 @@ def num_steps(num_examples: int, cfg: SGDConfig) -> int:
 
 
 def train_one(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SGDConfig, seed: int
+    model: nn.Module, data: ClientData, cfg: SGDConfig, seed: int, objective: Objective
 ) -> tuple[dict[str, torch.Tensor], float, int]:
-    """Train `model` in place on (x, y); returns (state_dict, mean batch loss, steps)."""
+    """Train `model` in place on `data` under `objective`; returns (state_dict, mean batch loss, steps)."""
     model.train()
     weights = [p for p in model.parameters() if p.requires_grad]
     velocity: list[torch.Tensor | None] = [None] * len(weights)
     losses = []
-    for batch in client_batches(y.numel(), cfg, seed):
-        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+    for batch in client_batches(data.num_examples, cfg, seed):
+        x, y = data.batch(batch)
+        loss = objective.mean(model(x), y)
         _sgd_step(weights, velocity, loss, cfg.lr, cfg.momentum)
         losses.append(loss.detach())
     mean = float(torch.stack(losses).mean()) if losses else 0.0
@@ -106,8 +109,9 @@ class LocalTrainer(Protocol):
 class SGDTrainer:
     """`train_one` on one model object, reused across rounds and clients."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, objective: Objective | None = None):
         self.model = model
+        self.objective = objective if objective is not None else Classification()
         # Float entries are federated and must all come from `params`; integer buffers stay local.
         self.federated = {k for k, v in model.state_dict().items() if v.is_floating_point()}
 
@@ -116,5 +120,5 @@ class SGDTrainer:
         untrained = sorted(self.federated & set(loaded.missing_keys))
         if untrained or loaded.unexpected_keys:
             raise ValueError(f"global params miss {untrained} and name {loaded.unexpected_keys} the model lacks")
-        state, loss, _ = train_one(self.model, data.x, data.y, SGDConfig.of(cfg), seed)
+        state, loss, _ = train_one(self.model, data, SGDConfig.of(cfg), seed, self.objective)
         return TrainResult({k: state[k].detach().clone() for k in params}, loss, data.num_examples)

@@ -37,21 +37,21 @@ from gradcomp.server.auth import AuthGate, TokenBook, load_tokens, server_option
 from gradcomp.server.core import FAILED, Coordinator
 from gradcomp.server.service import CoordinatorService
 from gradcomp.server.tls import server_credentials
-from gradcomp.tasks import Task, evaluate, load_task
+from gradcomp.tasks import Task, load_task
 
 log = logging.getLogger("gradcomp.server")
 SERVICE_NAME = "gradcomp.v1.Coordinator"
 
 
 def make_evaluator(task: Task) -> Callable[[dict[str, torch.Tensor]], dict[str, float]] | None:
-    """Test-set loss and accuracy of a global model, on one model object kept for it."""
+    """The task's test-set metrics of a global model, on one model object kept for it."""
     if task.test_set is None:
         return None
     model = task.make_model()
 
     def run(params: dict[str, torch.Tensor]) -> dict[str, float]:
         model.load_state_dict(params, strict=False)
-        return evaluate(model, task.test_set)
+        return task.evaluate(model)
 
     return run
 

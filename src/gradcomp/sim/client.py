@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gradcomp.fedclient.config import LocalTrainingConfig
-from gradcomp.fedclient.data import ClientData, dataset_tensors
+from gradcomp.fedclient.data import ClientData, dataset_view
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, TrainResult
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, why_not_vectorizable
@@ -55,13 +55,14 @@ class SimClientRunner:
     def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto", threads: int = 1):
         torch.set_num_threads(threads)
         self.runtime = ClientRuntime(cfg, noise_keys=ClientKeys(secret))
-        self.data = dataset_tensors(self.runtime.task.train_set)
+        self.data = dataset_view(self.runtime.task.train_set)
         model = self.model = self.runtime.task.make_model()
         self.fallback = why_not_vectorizable(model) if vectorize != "off" else "simulation.vectorize is off"
         if vectorize == "on" and self.fallback is not None:
             raise ValueError(f"simulation.vectorize is on, but {self.fallback}")
+        objective = self.runtime.task.objective
         self.cohort = (
-            CohortTrainer(model, self.data.x, self.data.y, SGDConfig.of(cfg)) if self.fallback is None else None
+            CohortTrainer(model, self.data.dataset, SGDConfig.of(cfg), objective) if self.fallback is None else None
         )
 
     @property

@@ -30,9 +30,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from gradcomp.fedclient.train import SGDConfig, epoch_orders, num_steps
 from gradcomp.sim.cohort_step import StepCache, grad_fn, train_step
+from gradcomp.tasks import Objective, batch_of
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
 MAX_GROUP_FLOATS = 32 * 1024 * 1024
@@ -203,16 +205,16 @@ def _client_rows(client: CohortClient, cfg: SGDConfig, index: np.ndarray, weight
 class CohortTrainer:
     """Trains cohorts of clients of one model on one train set (see module docstring)."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SGDConfig):
+    def __init__(self, model: nn.Module, dataset: Dataset, cfg: SGDConfig, objective: Objective):
         reason = why_not_vectorizable(model)
         if reason is not None:
             raise ValueError(f"cannot train this model vectorised: {reason}")
-        self.x, self.y, self.cfg = x, y, cfg
+        self.dataset, self.cfg = dataset, cfg
         self.trainable = [k for k, p in model.named_parameters() if p.requires_grad]
         self.fixed = [k for k in model.state_dict() if k not in self.trainable]
         self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
         self.shapes: set[tuple[int, int]] = set()  # (rows, width) of the groups run so far
-        self.step = StepCache(train_step(grad_fn(model, self.trainable, self.fixed), cfg.lr, cfg.momentum))
+        self.step = StepCache(train_step(grad_fn(model, self.trainable, self.fixed, objective), cfg.lr, cfg.momentum))
 
     def train(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
         """Train every client from the parameters `start`; results in the order of `clients`."""
@@ -234,7 +236,8 @@ class CohortTrainer:
         frozen = [start[k] for k in self.fixed]
         params = [start[k].detach().unsqueeze(0).repeat(rows, *([1] * start[k].dim())) for k in self.trainable]
         buffers = [torch.zeros_like(p) for p in params] if self.cfg.momentum else []
-        xs, ys = self.x[sched.index], self.y[sched.index]
+        xs, ys = batch_of(self.dataset, sched.index.reshape(-1))
+        xs, ys = xs.view(*sched.index.shape, *xs.shape[1:]), ys.view(*sched.index.shape, *ys.shape[1:])
         loss_sum = torch.zeros(rows)
         state = (*params, *buffers, *frozen)
         replay = self.step.replay(params, buffers, frozen, xs[0], ys[0], sched.weight[0], sched.active[0], loss_sum)

@@ -19,25 +19,27 @@ from torch import fx, nn
 from torch.func import functional_call, grad, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from gradcomp.tasks import Objective
+
 StepFn = Callable[..., tuple[list[torch.Tensor], torch.Tensor]]
 
 _aten = torch.ops.aten
 _SAME_SHAPE_NOOPS = (_aten.expand.default, _aten.view.default, _aten._unsafe_view.default)
 
 
-def grad_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str]) -> StepFn:
+def grad_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str], objective: Objective) -> StepFn:
     """grads(params, frozen, x, y, w) -> (per-client gradients, per-client loss).
 
-    Row weights `w` make each client's loss the mean over its real rows (0 for padding).
-    The loss is cross-entropy written as -log_softmax gathered at the label: the same values and
-    gradients bit for bit as `cross_entropy(reduction="none")`, without its ignore_index masking
-    (54 recorded operations per step become 41).
+    Row weights `w` make each client's loss the mean over its real rows (0 for padding). The
+    loss is the task's `objective.per_example`, which must be a pure tensor function (it runs
+    under vmap and is recorded by make_fx); classification's is -log_softmax gathered at the
+    label (`tasks.objective.token_nll`), 41 recorded operations per step where cross_entropy's
+    ignore_index masking costs 54.
     """
 
     def loss(params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], xb, yb, wb):
         out = functional_call(model, {**frozen, **params}, (xb,))
-        nll = -out.log_softmax(-1).gather(-1, yb.unsqueeze(-1)).squeeze(-1)
-        total = (nll * wb).sum()
+        total = (objective.per_example(out, yb) * wb).sum()
         return total, total.detach()
 
     per_client = vmap(grad(loss, has_aux=True), in_dims=(0, None, 0, 0, 0))

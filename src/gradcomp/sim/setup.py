@@ -24,7 +24,7 @@ from gradcomp.sim.engine import Simulation, VirtualClock
 from gradcomp.sim.keys import coordinator_secret, simulation_secret
 from gradcomp.sim.pool import ClientPool, LocalPool, RayPool
 from gradcomp.sim.state import ClientTable, client_name
-from gradcomp.tasks import Task, evaluate, load_task
+from gradcomp.tasks import Task, load_task
 
 
 def load_fedsim_job(path: str | Path, overrides: list[str] | None = None) -> FedJob:
@@ -101,7 +101,7 @@ def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool
         if task.test_set is None or (version % sim.eval_every and version != last):
             return {}
         eval_model.load_state_dict(params, strict=False)
-        return evaluate(eval_model, task.test_set)
+        return task.evaluate(eval_model)
 
     clock = VirtualClock()
     names = [client_name(i) for i in range(len(table))]

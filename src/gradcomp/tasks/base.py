@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
+
+from gradcomp.tasks.batches import batch_of
+from gradcomp.tasks.objective import Classification, Objective
 
 
 class TaskError(ValueError):
@@ -17,7 +20,11 @@ class TaskError(ValueError):
 
 @dataclass
 class Task:
-    """What a worker or client needs to train: a fresh model and the data."""
+    """What a worker or client needs to train: a fresh model, the data, and the objective.
+
+    The objective is the loss every training path minimises and the metrics evaluation reports
+    (`tasks/objective.py`); classification (cross-entropy, accuracy) unless the task says otherwise.
+    """
 
     name: str
     make_model: Callable[[], nn.Module]
@@ -27,27 +34,36 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
     # the natural client of each training example (a writer, a module): what `partition: natural` splits by
     groups: torch.Tensor | None = None
+    objective: Objective = field(default_factory=Classification)
 
     def labels(self) -> torch.Tensor:
-        """Train labels as one tensor (for partitioners); requires a TensorDataset."""
-        if isinstance(self.train_set, TensorDataset):
-            return self.train_set.tensors[1]
-        return torch.as_tensor([int(self.train_set[i][1]) for i in range(len(self.train_set))])
+        """Train labels as one tensor (for partitioners). A task whose targets are not class labels
+        (regression, next-token) has one class: every partition by label sees a single label."""
+        n = len(self.train_set)  # type: ignore[arg-type]
+        if not self.objective.class_labels:
+            return torch.zeros(n, dtype=torch.long)
+        return batch_of(self.train_set, torch.arange(n))[1]
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        dataset: Dataset | None = None,
+        batch_size: int = 512,
+        device: str | torch.device = "cpu",
+    ) -> dict[str, float]:
+        """The objective's metrics of `model` on `dataset` (default: the test set; {} without one)."""
+        dataset = self.test_set if dataset is None else dataset
+        if dataset is None:
+            return {}
+        return self.objective.evaluate(model, dataset, device=device, batch_size=batch_size)
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu"
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy loss and accuracy of `model` on `dataset`."""
-    was_training = model.training
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(dim=1) == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
-    return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+    """The metrics of `model` on `dataset` under `objective` (default: classification's loss and accuracy)."""
+    return (objective or Classification()).evaluate(model, dataset, device=device, batch_size=batch_size)

@@ -39,6 +39,7 @@ from gradcomp.compression import Pipeline
 from gradcomp.compression.stages import ErrorFeedback, NoneStage, RandomK
 from gradcomp.config.train import DPConfig
 from gradcomp.privacy import PrivacyLedger
+from gradcomp.tasks import Classification, Objective
 from gradcomp.worker.sampling import RandomSource, normal_like, secret_source
 
 
@@ -60,10 +61,13 @@ class ExampleDP:
         sample_rate: float,
         expected_batch: float,
         noise_seed: int | None = None,
+        objective: Objective | None = None,
     ):
         """`noise_seed` None (training): secret OS entropy; an int makes the noise reproducible, which
-        only an audit or a test may want (anyone who knows the seed can subtract the noise)."""
+        only an audit or a test may want (anyone who knows the seed can subtract the noise).
+        `objective`: the task's loss, taken one example at a time (default: classification)."""
         self.model = model
+        self.objective = objective if objective is not None else Classification()
         self.cfg = cfg
         self.world = world
         self.split_noise = split_noise
@@ -122,9 +126,11 @@ class ExampleDP:
             return torch.zeros(0, size, device=x.device, dtype=next(iter(params.values())).dtype), 0.0
         buffers = {n: b.detach() for n, b in model.named_buffers()}
 
+        objective = self.objective
+
         def loss_one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
             out = functional_call(model, (p, b), (xi.unsqueeze(0),))
-            return nn.functional.cross_entropy(out, yi.unsqueeze(0))
+            return objective.mean(out, yi.unsqueeze(0))
 
         grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, None, 0, 0))(params, buffers, x, y)
         batch = x.shape[0]

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from gradcomp.config.train import TrainJob
-from gradcomp.tasks import Task, evaluate, load_task
+from gradcomp.tasks import Objective, Task, batch_of, load_task
 from gradcomp.worker.dp import ExampleDP, linear_aggregation
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
 from gradcomp.worker.sampling import PoissonPlan, RandomSource, secret_source
@@ -110,14 +109,6 @@ def make_optimizer(job: TrainJob, params: Any) -> torch.optim.Optimizer:
     )
 
 
-def _batch(ds: Dataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(ds, TensorDataset):
-        x, y = ds.tensors[0][idx], ds.tensors[1][idx]
-    else:
-        x, y = default_collate([ds[int(i)] for i in idx])
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
 def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> torch.Tensor:
     """This rank's equal share of a fresh permutation: every rank gets exactly n // world."""
     per = n // world
@@ -159,7 +150,7 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     if poisson is not None:
         steps_per_epoch = poisson.steps_per_epoch
     hook_state = CompressionState.for_model(module, job.compression, seed=job.seed, warmup_steps=job.warmup_dense_steps)
-    model, dp = _wrap_model(job, session, module, hook_state, poisson)
+    model, dp = _wrap_model(job, session, module, hook_state, poisson, task.objective)
     optimizer = make_optimizer(job, module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
     inclusions = secret_source() if poisson is not None else None
@@ -181,7 +172,12 @@ def _setup(job: TrainJob, session: Session) -> _Run:
 
 
 def _wrap_model(
-    job: TrainJob, session: Session, module: nn.Module, hook_state: CompressionState, poisson: PoissonPlan | None
+    job: TrainJob,
+    session: Session,
+    module: nn.Module,
+    hook_state: CompressionState,
+    poisson: PoissonPlan | None,
+    objective: Objective,
 ) -> tuple[nn.Module, ExampleDP | None]:
     """DDP with the compression hook; or, with example-level DP, the bare module and its DP engine
     (per-example gradients go through the same collectives, without DDP)."""
@@ -201,6 +197,7 @@ def _wrap_model(
         split_noise=linear_aggregation(hook_state.pipeline),
         sample_rate=poisson.sample_rate,  # the accountant is charged exactly the sampler's q
         expected_batch=poisson.expected_local_batch,
+        objective=objective,
     )
     return module, dp
 
@@ -218,7 +215,7 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tu
             session.before_step(global_step, session.rank)
         if run.dp is not None and run.dp.would_exceed_budget():
             raise StopTraining(f"epsilon budget {job.dp.epsilon_budget} reached")  # type: ignore[union-attr]
-        x, y = _batch(run.task.train_set, next(batches), session.device)
+        x, y = batch_of(run.task.train_set, next(batches), session.device)
         t0 = time.perf_counter()
         loss = _step(run, x, y)
         traffic = run.hook_state.take_traffic()
@@ -251,7 +248,7 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     (NaN for an empty Poisson batch, which still takes part in the exchange)."""
     run.optimizer.zero_grad(set_to_none=True)
     if run.dp is None:
-        loss_t = nn.functional.cross_entropy(run.model(x), y)
+        loss_t = run.task.objective.mean(run.model(x), y)
         loss_t.backward()  # DDP's comm hook compresses and exchanges the buckets here
         loss = float(loss_t.detach())
     else:
@@ -319,8 +316,8 @@ def _end_epoch(
         and task.test_set is not None
         and ((epoch + 1) % job.eval.every_epochs == 0 or epoch + 1 == job.epochs)
     ):
-        metrics = evaluate(run.module, task.test_set, batch_size=job.eval.batch_size, device=session.device)
-        entry["test_loss"], entry["test_accuracy"] = metrics["loss"], metrics["accuracy"]
+        metrics = task.evaluate(run.module, batch_size=job.eval.batch_size, device=session.device)
+        entry.update({f"test_{name}": value for name, value in metrics.items()})
     if dp is not None:
         entry["epsilon"] = dp.epsilon()
         entry["epsilon_rank_message"] = dp.rank_epsilon()

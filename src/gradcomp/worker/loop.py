@@ -296,9 +296,12 @@ def _reports_unnoised(run: _Run) -> bool:
 def _end_epoch(
     run: _Run, epoch: int, global_step: int, totals: torch.Tensor, step_times: list[float], epoch_seconds: float
 ) -> dict[str, Any]:
-    """Sum the epoch's loss and bytes over ranks, evaluate on rank 0, report (+ checkpoint)."""
+    """Sum the epoch's bytes and steps (and loss and examples, where they may leave) over ranks,
+    evaluate on rank 0, report (+ checkpoint)."""
     job, session, task, dp = run.job, run.session, run.task, run.dp
-    dist.all_reduce(totals)
+    # Under DP without unprotected_metrics the rank's loss sum and drawn examples are computed from its
+    # raw batches without noise: an observer of its interconnect messages must not see them.
+    dist.all_reduce(totals if _reports_unnoised(run) else totals[1:4])
     entry: dict[str, Any] = {
         "epoch": epoch + 1,
         "step": global_step,

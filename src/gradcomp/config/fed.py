@@ -79,6 +79,11 @@ class PrivacySection(StrictModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta every reported epsilon is at")
     epsilon_budget: float | None = Field(None, gt=0, description="stop before epsilon would exceed this")
     accountant: Literal["rdp", "prv", "gdp"] = Field("rdp", description="Opacus accountant that composes the rounds")
+    unprotected_metrics: bool = Field(
+        False,
+        description="central only: write the clients' un-noised example counts and mean train loss into the "
+        "round log (results.json, checkpoint, sweep cells); they are outside the guarantee",
+    )
 
 
 class LimitsSection(StrictModel):
@@ -244,13 +249,14 @@ class FedJob(StrictModel):
     def resume_key(self) -> dict[str, Any]:
         """The parts of the job a resumed coordinator must share with the run it continues: all but
         the round count, the server's and limits' operational settings, the round timing, the epsilon
-        budget and the simulation section."""
+        budget, what the round log reports (privacy.unprotected_metrics) and the simulation section."""
         data = self.model_dump(mode="json")
         for key in ("rounds", "server", "limits", "simulation"):
             data.pop(key, None)
         for key in ("deadline_seconds", "max_retries", "join_timeout_seconds"):
             data["round"].pop(key, None)
         data["privacy"].pop("epsilon_budget", None)
+        data["privacy"].pop("unprotected_metrics", None)
         return data
 
     @model_validator(mode="after")
@@ -285,6 +291,11 @@ class FedJob(StrictModel):
 
         p = self.privacy
         has_dp = build(self.compression).dp is not None
+        if p.unprotected_metrics and p.mode != "central":
+            raise ValueError(
+                "privacy.unprotected_metrics applies to privacy.mode central (local-DP clients never send their "
+                f"example count or loss; without DP they are reported anyway), got mode {p.mode}"
+            )
         if p.mode == "none":
             if has_dp:
                 raise ValueError(
@@ -345,6 +356,12 @@ class FedJob(StrictModel):
         if p.mode == "central":
             return _prepend(f"dp(clip={p.clip}, sigma=0.0)", base)
         return base
+
+    def reports_client_claims(self) -> bool:
+        """Whether the round log may hold what clients claim beside their updates (example counts, mean
+        train loss): without DP, or under central DP with `privacy.unprotected_metrics`. Local DP never
+        keeps them; central DP would release them un-noised, outside its guarantee."""
+        return self.privacy.mode == "none" or (self.privacy.mode == "central" and self.privacy.unprotected_metrics)
 
     def dp_params(self) -> tuple[float, float] | None:
         """(clip, noise multiplier) of the client-level mechanism, None without DP."""

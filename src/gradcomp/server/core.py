@@ -423,7 +423,7 @@ class Coordinator:
         agg_seconds = time.perf_counter() - t0
         self.version = r.number
         privacy = self._account(r)
-        entry = round_entry(r, agg_seconds, now, keep_claims=self.client_ledger is None)
+        entry = round_entry(r, agg_seconds, now, keep_claims=self.job.reports_client_claims())
         if self.evaluate is not None:
             add_evaluation(entry, self.evaluate(self.params))
         entry.update(privacy)

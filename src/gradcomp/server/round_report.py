@@ -26,8 +26,10 @@ def count_accepted(r: RoundState, nbytes: int, dense_bytes: int, clipped: bool) 
 
 
 def round_entry(r: RoundState, agg_seconds: float, now: float, *, keep_claims: bool) -> dict[str, Any]:
-    """The round-log entry of aggregated round `r`. `keep_claims`: the example count and mean
-    train loss the clients claimed go in (local DP keeps neither: `Coordinator._claims`)."""
+    """The round-log entry of aggregated round `r`. `keep_claims` (`FedJob.reports_client_claims`):
+    the example count and mean train loss the clients claimed go in; they are not noised, so under
+    DP they stay out of the log and of everything written from it (results.json, the checkpoint,
+    sweep cells) unless the job lets them out."""
     names = sorted(r.received)
     entry: dict[str, Any] = {
         "round": r.number,
@@ -41,8 +43,9 @@ def round_entry(r: RoundState, agg_seconds: float, now: float, *, keep_claims: b
         "aggregate_seconds": round(agg_seconds, 6),
         "round_seconds": round(now - r.started_at, 3),
     }
-    if keep_claims:
-        entry["examples"] = sum(r.received[n][0] for n in names)
+    if not keep_claims:
+        return entry
+    entry["examples"] = sum(r.received[n][0] for n in names)
     losses = [m["train_loss"] for m in r.client_metrics.values() if "train_loss" in m]
     if losses:
         entry["train_loss"] = sum(losses) / len(losses)

@@ -102,6 +102,16 @@ class LimitsSection(StrictModel):
         "(bounds what unauthenticated calls can make it buffer; larger helps uploads over high-latency links)",
     )
     rpc_timeout_seconds: float = Field(30.0, gt=0, description="deadline of every RPC a client makes")
+    # What one peer can hold on the coordinator (docs/security.md, "Bounds").
+    max_calls_per_client: int = Field(4, ge=2, description="calls one token may have in progress at once")
+    request_read_seconds: float = Field(30.0, gt=0, description="an authenticated call's body must arrive by then")
+    max_connections: int = Field(
+        1000, ge=8, description="open connections accepted; at most the soft file limit minus 64 (raised to the hard)"
+    )
+    handshake_seconds: float = Field(10.0, gt=0, description="a connection's TLS/HTTP/2 handshake must end by then")
+    connection_idle_seconds: float = Field(120.0, gt=0, description="a connection with no call this long is closed")
+    connection_age_seconds: float = Field(3600.0, gt=0, description="every connection is closed (GOAWAY) this old")
+    max_health_watchers: int = Field(16, ge=0, description="grpc.health.v1 Watch streams open at once (no token)")
     max_examples: int = Field(
         10_000,
         ge=1,

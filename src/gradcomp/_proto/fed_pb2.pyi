@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("kind", "dtype", "value_dtype", "index_dtype", "shape", "values", "indices")
+    __slots__ = ("kind", "dtype", "value_dtype", "index_dtype", "shape", "values", "indices", "extra")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
     kind: int
     dtype: int
     value_dtype: int
@@ -23,7 +24,8 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     values: bytes
     indices: bytes
-    def __init__(self, kind: _Optional[int] = ..., dtype: _Optional[int] = ..., value_dtype: _Optional[int] = ..., index_dtype: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., indices: _Optional[bytes] = ...) -> None: ...
+    extra: bytes
+    def __init__(self, kind: _Optional[int] = ..., dtype: _Optional[int] = ..., value_dtype: _Optional[int] = ..., index_dtype: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., extra: _Optional[bytes] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")

@@ -15,7 +15,9 @@ from gradcomp.compression import Fields, Payload, to_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
 
-PROTOCOL_VERSION = 1
+# Bumped on any change a peer of the previous version would misread or refuse (see
+# docs/architecture.md, "Protocol version"). 2: payload kinds are open (Tensor.extra, qsgd).
+PROTOCOL_VERSION = 2
 # The example count a local-DP client claims (and the coordinator keeps in local DP, whatever is
 # claimed): its true count would reach the coordinator, the adversary there, without noise.
 PRIVATE_EXAMPLE_COUNT = 1

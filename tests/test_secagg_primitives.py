@@ -27,7 +27,7 @@ from gradcomp.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from gradcomp.secagg.params import SecAggParams, log_degree, settings_for
+from gradcomp.secagg.params import SecAggParams, log_degree, settings_for, short_of_threshold
 from gradcomp.secagg.quantise import Quantiser, WrapError, check_no_wrap, from_ring, stochastic_round, to_ring
 
 
@@ -147,6 +147,14 @@ def test_settings_bounds() -> None:
     assert [log_degree(n) for n in (3, 10, 100, 1000)] == [2, 8, 20, 30]
     p = settings_for(100)
     assert (p.degree, p.threshold, p.min_survivors) == (20, 11, 12)
+    assert short_of_threshold(20, 11, 0.0) == 0.0 and short_of_threshold(4, 3, 0.5) == pytest.approx(11 / 16)
+    for n, dropout in ((100, 0.3), (1000, 0.1), (1000, 0.3)):  # more dropout: a larger degree
+        p = settings_for(n, dropout=dropout)
+        assert p.degree >= n - 1 or n * short_of_threshold(p.degree, p.threshold, dropout) <= 0.01
+        assert p.degree == log_degree(n) or n * short_of_threshold(p.degree - 2, p.degree // 2, dropout) > 0.01
+    assert settings_for(1000, dropout=0.3).degree > settings_for(1000, dropout=0.1).degree == 30
+    with pytest.raises(ValueError):
+        settings_for(100, dropout=0.5)
 
 
 def test_stochastic_rounding_is_unbiased() -> None:

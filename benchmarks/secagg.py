@@ -9,8 +9,9 @@ for the coordinator (it rebuilds their mask keys and regenerates their pairwise 
   ways, masked input, unmasking), exact encoded sizes, before gRPC framing; against the plaintext
   update, gradcomp's dense float32 payload of d values (`dense_nbytes`). The global model's download is
   the same in both and left out of both.
-- CPU (process time, one thread): a client's whole round, quantisation included, against encoding its
-  float32 update for the wire; the coordinator's round against decoding n plaintext updates and summing.
+- CPU (process time, one thread): a client's whole round, quantisation included (also timed alone),
+  against encoding its float32 update for the wire; the coordinator's round against decoding n
+  plaintext updates and summing them.
 
     python benchmarks/secagg.py --out runs/bench/secagg.json
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
 
 from gradcomp.compression import wire
-from gradcomp.compression.payload import Dense, dense_nbytes
+from gradcomp.compression.payload import Dense
 from gradcomp.keyed_random import KeyedStream, new_key
 from gradcomp.secagg.params import settings_for
 from gradcomp.secagg.quantise import Quantiser, check_no_wrap
@@ -91,13 +92,16 @@ def bench(n: int, d: int, dropout: float, bits: int) -> dict:
     params = settings_for(n, bits, dropout)
     quantiser = Quantiser(CLIP, _scale_for(n, bits), bits)
     base = np.random.default_rng(0).normal(size=d) / math.sqrt(d)
-    dropped = int(round(dropout * n))
+    dropped = round(dropout * n)
     completes = {c: 2 for c in range(dropped)}
-    report = run_round(_Updates(n, base, quantiser), params, completes)
+    report = run_round(_Updates(n, base, quantiser), params, completes, dim=d)
     if report.aborted:
         return {"n": n, "d": d, "dropout": dropout, "aborted": report.aborted}
     finished = [c for c in range(n) if c >= dropped]
     plain_bytes, plain_client, plain_server = _plaintext(n, base)
+    start = time.process_time()
+    quantiser.encode(base, KeyedStream(new_key()))
+    quantise_cpu = time.process_time() - start
     row = _per_client(report, finished)
     secagg_bytes = sum(row.values())
     client_cpu = statistics.fmean(report.client_seconds[c] for c in finished)
@@ -108,7 +112,8 @@ def bench(n: int, d: int, dropout: float, bits: int) -> dict:
         "bytes": {k: round(v, 1) for k, v in row.items()},
         "secagg_bytes_per_client": round(secagg_bytes, 1), "plaintext_bytes_per_client": plain_bytes,
         "bytes_ratio": round(secagg_bytes / plain_bytes, 4),
-        "client_cpu_s": round(client_cpu, 5), "plaintext_client_cpu_s": round(plain_client, 6),
+        "client_cpu_s": round(client_cpu, 5), "of_which_quantise_s": round(quantise_cpu, 5),
+        "plaintext_client_cpu_s": round(plain_client, 6),
         "server_cpu_s": round(server_cpu, 4), "plaintext_server_cpu_s": round(plain_server, 5),
         "server_cpu_by_phase_s": {k: round(v, 5) for k, v in report.server_seconds.items()},
         "server_us_per_n_log2n_d": round(1e6 * server_cpu / (n * math.log2(n) * d), 5),

@@ -157,3 +157,24 @@ def test_inputs_outside_the_ring_are_refused() -> None:
     _params, clients, msgs = _three_clients()
     with pytest.raises(ValueError, match="below 2"):
         clients[0].masked_input(_inbox(msgs["shares"], 0), np.array([2**32], dtype=np.uint64))
+
+
+def test_a_restarted_round_masks_afresh_and_the_coordinator_sees_uniform_words() -> None:
+    """The same inputs in the same round id twice (a coordinator restarted mid-round) give unrelated
+    masked inputs: new keys and seeds per client object, never a reused mask. And what the coordinator
+    holds of one client, its masked input, is uniform whatever the input."""
+    params = SecAggParams(degree=4, threshold=3, min_survivors=4, bits=8)
+    zeros = {c: np.zeros(20_000, dtype=np.uint64) for c in range(5)}
+    seen = []
+    for _ in range(2):
+        clients = {c: SecAggClient(c, params, b"same-round") for c in zeros}
+        ads = {c: cl.advertise() for c, cl in clients.items()}
+        shares = {
+            c: cl.share_keys(ShareKeysRequest(c, tuple(a for v, a in ads.items() if v != c)))
+            for c, cl in clients.items()
+        }
+        seen.append(clients[0].masked_input(_inbox(shares, 0), zeros[0]).y)
+    assert np.mean(seen[0] == seen[1]) < 0.01  # 1/256 by chance
+    counts = np.bincount(seen[0].astype(np.int64), minlength=256)
+    chi2 = float(((counts - 20_000 / 256) ** 2 / (20_000 / 256)).sum())
+    assert chi2 < 360  # 255 degrees of freedom: p ~ 1e-4

@@ -230,6 +230,11 @@ def test_messages_round_trip_through_their_bytes() -> None:
         MaskedInput.from_bytes(MaskedInput(1, 32, y).to_bytes()[:-1])
     with pytest.raises(MessageError):
         Advertise.from_bytes(ad.to_bytes() + b"x")
+    for m in msgs[2:]:  # truncated anywhere: a MessageError, never struct.error or a short message
+        data = m.to_bytes()
+        for cut in (1, 5, len(data) - 1):
+            with pytest.raises(MessageError):
+                type(m).from_bytes(data[:cut])
 
 
 def test_discrete_gaussian_noise_from_the_keyed_stream_fits_its_tail_bound_and_the_wrap_check() -> None:

@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradcomp.secagg.client import Phase, ProtocolError, SecAggClient
-from gradcomp.secagg.messages import EncryptedShare, MaskedInput, MaskedInputRequest, ShareKeysRequest, UnmaskRequest
+from gradcomp.secagg.messages import (
+    EncryptedShare,
+    MaskedInput,
+    MaskedInputRequest,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskRequest,
+)
 from gradcomp.secagg.params import SecAggParams
 from gradcomp.secagg.server import RoundAborted, SecAggServer
 from gradcomp.secagg.simulate import PHASES, run_round
@@ -181,3 +188,23 @@ def test_a_restarted_round_masks_afresh_and_the_coordinator_sees_uniform_words()
     counts = np.bincount(seen[0].astype(np.int64), minlength=256)
     chi2 = float(((counts - 20_000 / 256) ** 2 / (20_000 / 256)).sum())
     assert chi2 < 360  # 255 degrees of freedom: p ~ 1e-4
+
+
+def test_a_client_with_malformed_messages_counts_as_dropped_and_the_round_goes_on() -> None:
+    params = SecAggParams(degree=6, threshold=4, min_survivors=5, bits=16)
+    clients = {c: SecAggClient(c, params, b"r") for c in range(10)}
+    x = {c: np.full(3, c, dtype=np.uint64) for c in clients}
+    server = SecAggServer(params, b"r", 3, os.urandom(32))
+    reqs = server.collect_advertise([c.advertise() for c in clients.values()])
+    shares = [clients[c].share_keys(r) for c, r in reqs.items()]
+    cheat = shares[0].cid
+    shares[0] = ShareKeysResponse(cheat, shares[0].shares[:-1])  # one neighbour left out
+    mask_reqs = server.collect_shares(shares)
+    assert cheat not in mask_reqs and "one per neighbour" in server.refused[cheat]
+    masked = [clients[c].masked_input(r, x[c]) for c, r in mask_reqs.items()]
+    masked[0] = MaskedInput(masked[0].cid, 16, np.full(3, 2**16, dtype=np.uint64))  # outside the ring
+    bad = masked[0].cid
+    unmask = server.collect_masked(masked)
+    total = server.finish([clients[c].unmask(r) for c, r in unmask.items()])
+    assert bad in server.refused and server.survivors == set(clients) - {cheat, bad}
+    assert np.array_equal(total, np.full(3, sum(server.survivors), dtype=np.uint64))

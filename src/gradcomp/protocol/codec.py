@@ -11,33 +11,27 @@ from collections.abc import Mapping
 import torch
 
 from gradcomp._proto import fed_pb2
-from gradcomp.compression import Dense, Fields, WireError, from_fields
+from gradcomp.compression import Dense, Fields, from_fields, to_fields
+from gradcomp.compression.wire import WireError
 
 
 def fields_to_pb(f: Fields, out: fed_pb2.Tensor | None = None) -> fed_pb2.Tensor:
     msg = out if out is not None else fed_pb2.Tensor()
     msg.kind, msg.dtype, msg.value_dtype, msg.index_dtype = f.kind, f.dtype, f.value_dtype, f.index_dtype
     msg.shape.extend(f.shape)
-    msg.values, msg.indices, msg.extra = f.values, f.indices, f.extra
+    msg.values, msg.indices = f.values, f.indices
     return msg
 
 
 def pb_to_fields(msg: fed_pb2.Tensor) -> Fields:
     return Fields(
-        msg.kind,
-        msg.dtype,
-        msg.value_dtype,
-        msg.index_dtype,
-        tuple(msg.shape),
-        bytes(msg.values),
-        bytes(msg.indices),
-        bytes(msg.extra),
+        msg.kind, msg.dtype, msg.value_dtype, msg.index_dtype, tuple(msg.shape), bytes(msg.values), bytes(msg.indices)
     )
 
 
 def tensor_to_fields(t: torch.Tensor) -> Fields:
     flat = t.detach().reshape(-1).contiguous().cpu()
-    return Dense(flat, tuple(t.shape), t.dtype).to_fields()
+    return to_fields(Dense(flat, tuple(t.shape), t.dtype))
 
 
 def fields_to_tensor(f: Fields) -> torch.Tensor:

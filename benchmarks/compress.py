@@ -33,6 +33,8 @@ SPECS = [
     "dp(clip=1.0, sigma=1.0)",
     "fp16",
     "bf16",
+    "qsgd(levels=127, bucket=512)",
+    "qsgd(levels=7, bucket=512) | ef",
 ]
 TARGETS = {"topk(ratio=0.01)": 2.0, "rtopk(ratio=0.01, r=0.05)": 2.0}
 

@@ -1,4 +1,4 @@
-"""The three collectives in a real 2-process gloo group: each result is the mean over ranks
+"""The collectives in a real 2-process gloo group: each result is the mean over ranks
 of the decoded payloads (computed here, without any collective, from the same seeds)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from gradcomp.compression import Dense, Sparse, build
 from gradcomp.worker.collectives import (
-    allgather_sparse_mean,
+    allgather_mean,
     allreduce_mean,
-    allreduce_shared_mean,
+    allreduce_values_mean,
     reduce_payload,
 )
 from gradcomp.worker.local_group import spawn_gloo_ranks
@@ -28,6 +28,8 @@ CASES = {
     "randomk": "randomk(ratio=0.05, seed=7)",
     "randomk_bf16": "randomk(ratio=0.05, seed=7) | bf16",
     "unit": "unit",
+    "qsgd": "qsgd(levels=15, bucket=100)",
+    "qsgd_ef": "qsgd(levels=3, bucket=64) | ef",
 }
 
 
@@ -53,12 +55,12 @@ def _worker(rank: int, out_dir: str) -> None:
     # The specific collectives, called directly.
     out["direct_dense"] = allreduce_mean(_input(rank).clone()).wait()
     sparse = _payload("topk(ratio=0.05)", rank)
-    out["direct_gather"] = allgather_sparse_mean(sparse, _out()).wait()
+    out["direct_gather"] = allgather_mean(sparse, _out()).wait()
     shared = _payload("randomk(ratio=0.05, seed=7)", rank)
-    out["direct_shared"] = allreduce_shared_mean(shared, _out()).wait()
+    out["direct_shared"] = allreduce_values_mean(shared, _out()).wait()
     # Overlapping positions on both ranks add up (identical inputs -> identical top-k).
     same = Sparse(torch.arange(0, 50, dtype=torch.int32), torch.full((50,), float(rank + 1)), (N,), torch.float32)
-    out["overlap"] = allgather_sparse_mean(same, _out()).wait()
+    out["overlap"] = allgather_mean(same, _out()).wait()
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -119,3 +121,4 @@ def test_sent_bytes_counts_what_the_collective_ships() -> None:
     assert sent_bytes(sparse, shared_indices=False) == 100 * (4 + 4)  # int32 positions + fp32 values
     assert sent_bytes(build("randomk(0.01)").compress(x), shared_indices=True) == 100 * 4  # values only
     assert sent_bytes(build("fp16").compress(x), shared_indices=False) == 10_000 * 2
+    assert sent_bytes(build("qsgd(bucket=1000)").compress(x), shared_indices=False) == 10_000 + 10 * 4  # int8 + norms

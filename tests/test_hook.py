@@ -70,7 +70,14 @@ def _scenario(rank: int, spec: str, steps: int, warmup: int = 0) -> dict[str, An
     state.pipeline.compress = recording  # type: ignore[method-assign]
     ddp.register_comm_hook(state, spy)
     opt = torch.optim.SGD(module.parameters(), lr=0.05)
-    out: dict[str, Any] = {"grad_vs_mean": [], "buffer_vs_local": [], "ef_telescope": [], "keys": [], "traffic": []}
+    out: dict[str, Any] = {
+        "grad_vs_mean": [],
+        "buffer_vs_local": [],
+        "ef_telescope": [],
+        "keys": [],
+        "traffic": [],
+        "bucket_sizes": [],
+    }
     sum_in = {n: torch.zeros(p.numel()) for n, p in module.named_parameters()}
     sum_sent = {n: torch.zeros(p.numel()) for n, p in module.named_parameters()}
     same_indices = True
@@ -86,6 +93,7 @@ def _scenario(rank: int, spec: str, steps: int, warmup: int = 0) -> dict[str, An
         nn.functional.cross_entropy(ddp(x), y).backward()
         out["keys"].append(sorted({b[0] for b in buckets}))
         out["traffic"].append(vars(state.take_traffic()))
+        out["bucket_sizes"].append([sum(b[2]) for b in buckets])
         # The buffer DDP hands the hook is this rank's plain (non-DDP) gradient, per parameter.
         diff = 0.0
         contributed: dict[str, torch.Tensor] = {}
@@ -145,6 +153,7 @@ SCENARIOS = {
     "rtopk_ef": ("rtopk(ratio=0.1, r=0.3) | ef", 4, 0),
     "randomk_ef": ("randomk(ratio=0.25, seed=1) | ef", 4, 0),
     "unit": ("unit", 2, 0),
+    "qsgd_ef": ("qsgd(levels=15, bucket=64) | ef", 3, 0),
     "warmup": ("topk(ratio=0.1) | ef", 4, 2),
 }
 
@@ -175,7 +184,7 @@ def test_dense_equals_reference_mean_exactly(results: dict[str, Any]) -> None:
     assert all(t["bytes_sent"] == t["dense_bytes"] for t in results["dense"]["traffic"])
 
 
-@pytest.mark.parametrize("name", ["topk_ef", "rtopk_ef", "randomk_ef", "unit"])
+@pytest.mark.parametrize("name", ["topk_ef", "rtopk_ef", "randomk_ef", "unit", "qsgd_ef"])
 def test_compressed_equals_mean_of_decoded_payloads(results: dict[str, Any], name: str) -> None:
     for r in (results[name], results["rank1"][name]):
         assert max(r["grad_vs_mean"]) < 1e-6, r["grad_vs_mean"]
@@ -202,6 +211,15 @@ def test_buckets_are_rebuilt_and_error_feedback_survives(results: dict[str, Any]
     assert max(r["ef_telescope"]) < 1e-5
     assert max(results["rank1"]["topk_ef"]["ef_telescope"]) < 1e-5
     assert max(results["rtopk_ef"]["ef_telescope"]) < 1e-5
+    assert max(results["qsgd_ef"]["ef_telescope"]) < 1e-5
+
+
+def test_qsgd_hands_its_levels_and_norms_to_the_all_gather(results: dict[str, Any]) -> None:
+    """Per bucket of n values: n int8 levels and one float32 norm per 64, all-gathered."""
+    for r in (results["qsgd_ef"], results["rank1"]["qsgd_ef"]):
+        for t, sizes in zip(r["traffic"], r["bucket_sizes"], strict=True):
+            expected = sum(n + 4 * -(-n // 64) for n in sizes)
+            assert t["by_collective"] == {"allgather": expected} and t["bytes_sent"] == expected
 
 
 def test_dense_warmup_then_compression(results: dict[str, Any]) -> None:

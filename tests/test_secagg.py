@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradcomp.secagg.client import Phase, ProtocolError, SecAggClient
-from gradcomp.secagg.messages import EncryptedShare, MaskedInput, MaskedInputRequest, ShareKeysRequest, UnmaskRequest
+from gradcomp.secagg.messages import (
+    EncryptedShare,
+    MaskedInput,
+    MaskedInputRequest,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskRequest,
+)
 from gradcomp.secagg.params import SecAggParams
 from gradcomp.secagg.server import RoundAborted, SecAggServer
 from gradcomp.secagg.simulate import PHASES, run_round
@@ -42,6 +49,9 @@ def test_a_round_gives_the_exact_modular_sum_of_the_survivors_or_aborts_revealin
     params, inputs, completes = case
     report = run_round(inputs, params, completes)
     masked = {c for c in inputs if completes[c] >= 3}  # sent their masked input
+    n = len(inputs)
+    if all(v == len(PHASES) for v in completes.values()) and n >= params.min_survivors and n - 1 >= params.threshold:
+        assert report.aborted is None  # nobody dropped: the round must finish
     if report.aborted is None:
         assert report.survivors == masked and len(masked) >= params.min_survivors
         expected = np.zeros_like(next(iter(inputs.values())))
@@ -157,3 +167,44 @@ def test_inputs_outside_the_ring_are_refused() -> None:
     _params, clients, msgs = _three_clients()
     with pytest.raises(ValueError, match="below 2"):
         clients[0].masked_input(_inbox(msgs["shares"], 0), np.array([2**32], dtype=np.uint64))
+
+
+def test_a_restarted_round_masks_afresh_and_the_coordinator_sees_uniform_words() -> None:
+    """The same inputs in the same round id twice (a coordinator restarted mid-round) give unrelated
+    masked inputs: new keys and seeds per client object, never a reused mask. And what the coordinator
+    holds of one client, its masked input, is uniform whatever the input."""
+    params = SecAggParams(degree=4, threshold=3, min_survivors=4, bits=8)
+    zeros = {c: np.zeros(20_000, dtype=np.uint64) for c in range(5)}
+    seen = []
+    for _ in range(2):
+        clients = {c: SecAggClient(c, params, b"same-round") for c in zeros}
+        ads = {c: cl.advertise() for c, cl in clients.items()}
+        shares = {
+            c: cl.share_keys(ShareKeysRequest(c, tuple(a for v, a in ads.items() if v != c)))
+            for c, cl in clients.items()
+        }
+        seen.append(clients[0].masked_input(_inbox(shares, 0), zeros[0]).y)
+    assert np.mean(seen[0] == seen[1]) < 0.01  # 1/256 by chance
+    counts = np.bincount(seen[0].astype(np.int64), minlength=256)
+    chi2 = float(((counts - 20_000 / 256) ** 2 / (20_000 / 256)).sum())
+    assert chi2 < 360  # 255 degrees of freedom: p ~ 1e-4
+
+
+def test_a_client_with_malformed_messages_counts_as_dropped_and_the_round_goes_on() -> None:
+    params = SecAggParams(degree=6, threshold=4, min_survivors=5, bits=16)
+    clients = {c: SecAggClient(c, params, b"r") for c in range(10)}
+    x = {c: np.full(3, c, dtype=np.uint64) for c in clients}
+    server = SecAggServer(params, b"r", 3, os.urandom(32))
+    reqs = server.collect_advertise([c.advertise() for c in clients.values()])
+    shares = [clients[c].share_keys(r) for c, r in reqs.items()]
+    cheat = shares[0].cid
+    shares[0] = ShareKeysResponse(cheat, shares[0].shares[:-1])  # one neighbour left out
+    mask_reqs = server.collect_shares(shares)
+    assert cheat not in mask_reqs and "one per neighbour" in server.refused[cheat]
+    masked = [clients[c].masked_input(r, x[c]) for c, r in mask_reqs.items()]
+    masked[0] = MaskedInput(masked[0].cid, 16, np.full(3, 2**16, dtype=np.uint64))  # outside the ring
+    bad = masked[0].cid
+    unmask = server.collect_masked(masked)
+    total = server.finish([clients[c].unmask(r) for c, r in unmask.items()])
+    assert bad in server.refused and server.survivors == set(clients) - {cheat, bad}
+    assert np.array_equal(total, np.full(3, sum(server.survivors), dtype=np.uint64))

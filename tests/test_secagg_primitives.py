@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from gradcomp.keyed_random import KeyedStream, new_key
 from gradcomp.secagg import crypto, shamir
 from gradcomp.secagg.graph import is_connected, neighbourhoods
+from gradcomp.secagg.masks import apply, expand
 from gradcomp.secagg.messages import (
     Advertise,
     EncryptedShare,
@@ -27,8 +29,16 @@ from gradcomp.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from gradcomp.secagg.params import SecAggParams, log_degree, settings_for
-from gradcomp.secagg.quantise import Quantiser, WrapError, check_no_wrap, from_ring, stochastic_round, to_ring
+from gradcomp.secagg.params import SecAggParams, log_degree, settings_for, short_of_threshold
+from gradcomp.secagg.quantise import (
+    Quantiser,
+    WrapError,
+    check_no_wrap,
+    discrete_gaussian_tail,
+    from_ring,
+    stochastic_round,
+    to_ring,
+)
 
 
 def test_the_field_is_prime_and_holds_every_32_byte_secret() -> None:
@@ -147,6 +157,14 @@ def test_settings_bounds() -> None:
     assert [log_degree(n) for n in (3, 10, 100, 1000)] == [2, 8, 20, 30]
     p = settings_for(100)
     assert (p.degree, p.threshold, p.min_survivors) == (20, 11, 12)
+    assert short_of_threshold(20, 11, 0.0) == 0.0 and short_of_threshold(4, 3, 0.5) == pytest.approx(11 / 16)
+    for n, dropout in ((100, 0.3), (1000, 0.1), (1000, 0.3)):  # more dropout: a larger degree
+        p = settings_for(n, dropout=dropout)
+        assert p.degree >= n - 1 or n * short_of_threshold(p.degree, p.threshold, dropout) <= 0.01
+        assert p.degree == log_degree(n) or n * short_of_threshold(p.degree - 2, p.degree // 2, dropout) > 0.01
+    assert settings_for(1000, dropout=0.3).degree > settings_for(1000, dropout=0.1).degree == 30
+    with pytest.raises(ValueError):
+        settings_for(100, dropout=0.5)
 
 
 def test_stochastic_rounding_is_unbiased() -> None:
@@ -212,3 +230,31 @@ def test_messages_round_trip_through_their_bytes() -> None:
         MaskedInput.from_bytes(MaskedInput(1, 32, y).to_bytes()[:-1])
     with pytest.raises(MessageError):
         Advertise.from_bytes(ad.to_bytes() + b"x")
+    for m in msgs[2:]:  # truncated anywhere: a MessageError, never struct.error or a short message
+        data = m.to_bytes()
+        for cut in (1, 5, len(data) - 1):
+            with pytest.raises(MessageError):
+                type(m).from_bytes(data[:cut])
+
+
+def test_discrete_gaussian_noise_from_the_keyed_stream_fits_its_tail_bound_and_the_wrap_check() -> None:
+    """Distributed DP's place: integer noise between rounding and masking, bounded for the wrap check."""
+    n, dim, sigma_sq, beta = 20, 5000, 400, 1e-6
+    tail = discrete_gaussian_tail(sigma_sq, dim, n, beta)
+    assert tail == pytest.approx(math.sqrt(2 * 400 * math.log(2 * 20 * 5000 / 1e-6)))
+    noise = KeyedStream(new_key()).discrete_gaussian(n * dim, sigma_sq)
+    assert np.abs(noise).max() <= tail and float(noise.std()) == pytest.approx(20, rel=0.02)
+    q = Quantiser(clip=1.0, scale=2**10, bits=32)
+    check_no_wrap(n, q.clip, q.scale, q.bits, noise_tail=tail)
+    x = np.linspace(-1, 1, dim) / 50
+    sums = sum(from_ring(q.encode(x, KeyedStream(new_key()), noise[i * dim : (i + 1) * dim]), 32) for i in range(n))
+    plain = sum(q.integers(x, KeyedStream(new_key())) for _ in range(n))
+    assert np.std(sums - plain) == pytest.approx(20 * math.sqrt(n), rel=0.05)  # the noises add up
+
+
+def test_chunked_mask_application_equals_whole_masks() -> None:
+    keys, dim = [new_key() for _ in range(4)], (1 << 15) * 2 + 3  # two whole chunks and an odd tail
+    x = KeyedStream(new_key()).integers_mod_pow2(dim, 16)
+    want = x + expand(keys[0], dim, 16) + expand(keys[1], dim, 16) - expand(keys[2], dim, 16) - expand(keys[3], dim, 16)
+    got = apply(x.copy(), keys[:2], keys[2:], 16)
+    assert np.array_equal(got, want & np.uint64(0xFFFF)) and int(got.max()) < 2**16

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.server.app import start
 
 Code = grpc.StatusCode
@@ -251,11 +252,15 @@ def test_a_client_certificate_cannot_carry_another_clients_token(tmp_path: Path)
         with grpc.secure_channel(f"127.0.0.1:{run.port}", creds) as ch:
             stub = fed_pb2_grpc.CoordinatorStub(ch)
             with pytest.raises(grpc.RpcError) as err:  # the attack: client-0's certificate, client-1's token
-                stub.Join(fed_pb2.JoinRequest(protocol_version=1), metadata=md(tokens["client-1"]), timeout=10)
+                stub.Join(
+                    fed_pb2.JoinRequest(protocol_version=PROTOCOL_VERSION), metadata=md(tokens["client-1"]), timeout=10
+                )
             assert err.value.code() == Code.UNAUTHENTICATED
             assert "does not belong to the token of client 'client-1'" in (err.value.details() or "")
             assert run.coord.clients == {}
-            joined = stub.Join(fed_pb2.JoinRequest(protocol_version=1), metadata=md(tokens["client-0"]), timeout=10)
+            joined = stub.Join(
+                fed_pb2.JoinRequest(protocol_version=PROTOCOL_VERSION), metadata=md(tokens["client-0"]), timeout=10
+            )
             assert joined.client_name == "client-0"
     finally:
         run.stop(0)

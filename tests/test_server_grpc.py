@@ -24,6 +24,7 @@ from gradcomp.client.grpc_client import FLClient
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.codec import named_to_pb
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.server.app import Running, round_loop, start
 
 TOKENS = {"alice": "alice-token-123", "bob": "bob-token-4567", "mallory": "mallory-token-89"}
@@ -118,7 +119,7 @@ def test_bad_inputs_each_get_their_status_and_round_completes(served: Harness) -
     before = {r: metrics.value("gradcomp_fed_updates_rejected_total", {"reason": r}) for r in metrics.REJECT_REASONS}
 
     expect(Code.UNAUTHENTICATED, stub.Join, fed_pb2.JoinRequest(), metadata=md("nope-nope-nope"), timeout=5)
-    stub.Join(fed_pb2.JoinRequest(protocol_version=1), metadata=m, timeout=5)
+    stub.Join(fed_pb2.JoinRequest(protocol_version=PROTOCOL_VERSION), metadata=m, timeout=5)
     threads = [served.honest("alice"), served.honest("bob")]
     wait_for(lambda: run.coord.current is not None)
     assert stub.PullTask(fed_pb2.PullTaskRequest(), metadata=m, timeout=5).action == fed_pb2.PullTaskResponse.TRAIN

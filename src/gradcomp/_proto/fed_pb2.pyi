@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("kind", "dtype", "value_dtype", "index_dtype", "shape", "values", "indices")
+    __slots__ = ("kind", "dtype", "value_dtype", "index_dtype", "shape", "values", "indices", "extra")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
     kind: int
     dtype: int
     value_dtype: int
@@ -23,7 +24,8 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     values: bytes
     indices: bytes
-    def __init__(self, kind: _Optional[int] = ..., dtype: _Optional[int] = ..., value_dtype: _Optional[int] = ..., index_dtype: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., indices: _Optional[bytes] = ...) -> None: ...
+    extra: bytes
+    def __init__(self, kind: _Optional[int] = ..., dtype: _Optional[int] = ..., value_dtype: _Optional[int] = ..., index_dtype: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., extra: _Optional[bytes] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -42,14 +44,7 @@ class ModelWeights(_message.Message):
     def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed", "strategy", "strategy_settings")
-    class StrategySettingsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed")
     TASK_FIELD_NUMBER: _ClassVar[int]
     TASK_ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -58,8 +53,6 @@ class TrainingConfig(_message.Message):
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    STRATEGY_FIELD_NUMBER: _ClassVar[int]
-    STRATEGY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     task: str
     task_args_json: str
     local_epochs: int
@@ -68,9 +61,7 @@ class TrainingConfig(_message.Message):
     momentum: float
     compression: str
     seed: int
-    strategy: str
-    strategy_settings: _containers.ScalarMap[str, float]
-    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version")

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gradcomp.audit.gradients import GroupGradients
-from gradcomp.compression import Sparse, build, decode, encode
+from gradcomp.compression import build, decode, encode
 from gradcomp.tasks import Objective, Task
 
 
@@ -122,9 +122,10 @@ def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observa
         received = decode(data)
         wire_bytes = wire_bytes or len(data)
         observed[g] = received.to_dense().to(true.dtype)
-        if isinstance(received, Sparse):
-            mask[g, received.indices.long()] = True
-        else:
+        positions = received.positions
+        if positions is None:
             mask[g] = True
+        else:
+            mask[g, positions.long()] = True
     obs = Observation(grads, observed, mask, tuple(x.shape[2:]), setting.bounds)
     return obs, Truth(x, ids, true, wire_bytes)

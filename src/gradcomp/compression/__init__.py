@@ -7,13 +7,15 @@ restored = pipe.decompress(payload)
 payload.nbytes  # exact bytes on the wire
 """
 
-from gradcomp.compression.payload import Dense, Payload, Sparse, dense_nbytes
+from gradcomp.compression.kinds import Dense, Sparse
+from gradcomp.compression.payload import KINDS, Fields, Payload, WireError, dense_nbytes, register_kind
 from gradcomp.compression.pipeline import Pipeline, build, check_order, parse_spec
 from gradcomp.compression.spec import PrivacyOrderError, SpecError
 from gradcomp.compression.stages import STAGES, Stage
-from gradcomp.compression.wire import Fields, WireError, decode, encode, from_fields, to_fields
+from gradcomp.compression.wire import decode, encode, from_fields, to_fields
 
 __all__ = [
+    "KINDS",
     "STAGES",
     "Dense",
     "Fields",
@@ -31,5 +33,6 @@ __all__ = [
     "encode",
     "from_fields",
     "parse_spec",
+    "register_kind",
     "to_fields",
 ]

@@ -4,12 +4,14 @@ privacy-order checks that make a spec refuse to build when it would void its gua
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from gradcomp.compression.payload import Dense, Payload, Sparse, index_dtype_for
+from gradcomp.compression.kinds import Dense, Sparse
+from gradcomp.compression.payload import Payload, index_dtype_for
 from gradcomp.compression.spec import PrivacyOrderError, SpecError, split_stages
 from gradcomp.compression.stages import (
     DP,
@@ -57,6 +59,8 @@ def check_order(stages: list[Stage]) -> None:
     for i, s in enumerate(stages):
         if isinstance(s, ErrorFeedback) and i != len(stages) - 1:
             raise SpecError("'ef' must be the last stage: it keeps the residual of everything before it")
+    for s in stages:
+        s.check_pipeline(stages)
     dp_at = next((i for i, s in enumerate(stages) if isinstance(s, DP)), None)
     if dp_at is None:
         return
@@ -220,12 +224,10 @@ class Pipeline:
             residual.index_add_(0, out.indices, sent, alpha=-1)
         self._memory[key] = residual
         if work.indices is not None and out.indices is not None:
-            out = Work(out.values, work.indices.index_select(0, out.indices), work.numel, out.wire_dtype)
-        elif work.indices is not None:
-            out = Work(out.values, work.indices, work.numel, out.wire_dtype)
-        else:
-            out = Work(out.values, out.indices, work.numel, out.wire_dtype)
-        return out
+            return dataclasses.replace(out, indices=work.indices.index_select(0, out.indices), numel=work.numel)
+        if work.indices is not None:
+            return dataclasses.replace(out, indices=work.indices, numel=work.numel)
+        return dataclasses.replace(out, numel=work.numel)
 
     def _count_step(self, key: str, tensor: torch.Tensor) -> int:
         """Check the tensor and advance the key's step counter; returns the step being taken."""
@@ -243,6 +245,8 @@ class Pipeline:
 
     @staticmethod
     def _payload(work: Work, shape: tuple[int, ...], dtype: torch.dtype) -> Payload:
+        if work.encoded is not None:  # a stage with its own payload kind
+            return work.encoded(shape, dtype)
         values = work.values.to(work.wire_dtype)
         if work.indices is None:
             return Dense(values, shape, dtype)

@@ -102,6 +102,16 @@ class LimitsSection(StrictModel):
         "(bounds what unauthenticated calls can make it buffer; larger helps uploads over high-latency links)",
     )
     rpc_timeout_seconds: float = Field(30.0, gt=0, description="deadline of every RPC a client makes")
+    # What one peer can hold on the coordinator (docs/security.md, "Bounds").
+    max_calls_per_client: int = Field(4, ge=2, description="calls one token may have in progress at once")
+    request_read_seconds: float = Field(30.0, gt=0, description="an authenticated call's body must arrive by then")
+    max_connections: int = Field(
+        1000, ge=8, description="open connections accepted; at most the soft file limit minus 64 (raised to the hard)"
+    )
+    handshake_seconds: float = Field(10.0, gt=0, description="a connection's TLS/HTTP/2 handshake must end by then")
+    connection_idle_seconds: float = Field(120.0, gt=0, description="a connection with no call this long is closed")
+    connection_age_seconds: float = Field(3600.0, gt=0, description="every connection is closed (GOAWAY) this old")
+    max_health_watchers: int = Field(16, ge=0, description="grpc.health.v1 Watch streams open at once (no token)")
     max_examples: int = Field(
         10_000,
         ge=1,
@@ -274,24 +284,7 @@ class FedJob(StrictModel):
             raise ValueError("limits.chunk_bytes must be at most half of limits.max_message_bytes")
         self._check_privacy()
         self._check_collective_free()
-        self._check_strategy_extras()
         return self
-
-    def _check_strategy_extras(self) -> None:
-        """A strategy whose clients send tensors beside the update (SCAFFOLD's control deltas) sends
-        them dense and un-noised, and its client state assumes plain SGD steps."""
-        from gradcomp.strategies import strategy_class
-
-        half = strategy_class(self.strategy.name).client_half
-        if not half.update_names(["x"]):
-            return
-        if self.privacy.mode == "local":
-            raise ValueError(
-                f"strategy {self.strategy.name} sends control variates beside each update without local DP's "
-                "noise: use privacy.mode none or central, or a strategy without client extras (fedprox)"
-            )
-        if self.local.momentum:
-            raise ValueError(f"strategy {self.strategy.name} needs plain local SGD: set local.momentum: 0")
 
     def _check_collective_free(self) -> None:
         from gradcomp.compression import build

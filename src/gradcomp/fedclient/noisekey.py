@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,20 +47,9 @@ from gradcomp.keyed_random import KEY_BYTES, check_key, new_key, subkey
 
 # Bump when CONFIG_FIELDS, their encoding or release_key's inputs change: every key (and every ledger
 # release id) changes with it, so a client upgraded mid-job makes fresh releases and is charged for them.
-NOISE_KEY_VERSION = 3
+NOISE_KEY_VERSION = 2
 # The LocalTrainingConfig fields a release's update depends on; every field must be listed here.
-CONFIG_FIELDS = (
-    "task",
-    "task_args",
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "spec",
-    "seed",
-    "strategy",
-    "strategy_settings",
-)
+CONFIG_FIELDS = ("task", "task_args", "epochs", "batch_size", "lr", "momentum", "spec", "seed")
 # The code that computes the update: another version may compute another update from the same inputs.
 SOFTWARE = f"gradcomp {__version__}; torch {torch.__version__}"
 
@@ -160,7 +150,7 @@ def load_or_create_key(path: str | Path) -> bytes:
 
 def _create(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")  # clients may share a process
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as f:

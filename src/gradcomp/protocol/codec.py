@@ -11,27 +11,33 @@ from collections.abc import Mapping
 import torch
 
 from gradcomp._proto import fed_pb2
-from gradcomp.compression import Dense, Fields, from_fields, to_fields
-from gradcomp.compression.wire import WireError
+from gradcomp.compression import Dense, Fields, WireError, from_fields
 
 
 def fields_to_pb(f: Fields, out: fed_pb2.Tensor | None = None) -> fed_pb2.Tensor:
     msg = out if out is not None else fed_pb2.Tensor()
     msg.kind, msg.dtype, msg.value_dtype, msg.index_dtype = f.kind, f.dtype, f.value_dtype, f.index_dtype
     msg.shape.extend(f.shape)
-    msg.values, msg.indices = f.values, f.indices
+    msg.values, msg.indices, msg.extra = f.values, f.indices, f.extra
     return msg
 
 
 def pb_to_fields(msg: fed_pb2.Tensor) -> Fields:
     return Fields(
-        msg.kind, msg.dtype, msg.value_dtype, msg.index_dtype, tuple(msg.shape), bytes(msg.values), bytes(msg.indices)
+        msg.kind,
+        msg.dtype,
+        msg.value_dtype,
+        msg.index_dtype,
+        tuple(msg.shape),
+        bytes(msg.values),
+        bytes(msg.indices),
+        bytes(msg.extra),
     )
 
 
 def tensor_to_fields(t: torch.Tensor) -> Fields:
     flat = t.detach().reshape(-1).contiguous().cpu()
-    return to_fields(Dense(flat, tuple(t.shape), t.dtype))
+    return Dense(flat, tuple(t.shape), t.dtype).to_fields()
 
 
 def fields_to_tensor(f: Fields) -> torch.Tensor:

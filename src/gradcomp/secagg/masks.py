@@ -14,6 +14,8 @@ import numpy as np
 
 from gradcomp.keyed_random import KeyedStream
 
+_CHUNK = 1 << 15  # words per step: 256 KiB, whole AES blocks
+
 
 def expand(key: bytes, dim: int, bits: int) -> np.ndarray:
     """The mask of `key`: `dim` uniform values in [0, 2^bits)."""
@@ -26,12 +28,21 @@ def reduce(values: np.ndarray, bits: int) -> np.ndarray:
 
 def apply(acc: np.ndarray, plus: Iterable[bytes], minus: Iterable[bytes], bits: int) -> np.ndarray:
     """acc + sum(mask(k) for k in plus) - sum(mask(k) for k in minus), mod 2^bits; `acc` is updated
-    in place when it is a writable uint64 array."""
+    in place when it is a writable uint64 array.
+
+    The raw 64-bit words are added (their low `bits` bits are the masks, and the sum is reduced
+    once at the end), a cache-sized chunk at a time across all streams: about twice as fast at
+    d = 1e6 as expanding each whole mask, and the same words (chunks are whole AES blocks).
+    """
     out = acc if acc.dtype == np.uint64 and acc.flags.writeable else acc.astype(np.uint64)
-    for key in plus:
-        out += expand(key, len(out), bits)
-    for key in minus:
-        out -= expand(key, len(out), bits)
+    streams = [(KeyedStream(k), True) for k in plus] + [(KeyedStream(k), False) for k in minus]
+    for lo in range(0, len(out), _CHUNK):
+        part = out[lo : lo + _CHUNK]
+        for stream, add in streams:
+            if add:
+                part += stream.words(len(part))
+            else:
+                part -= stream.words(len(part))
     return reduce(out, bits)
 
 

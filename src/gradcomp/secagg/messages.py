@@ -28,6 +28,13 @@ class MessageError(ValueError):
     """Bytes that are not a well-formed message."""
 
 
+def _head(fmt: str, data: bytes) -> tuple[int, ...]:
+    """The fixed header `fmt` at the start of `data`; too few bytes is a MessageError, not struct.error."""
+    if len(data) < struct.calcsize(fmt):
+        raise MessageError(f"{len(data)} bytes are shorter than the {struct.calcsize(fmt)}-byte header")
+    return struct.unpack_from(fmt, data)
+
+
 def _ids(data: bytes, offset: int, count: int) -> tuple[int, ...]:
     return struct.unpack_from(f">{count}I", data, offset)
 
@@ -87,7 +94,7 @@ class ShareKeysRequest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ShareKeysRequest:
-        cid, count = struct.unpack_from(">IH", data)
+        cid, count = _head(">IH", data)
         return cls(cid, tuple(Advertise.from_bytes(r) for r in _records(data, 6, count, Advertise.SIZE)))
 
 
@@ -104,7 +111,7 @@ class _Shares:
 
     @classmethod
     def from_bytes(cls: type[_S], data: bytes) -> _S:
-        cid, count = struct.unpack_from(">IH", data)
+        cid, count = _head(">IH", data)
         return cls(cid, tuple(EncryptedShare.from_bytes(r) for r in _records(data, 6, count, EncryptedShare.SIZE)))
 
 
@@ -128,7 +135,7 @@ class MaskedInput:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MaskedInput:
-        cid, bits, d = struct.unpack_from(">IBI", data)
+        cid, bits, d = _head(">IBI", data)
         if bits not in (8, 16, 32, 64) or len(data) != 9 + d * bits // 8:
             raise MessageError(f"a masked input of {d} {bits}-bit words cannot be {len(data)} bytes")
         return cls(cid, bits, np.frombuffer(data, dtype=f"<u{bits // 8}", offset=9).astype(np.uint64))
@@ -149,7 +156,7 @@ class UnmaskRequest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskRequest:
-        cid, n_s, n_d = struct.unpack_from(">IHH", data)
+        cid, n_s, n_d = _head(">IHH", data)
         if len(data) != 8 + 4 * (n_s + n_d):
             raise MessageError("an unmask request's length does not match its counts")
         return cls(cid, _ids(data, 8, n_s), _ids(data, 8 + 4 * n_s, n_d))
@@ -168,7 +175,7 @@ class UnmaskResponse:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskResponse:
-        cid, n_s, n_k = struct.unpack_from(">IHH", data)
+        cid, n_s, n_k = _head(">IHH", data)
         recs = _records(data, 8, n_s + n_k, 4 + SHARE_BYTES)
         pairs = [(struct.unpack_from(">I", r)[0], r[4:]) for r in recs]
         return cls(cid, dict(pairs[:n_s]), dict(pairs[n_s:]))

@@ -61,9 +61,27 @@ def log_degree(n: int, factor: float = 3.0) -> int:
     return max(2, min(k, (n - 1) // 2 * 2))
 
 
-def settings_for(n: int, bits: int = 32, factor: float = 3.0) -> SecAggParams:
-    """Defaults for rounds of about n clients: k from `log_degree`, the smallest allowed t, and
-    min_survivors = t + 1."""
-    k = log_degree(n, factor)
-    t = k // 2 + 1
-    return SecAggParams(degree=k, threshold=t, min_survivors=t + 1, bits=bits)
+def short_of_threshold(degree: int, threshold: int, dropout: float) -> float:
+    """P(fewer than `threshold` of `degree` neighbours survive) when each drops independently with
+    probability `dropout`: the chance one client's secrets cannot be rebuilt."""
+    keep = 1.0 - dropout
+    return sum(math.comb(degree, j) * keep**j * dropout ** (degree - j) for j in range(threshold))
+
+
+def settings_for(n: int, bits: int = 32, dropout: float = 0.0, failure: float = 0.01) -> SecAggParams:
+    """Settings for rounds of about n clients: the smallest even degree at least `log_degree(n)` at
+    which, with the smallest allowed t = k/2 + 1, a round aborts for lack of surviving holders with
+    probability at most `failure` (union bound over the n clients, independent dropouts at rate
+    `dropout`); a degree of n - 1 or more is the complete graph. min_survivors = t + 1.
+
+    The degree stays O(log n) for a fixed dropout rate below 1/2 (the tail falls exponentially in k),
+    but its constant grows fast with the rate: at 30% the complete graph is needed up to n of a few hundred.
+    """
+    if not 0.0 <= dropout < 0.5:
+        raise ValueError(f"dropout must be in [0, 0.5) for t > k/2 to be reachable, got {dropout}")
+    k = log_degree(n)
+    while k < n - 1 and n * short_of_threshold(k, k // 2 + 1, dropout) > failure:
+        k += 2
+    k = max(k, 2)
+    k += k % 2  # even; with k >= n - 1 the graph is complete and t = k/2 + 1 of its n - 1 holders
+    return SecAggParams(degree=k, threshold=k // 2 + 1, min_survivors=k // 2 + 2, bits=bits)

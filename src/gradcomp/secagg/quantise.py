@@ -3,7 +3,7 @@
 1. Clip the whole update to L2 norm C (the same whole-update clip as central and local DP).
 2. Scale by gamma.
 3. Round each coordinate stochastically: up with probability equal to its fractional part, so the
-   rounded value's expectation is the scaled value (up to the 2^-53 grid of the uniform draws).
+   rounded value's expectation is the scaled value (to within 2^-53).
 4. (Distributed DP adds integer noise here, between rounding and masking.)
 5. Map to Z_(2^b) in two's complement; the coordinator maps the unmasked sum back the same way.
 
@@ -45,16 +45,28 @@ def check_no_wrap(n: int, clip: float, scale: float, bits: int, noise_tail: floa
     return bound
 
 
+def discrete_gaussian_tail(sigma_sq: float, dim: int, n: int, beta: float) -> float:
+    """A bound on |noise| per coordinate that holds for all n clients' `dim` discrete-Gaussian draws
+    (variance parameter sigma_sq) at once, except with probability at most `beta`: the discrete
+    Gaussian is sub-Gaussian (Canonne, Kamath, Steinke 2020: P(X >= t) <= exp(-t^2 / (2 sigma_sq))),
+    and a union bound over the 2 n dim one-sided tails gives sqrt(2 sigma_sq ln(2 n dim / beta))."""
+    if sigma_sq <= 0 or dim < 1 or n < 1 or not 0 < beta < 1:
+        raise ValueError("sigma_sq must be above 0, dim and n at least 1, beta in (0, 1)")
+    return math.sqrt(2.0 * sigma_sq * math.log(2.0 * n * dim / beta))
+
+
 def clip_l2(x: np.ndarray, clip: float) -> np.ndarray:
     norm = float(np.linalg.norm(x))
     return x * (clip / norm) if norm > clip else x
 
 
 def stochastic_round(z: np.ndarray, stream: KeyedStream) -> np.ndarray:
-    """Unbiased integer rounding of float64 `z`: floor(z) + [u < frac(z)], u uniform from `stream`."""
+    """Unbiased integer rounding of float64 `z`: floor(z) + [r < frac(z) 2^53] for r a uniform
+    53-bit integer from `stream`. frac(z) 2^53 is exact in float64, so P(up) = ceil(frac 2^53) / 2^53:
+    the expectation is z to within 2^-53, by integer comparison of the raw keystream."""
     low = np.floor(z)
-    up = stream.uniform(z.size).reshape(z.shape) < (z - low)
-    return low.astype(np.int64) + up.astype(np.int64)
+    r = (stream.words(z.size) >> np.uint64(11)).astype(np.float64).reshape(z.shape)
+    return low.astype(np.int64) + (r < (z - low) * 2.0**53).astype(np.int64)
 
 
 def to_ring(q: np.ndarray, bits: int) -> np.ndarray:

@@ -42,6 +42,8 @@ class SecAggServer:
         self.graph: dict[int, frozenset[int]] = {}
         self.sharers: set[int] = set()  # U2
         self.survivors: set[int] = set()  # U3
+        self.dropped: set[int] = set()  # in U2, not in U3, with surviving neighbours: masks to remove
+        self.refused: dict[int, str] = {}  # clients whose messages were malformed: treated as dropped
         self._total = np.zeros(dim, dtype=np.uint64)
 
     def _need(self, count: int, what: str) -> None:
@@ -59,12 +61,8 @@ class SecAggServer:
 
     def collect_shares(self, responses: Iterable[ShareKeysResponse]) -> dict[int, MaskedInputRequest]:
         """Relays each share from a client that answered to its receiver, if that one answered too."""
-        answered = {r.cid: r for r in responses if r.cid in self.graph}
+        answered = {r.cid: r for r in responses if r.cid in self.graph and self._one_per_neighbour(r)}
         self._need(len(answered), "sent shares")
-        for r in answered.values():
-            to = [s.receiver for s in r.shares]
-            if any(s.sender != r.cid for s in r.shares) or sorted(to) != sorted(self.graph[r.cid]):
-                raise RoundAborted(f"client {r.cid} sent shares that are not one per neighbour")
         self.sharers = set(answered)
         inbox: dict[int, list] = {u: [] for u in answered}
         for r in answered.values():
@@ -73,29 +71,44 @@ class SecAggServer:
                     inbox[s.receiver].append(s)
         return {u: MaskedInputRequest(u, tuple(shares)) for u, shares in inbox.items()}
 
+    def _one_per_neighbour(self, r: ShareKeysResponse) -> bool:
+        """Whether r holds one share from its sender to each neighbour; a client whose shares are not
+        is treated as dropped before sharing (it cannot abort the round for everyone)."""
+        ok = all(s.sender == r.cid for s in r.shares) and sorted(s.receiver for s in r.shares) == sorted(
+            self.graph[r.cid]
+        )
+        if not ok:
+            self.refused[r.cid] = "shares that are not one per neighbour"
+        return ok
+
+    def _well_formed(self, m: MaskedInput) -> bool:
+        ok = m.bits == self.params.bits and m.y.shape == (self.dim,) and m.y.dtype == np.uint64
+        ok = ok and (self.params.bits == 64 or not m.y.size or int(m.y.max()) >> self.params.bits == 0)
+        if not ok:
+            self.refused[m.cid] = "a masked input of the wrong shape or range"
+        return ok
+
     def _holders(self, u: int) -> frozenset[int]:
         """The surviving clients that hold shares of u's secrets."""
         return self.graph[u] & self.survivors
 
     def collect_masked(self, inputs: Iterable[MaskedInput]) -> dict[int, UnmaskRequest]:
         """Adds the masked inputs of U3; asks each survivor for the shares needed to unmask the sum."""
-        got = {m.cid: m for m in inputs if m.cid in self.sharers}
-        for m in got.values():
-            if m.bits != self.params.bits or len(m.y) != self.dim:
-                raise RoundAborted(f"client {m.cid} sent a masked input of the wrong shape")
+        got = {m.cid: m for m in inputs if m.cid in self.sharers and self._well_formed(m)}
         self.survivors = set(got)
         self._need(len(got), "sent masked inputs")
-        needed = self.survivors | self._dropped()
+        self.dropped = self._dropped()
+        needed = self.survivors | self.dropped
         short = [u for u in needed if len(self._holders(u)) < self.params.threshold]
         if short:
             raise RoundAborted(f"{len(short)} secrets have fewer than {self.params.threshold} surviving holders")
         if not is_connected(self.survivors, self.graph):
             raise RoundAborted("the survivors' neighbourhood graph is split")
         for m in got.values():
-            self._total += masks.check_ring(m.y, self.params.bits)
+            self._total += m.y
         return {
             u: UnmaskRequest(
-                u, tuple(sorted(self.graph[u] & self.survivors)), tuple(sorted(self.graph[u] & self._dropped()))
+                u, tuple(sorted(self.graph[u] & self.survivors)), tuple(sorted(self.graph[u] & self.dropped))
             )
             for u in sorted(self.survivors)
         }
@@ -107,7 +120,7 @@ class SecAggServer:
     def finish(self, responses: Iterable[UnmaskResponse]) -> np.ndarray:
         """The sum over U3 of the clients' inputs, in Z_(2^bits)."""
         b_shares: dict[int, dict[int, bytes]] = {u: {} for u in self.survivors}
-        sk_shares: dict[int, dict[int, bytes]] = {v: {} for v in self._dropped()}
+        sk_shares: dict[int, dict[int, bytes]] = {v: {} for v in self.dropped}
         for r in responses:
             if r.cid not in self.survivors:
                 continue

@@ -82,15 +82,16 @@ def run_round(
     completes: Mapping[int, int] | None = None,
     round_id: bytes = b"round-0",
     graph_seed: bytes | None = None,
+    dim: int | None = None,
 ) -> RoundReport:
-    """Runs one round over `inputs` (cid -> uint64 vector in Z_(2^bits)) and reports it."""
-    dims = {len(x) for x in inputs.values()}
-    if len(dims) != 1:
-        raise ValueError("every input must have the same length")
+    """Runs one round over `inputs` (cid -> uint64 vector in Z_(2^bits); read when the client masks
+    it, so a lazy mapping works) and reports it. `dim` defaults to the first input's length; an input
+    of another length aborts the round at the coordinator."""
     report = RoundReport(None, None, frozenset())
     clients = {cid: SecAggClient(cid, params, round_id) for cid in inputs}
     d = _Driver(report, clients, completes or {})
-    server = SecAggServer(params, round_id, dims.pop(), graph_seed or os.urandom(32))
+    dim = dim if dim is not None else len(next(iter(inputs.values())))
+    server = SecAggServer(params, round_id, dim, graph_seed or os.urandom(32))
     try:
         ads = d.clients_answer(0, None, lambda c, _: c.advertise())
         share_reqs = d.server("advertise", server.collect_advertise, ads)

@@ -24,7 +24,6 @@ from typing import Any
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2_grpc
@@ -33,14 +32,15 @@ from gradcomp.protocol.channel import is_loopback_host
 from gradcomp.protocol.model import initial_params
 from gradcomp.results import RunRecord, atomic_write_json, human_bytes, print_summary
 from gradcomp.server import store
-from gradcomp.server.auth import AuthGate, TokenBook, load_tokens, server_options
+from gradcomp.server.auth import AuthGate, TokenBook, load_tokens
 from gradcomp.server.core import FAILED, Coordinator
+from gradcomp.server.health import NOT_SERVING, Health
 from gradcomp.server.service import CoordinatorService
 from gradcomp.server.tls import server_credentials
+from gradcomp.server.transport import connection_cap, raise_file_limit, server_options
 from gradcomp.tasks import Task, load_task
 
 log = logging.getLogger("gradcomp.server")
-SERVICE_NAME = "gradcomp.v1.Coordinator"
 
 
 def make_evaluator(task: Task) -> Callable[[dict[str, torch.Tensor]], dict[str, float]] | None:
@@ -62,15 +62,18 @@ class Running:
 
     coord: Coordinator
     server: grpc.Server
-    health: health.HealthServicer
+    health: Health
     port: int
     metrics_port: int | None
     run_dir: Path
     record: RunRecord
 
     def stop(self, grace: float = 1.0) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        """Stop serving; calls still open after `grace` (health Watch streams among them) are cancelled.
+        Bounded: an open stream or a stuck handler cannot hold the final status back."""
+        self.health.close()
+        if not self.server.stop(grace).wait(grace + 5.0):
+            log.warning("gRPC server did not stop within %.1f s; going on without it", grace + 5.0)
 
 
 def resolve_host(job: FedJob, cli_host: str | None) -> str:
@@ -152,17 +155,20 @@ def make_grpc_server(job: FedJob, book: TokenBook, coord: Coordinator) -> grpc.S
         if method == "SubmitUpdate" and reason is not None:
             coord.reject(reason, message)
 
+    limits = job.limits
     gate = AuthGate(
         book,
         require_cert=job.server.tls_client_ca is not None,
-        max_request_bytes=job.limits.max_message_bytes,
+        max_request_bytes=limits.max_message_bytes,
         refused=refused,
+        calls_per_client=limits.max_calls_per_client,
+        read_seconds=limits.request_read_seconds,
     )
     limit = job.server.max_concurrent_rpcs
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=limit),
         interceptors=[gate],
-        options=server_options(job.limits.max_message_bytes, job.limits.stream_window_bytes),
+        options=server_options(limits, connection_cap(limits, raise_file_limit())),
         maximum_concurrent_rpcs=limit,
     )
 
@@ -203,8 +209,8 @@ def start(
     server = make_grpc_server(job, book, coord)
     service = CoordinatorService(coord, job, book)
     fed_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer = Health(job.limits.max_health_watchers)
+    server.add_generic_rpc_handlers((health_servicer.handler(),))
     address = f"{host}:{job.server.port}"
     try:  # a failed bind must not leave the server's thread pool behind
         try:  # gRPC raises RuntimeError (older versions returned 0) on a failed bind
@@ -220,8 +226,6 @@ def start(
     if creds is None:
         print(insecure_warning(host), file=sys.stderr, flush=True)
     server.start()
-    for svc in ("", SERVICE_NAME):
-        health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     atomic_write_json(
         run_dir / "endpoint.json", {"host": host, "port": port, "metrics_port": metrics_port, "tls": creds is not None}
     )
@@ -248,8 +252,7 @@ def round_loop(run: Running, stop: threading.Event, verbose: bool = True) -> Non
 
 def linger(run: Running, stop: threading.Event) -> None:
     """Keep answering DONE so clients exit cleanly, until every client that joined left or linger_seconds pass."""
-    for svc in ("", SERVICE_NAME):
-        run.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    run.health.set(NOT_SERVING)
     end = time.monotonic() + run.coord.job.server.linger_seconds
     while time.monotonic() < end and not stop.is_set() and run.coord.has_members():
         time.sleep(0.1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ import grpc
 from gradcomp.config.fed import ServerSection
 
 SERVICE_PREFIX = "/gradcomp.v1.Coordinator/"
+# gRPC's own words when server.max_concurrent_rpcs are in progress; clients retry a refusal that says them,
+# and the per-client limit says them too.
+BUSY_DETAILS = "Concurrent RPC limit exceeded"
 # Called for every refusal the gate makes: (method, status code, rejected_total reason or None, message).
 RefusalHook = Callable[[str, grpc.StatusCode, "str | None", str], None]
 
@@ -127,15 +131,67 @@ def certificate_problem(ident: ClientIdentity, auth_context: Mapping[str, Iterab
     return None
 
 
+class CallCounter:
+    """Calls in progress per client, at most `limit` each: one token cannot take every server slot."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def enter(self, name: str) -> bool:
+        with self._lock:
+            if self._open.get(name, 0) >= self.limit:
+                return False
+            self._open[name] = self._open.get(name, 0) + 1
+            return True
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            left = self._open[name] - 1
+            if left:
+                self._open[name] = left
+            else:
+                del self._open[name]
+
+    def open(self, name: str) -> int:
+        with self._lock:
+            return self._open.get(name, 0)
+
+
+def cancel_with_status(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from another thread than its handler's, with `code` for the peer to see.
+
+    The public `context.cancel()` would tell the peer only CANCELLED; gRPC core can cancel with a
+    status, which grpcio reaches through the call object behind the context (not public API, so
+    the plain cancel stays as the fallback)."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(code.value[0], details)  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        context.cancel()
+
+
 # --- the interceptor -------------------------------------------------------------------------
 class AuthGate(grpc.ServerInterceptor):
     """Authenticate coordinator calls before their request is read (see module docstring)."""
 
-    def __init__(self, book: TokenBook, *, require_cert: bool, max_request_bytes: int, refused: RefusalHook):
+    def __init__(
+        self,
+        book: TokenBook,
+        *,
+        require_cert: bool,
+        max_request_bytes: int,
+        refused: RefusalHook,
+        calls_per_client: int = 4,
+        read_seconds: float = 30.0,
+    ):
         self.book = book
         self.require_cert = require_cert
         self.max_request_bytes = max_request_bytes
         self.refused = refused
+        self.calls = CallCounter(calls_per_client)
+        self.read_seconds = read_seconds
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
@@ -170,48 +226,67 @@ class AuthGate(grpc.ServerInterceptor):
         self, method: str, ident: ClientIdentity, inner: grpc.RpcMethodHandler
     ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
         def behaviour(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-            if self.require_cert:
-                problem = certificate_problem(ident, context.auth_context())
-                if problem is not None:
-                    self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", problem)
-            raw = self._read_one(method, requests, context)
+            # Counted here, not in intercept_service: gRPC runs the interceptor also for calls it then
+            # refuses at server.max_concurrent_rpcs, and those never reach a behaviour to be uncounted.
+            if not self.calls.enter(ident.name):  # refused before a byte is read, so it holds nothing
+                self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, None,
+                             f"{BUSY_DETAILS} for client {ident.name!r}: {self.calls.limit} of its calls are in "
+                             "progress (limits.max_calls_per_client); retry later")  # fmt: skip
             try:
-                request = inner.request_deserializer(raw) if inner.request_deserializer else raw
-            except Exception as err:  # protobuf's DecodeError, or anything a forged message triggers
-                self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
-                             f"request is not a valid {method} message: {type(err).__name__}")  # fmt: skip
-            return inner.unary_unary(request, context)
+                return self._serve(method, ident, inner, requests, context)
+            finally:
+                self.calls.leave(ident.name)
 
         return behaviour
 
+    def _serve(
+        self,
+        method: str,
+        ident: ClientIdentity,
+        inner: grpc.RpcMethodHandler,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+    ) -> Any:
+        if self.require_cert:
+            problem = certificate_problem(ident, context.auth_context())
+            if problem is not None:
+                self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", problem)
+        raw = self._read_one(method, requests, context)
+        try:
+            request = inner.request_deserializer(raw) if inner.request_deserializer else raw
+        except Exception as err:  # protobuf's DecodeError, or anything a forged message triggers
+            self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                         f"request is not a valid {method} message: {type(err).__name__}")  # fmt: skip
+        return inner.unary_unary(request, context)
+
     def _read_one(self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """The call's one request, within `read_seconds`: a body that never arrives must not hold
+        a handler thread (and a slot of server.max_concurrent_rpcs) for good."""
+        late = threading.Event()
+
+        def expire() -> None:
+            late.set()
+            cancel_with_status(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"request body not received within {self.read_seconds:g} s "
+                               "(limits.request_read_seconds)")  # fmt: skip
+
+        timer = threading.Timer(self.read_seconds, expire)
+        timer.daemon = True
+        timer.start()
         try:
             raw = next(requests)
         except StopIteration:
             self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, "malformed", "no request message")
-        except grpc.RpcError:  # the client went away, or the message broke gRPC's own hard limit
-            self.refused(method, grpc.StatusCode.CANCELLED, None, "call ended before its request arrived")
+        except grpc.RpcError:  # the client went away, the read deadline passed, or gRPC's own hard limit
+            if late.is_set():
+                self.refused(method, grpc.StatusCode.DEADLINE_EXCEEDED, None, "request body too slow")
+            else:
+                self.refused(method, grpc.StatusCode.CANCELLED, None, "call ended before its request arrived")
             raise
+        finally:
+            timer.cancel()
         if len(raw) > self.max_request_bytes:
             self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large",
                          f"request of {len(raw)} bytes is over limits.max_message_bytes "
                          f"({self.max_request_bytes})")  # fmt: skip
         return raw
-
-
-def server_options(max_message_bytes: int, window_bytes: int) -> list[tuple[str, int]]:
-    """gRPC server options that bound what a peer can make the coordinator buffer.
-
-    The receive limit is twice `limits.max_message_bytes` so that the gate, not gRPC, sees
-    (and counts) an oversized request; gRPC's own refusal reaches a handler only as a
-    cancelled call. HTTP/2's bandwidth-delay probing is off and the stream window fixed: with
-    probing on, a flood of unauthenticated requests grew the window and the coordinator
-    buffered megabytes per stream before the refusal went out.
-    """
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", 2 * max_message_bytes),
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", window_bytes),
-        ("grpc.so_reuseport", 0),  # a second coordinator on the same port must fail, not share the clients
-    ]

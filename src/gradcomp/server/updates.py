@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from gradcomp.compression import Fields, WireError, dense_nbytes, from_fields, to_fields
-from gradcomp.compression.payload import DIM_BYTES, DTYPE_CODES, HEADER_BYTES, Dense, Payload, Sparse
+from gradcomp.compression import Fields, Payload, WireError, dense_nbytes, from_fields
+from gradcomp.compression.payload import DTYPE_CODES
 from gradcomp.protocol.model import TensorSpec
 
 Params = dict[str, torch.Tensor]
@@ -29,14 +29,10 @@ class Rejected(ValueError):
         self.reason = reason
 
 
-def fields_nbytes(f: Fields) -> int:
-    """Wire bytes of one tensor (same count as `Payload.nbytes`)."""
-    return HEADER_BYTES + DIM_BYTES * len(f.shape) + len(f.values) + len(f.indices)
-
-
 def update_nbytes(update: Mapping[str, Fields | Payload]) -> int:
-    """Wire bytes of a whole update, whether it arrived as protobuf fields or as payloads."""
-    return sum(v.nbytes if isinstance(v, Dense | Sparse) else fields_nbytes(v) for v in update.values())
+    """Wire bytes of a whole update, whether it arrived as protobuf fields or as payloads (both
+    count with `payload.wire_nbytes`)."""
+    return sum(v.nbytes for v in update.values())
 
 
 def dense_update_nbytes(spec: Mapping[str, TensorSpec]) -> int:
@@ -68,7 +64,7 @@ def decode_update(
     out: Params = {}
     for name, s in spec.items():
         item = update[name]
-        fields = to_fields(item) if isinstance(item, Dense | Sparse) else item
+        fields = item if isinstance(item, Fields) else item.to_fields()
         try:
             payload = from_fields(fields, max_numel=s.numel)
         except WireError as err:

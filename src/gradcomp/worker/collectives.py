@@ -1,10 +1,12 @@
 """The collectives a compressed gradient needs, averaging over ranks.
 
-- dense all-reduce: every rank sends all values (`Dense` payloads, warm-up, no compression);
-- sparse all-gather: ranks pick different positions (topk, rtopk), so each rank gathers
-  every rank's fixed-size (indices, values) and scatter-adds them;
-- shared-index all-reduce: every rank uses the same positions (seeded randomk, or leader
-  mode after `broadcast_positions`), so only the k values are all-reduced.
+- all-reduce of the values, when every rank's payload has the same layout: dense payloads
+  (warm-up, no compression, fp16/bf16), and shared positions (seeded randomk, or leader mode
+  after `broadcast_positions`), where only the k values travel;
+- all-gather, when each rank's payload differs in layout or scale: each kind packs itself into
+  fixed-size bytes and computes the mean from every rank's (sparse: (indices, values) scatter-
+  added; qsgd: levels and norm scales dequantized).
+A payload's kind says which (`Payload.collective`); nothing here knows the kinds.
 
 Per rank, a ring all-reduce of m bytes transmits 2(P-1)/P m, an all-gather (P-1) m, and a
 broadcast of m bytes (P-1) m in all, (P-1)/P m per rank: `wire_bytes` models exactly that.
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from gradcomp.compression import Dense, Payload, Sparse
+from gradcomp.compression import Payload
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -52,54 +54,29 @@ def allreduce_mean(values: torch.Tensor, group: dist.ProcessGroup | None = None)
     return _then(work, lambda: values)
 
 
-def _pack(payload: Sparse) -> torch.Tensor:
-    """Indices then values of one payload as one flat byte tensor (one collective, not two)."""
-    idx = payload.indices.contiguous().view(torch.uint8)
-    val = payload.values.contiguous().view(torch.uint8)
-    return torch.cat([idx, val])
-
-
-def allgather_sparse_mean(
-    payload: Sparse, out: torch.Tensor, group: dist.ProcessGroup | None = None
+def allgather_mean(
+    payload: Payload, out: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.futures.Future[torch.Tensor]:
-    """Gather every rank's (indices, values); the future resolves to `out` holding their mean.
+    """Gather every rank's `payload.pack()`; the future resolves to `out` holding the mean the
+    payload's kind computes from the gathered rows (`gather_mean`).
 
-    All ranks must send the same number of values with the same index/value dtypes (true
-    for a pipeline's payloads of equally sized tensors: `pipe.kept(n)` is fixed). The k
-    values are scaled before they are scattered, so the dense result takes one zero-fill
-    and no pass of its own.
+    All ranks must pack the same number of bytes (true for a pipeline's payloads of equally
+    sized tensors: `pipe.kept(n)` is fixed, and so are a kind's arguments).
     """
     world = world_size(group)
-    packed = _pack(payload)
+    packed = payload.pack()
     gathered = torch.empty(world * packed.numel(), dtype=torch.uint8, device=packed.device)
     work = _all_gather_single(gathered, packed, group=group, async_op=True)
-    idx_bytes = payload.values.numel() * payload.indices.element_size()
-
-    def decode() -> torch.Tensor:
-        rows = gathered.view(world, -1)
-        idx = rows[:, :idx_bytes].contiguous().view(payload.indices.dtype).reshape(-1)
-        val = rows[:, idx_bytes:].contiguous().view(payload.values.dtype).reshape(-1)
-        out.zero_()
-        return out.index_add_(0, idx.long(), torch.div(val.to(out.dtype), world))
-
-    return _then(work, decode)
+    return _then(work, lambda: payload.gather_mean(gathered.view(world, -1), out))
 
 
-def allreduce_shared_mean(
-    payload: Sparse, out: torch.Tensor, group: dist.ProcessGroup | None = None
+def allreduce_values_mean(
+    payload: Payload, out: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> torch.futures.Future[torch.Tensor]:
-    """All-reduce only the k values of a payload whose indices are the same on every rank;
-    the future resolves to `out` holding the mean (zeros off the shared positions)."""
-    values = payload.values.clone()
-    summed = allreduce_mean(values, group)
-    idx = payload.indices.long()
-
-    def scatter(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        out.zero_()
-        out[idx] = fut.value().to(out.dtype)
-        return out
-
-    return summed.then(scatter)
+    """All-reduce only the payload's values (every rank's have the same layout: dense, or the
+    same positions); the future resolves to `out` holding what the payload restores from the mean."""
+    summed = allreduce_mean(payload.values.clone(), group)
+    return summed.then(lambda fut: payload.restore_into(out, fut.value()))
 
 
 def broadcast_positions(
@@ -130,7 +107,7 @@ def broadcast_positions(
 
 def collective_kind(payload: Payload, shared_indices: bool) -> str:
     """Which collective `reduce_payload` runs for `payload`: "allreduce" or "allgather"."""
-    return "allgather" if isinstance(payload, Sparse) and not shared_indices else "allreduce"
+    return payload.collective(shared_indices)
 
 
 def wire_bytes(handed: dict[str, float], world: int) -> float:
@@ -148,15 +125,15 @@ def wire_bytes(handed: dict[str, float], world: int) -> float:
 def sent_bytes(payload: Payload, shared_indices: bool) -> int:
     """Bytes this rank contributes to the collective `reduce_payload` runs for `payload`.
 
-    This is what travels here, not the payload's wire encoding: the all-gather ships fixed-size
-    int32/int64 positions (gap coding would give ranks different sizes), and shared-seed
-    randomk and leader mode ship values only, since every rank has the positions (leader
-    mode's broadcast of them is counted where it runs).
+    This is what travels here, not the payload's wire encoding: the all-gather ships what the
+    kind packs (sparse: fixed-size int32/int64 positions, since gap coding would give ranks
+    different sizes), and shared-seed randomk and leader mode ship values only, since every rank
+    has the positions (leader mode's broadcast of them is counted where it runs).
     """
-    values = payload.values.numel() * payload.values.element_size()
-    if isinstance(payload, Sparse) and not shared_indices:
-        return values + payload.indices.numel() * payload.indices.element_size()
-    return values
+    return payload.collective_nbytes(shared_indices)
+
+
+COLLECTIVES = {"allreduce": allreduce_values_mean, "allgather": allgather_mean}
 
 
 def reduce_payload(
@@ -165,11 +142,6 @@ def reduce_payload(
     shared_indices: bool,
     group: dist.ProcessGroup | None = None,
 ) -> torch.futures.Future[torch.Tensor]:
-    """Pick the collective a payload needs; the future resolves to `out` (flat, the payload's
-    size) overwritten with the mean. `out` may be the tensor the payload was compressed from."""
-    if isinstance(payload, Dense):
-        values = payload.values.clone()
-        return allreduce_mean(values, group).then(lambda fut: out.copy_(fut.value()))
-    if shared_indices:
-        return allreduce_shared_mean(payload, out, group)
-    return allgather_sparse_mean(payload, out, group)
+    """Run the collective the payload's kind asks for; the future resolves to `out` (flat, the
+    payload's size) overwritten with the mean. `out` may be the tensor the payload was compressed from."""
+    return COLLECTIVES[payload.collective(shared_indices)](payload, out, group)

@@ -15,18 +15,27 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from gradcomp.compression.payload import Payload
 from gradcomp.compression.spec import SpecError
 from gradcomp.keyed_random import KeyedStream
+
+# Builds a stage's own payload kind for the restored tensor's (shape, dtype).
+PayloadMaker = Callable[[tuple[int, ...], torch.dtype], Payload]
 
 
 @dataclass
 class Work:
-    """The tensor between stages: `values` (1-D, compute precision) at `indices` (None = all)."""
+    """The tensor between stages: `values` (1-D, compute precision) at `indices` (None = all).
+
+    A stage that sends its own payload kind (qsgd: integer levels and norm scales) sets `encoded`
+    to build it, and leaves in `values` what the receiver will restore, so error feedback keeps
+    exactly the rest. Only error feedback may follow such a stage (`check_pipeline`)."""
 
     values: torch.Tensor
     indices: torch.Tensor | None
     numel: int
     wire_dtype: torch.dtype
+    encoded: PayloadMaker | None = None
 
 
 # Leader mode: given k and a thunk computing this rank's own selection, return the positions
@@ -67,6 +76,9 @@ class Stage:
     def kept(self, n: int) -> int:
         """How many of n values survive this stage."""
         return n
+
+    def check_pipeline(self, stages: list[Stage]) -> None:
+        """Refuse (SpecError) a pipeline this stage cannot work in; `stages` includes this one."""
 
     def to_spec(self) -> str:
         fields = [f for f in dataclasses.fields(self) if not self._is_quiet(f)]  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ running position with Python's unbounded integers.
 from __future__ import annotations
 
 import itertools
+import struct
 
 import pytest
 import torch
@@ -117,6 +118,12 @@ any_fields = st.builds(
     shape=st.lists(st.integers(0, 20) | st.integers(0, 2**64 - 1), max_size=3).map(tuple),
     values=st.binary(max_size=64),
     indices=st.binary(max_size=64),
+    # kinds with parameters (qsgd: u32 levels | u32 bucket | f32 norms) as well as arbitrary bytes
+    extra=st.just(b"")
+    | st.binary(max_size=48)
+    | st.tuples(st.integers(0, 300), st.integers(0, 20), st.binary(max_size=40)).map(
+        lambda t: struct.pack("<II", t[0], t[1]) + t[2]
+    ),
 )
 SPEC = model_spec({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
 

@@ -115,6 +115,7 @@ class Payload:
 
     kind: ClassVar[int]  # stable wire code, see KINDS
     kind_name: ClassVar[str]
+    restored_dtypes: ClassVar[tuple[torch.dtype, ...]] = FLOAT_DTYPES  # what `dtype` may be on the wire
     values: torch.Tensor
     shape: tuple[int, ...]
     dtype: torch.dtype

@@ -21,7 +21,6 @@ import struct
 from gradcomp.compression.payload import (
     CODE_DTYPES,
     EXTRA_LEN_BYTES,
-    FLOAT_DTYPES,
     Fields,
     Payload,
     WireError,
@@ -58,8 +57,8 @@ def from_fields(f: Fields, *, max_numel: int | None = None) -> Payload:
         raise WireError(f"tensor of {numel} elements cannot be addressed by int64 positions")
     if max_numel is not None and numel > max_numel:
         raise WireError(f"tensor of {numel} elements exceeds the limit of {max_numel}")
-    dtype = wire_dtype(f.dtype, "dtype", FLOAT_DTYPES)
-    return kind_class(f.kind).from_fields(f, numel, dtype)
+    cls = kind_class(f.kind)
+    return cls.from_fields(f, numel, wire_dtype(f.dtype, "dtype", cls.restored_dtypes))
 
 
 def encode(payload: Payload) -> bytes:

@@ -94,7 +94,7 @@ def test_two_releases_on_different_inputs_never_share_noise() -> None:
 
 BASE = LocalTrainingConfig(
     task="digits-mlp", epochs=1, batch_size=16, lr=0.5, momentum=0.0, spec="dp(clip=1.0, sigma=1.0)", seed=7,
-    task_args={"hidden": 16},
+    task_args={"hidden": 16}, strategy="fedprox",
 )  # fmt: skip
 
 
@@ -103,9 +103,10 @@ def test_the_noise_key_hashes_an_explicit_versioned_list_of_config_fields() -> N
     would let two different updates share noise), and the encoding is pinned: a change to the list
     or to how it is hashed must bump NOISE_KEY_VERSION and update this digest."""
     assert set(CONFIG_FIELDS) == {f.name for f in dataclasses.fields(LocalTrainingConfig)}
-    assert config_digest(BASE) == "17d943a5985a7198155c350f1e0a95aea6d44da961fcb38e440cbb1110bc49cd"
+    assert config_digest(BASE) == "0ae6f7a6b2487218c669dc7f54e519195b1412a62fcdaaead3f39415a4fdca0a"
     changed = {"task": "digits-cnn", "epochs": 2, "batch_size": 8, "lr": 0.25, "momentum": 0.5,
-               "spec": "dp(clip=1.0, sigma=2.0)", "seed": 8, "task_args": {"hidden": 17}}  # fmt: skip
+               "spec": "dp(clip=1.0, sigma=2.0)", "seed": 8, "task_args": {"hidden": 17},
+               "strategy": "scaffold", "strategy_settings": {"mu": 0.1}}  # fmt: skip
     assert set(changed) == set(CONFIG_FIELDS)
     digests = {config_digest(dataclasses.replace(BASE, **{name: value})) for name, value in changed.items()}
     assert len(digests) == len(changed) and config_digest(BASE) not in digests

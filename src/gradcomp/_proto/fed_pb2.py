@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gradcomp/v1/fed.proto\x12\x0bgradcomp.v1\"\x8e\x01\n\x06Tensor\x12\x0c\n\x04kind\x18\x01 \x01(\r\x12\r\n\x05\x64type\x18\x02 \x01(\r\x12\x13\n\x0bvalue_dtype\x18\x03 \x01(\r\x12\x13\n\x0bindex_dtype\x18\x04 \x01(\r\x12\r\n\x05shape\x18\x05 \x03(\x04\x12\x0e\n\x06values\x18\x06 \x01(\x0c\x12\x0f\n\x07indices\x18\x07 \x01(\x0c\x12\r\n\x05\x65xtra\x18\x08 \x01(\x0c\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.gradcomp.v1.Tensor\"J\n\x0cModelWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.gradcomp.v1.NamedTensor\"\xa1\x01\n\x0eTrainingConfig\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x16\n\x0etask_args_json\x18\x02 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x10\n\x08momentum\x18\x06 \x01(\x01\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\":\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"y\n\x0cJoinResponse\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12\x12\n\nnum_shards\x18\x04 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x05 \x01(\x01\"$\n\x0fPullTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xb5\x02\n\x10PullTaskResponse\x12\x34\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32$.gradcomp.v1.PullTaskResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x13\n\x0bmodel_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\x12+\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1b.gradcomp.v1.TrainingConfig\x12\x1b\n\x13retry_after_seconds\x18\x07 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"1\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\"c\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xfe\x01\n\x13SubmitUpdateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12(\n\x06update\x18\x05 \x03(\x0b\x32\x18.gradcomp.v1.NamedTensor\x12>\n\x07metrics\x18\x06 \x03(\x0b\x32-.gradcomp.v1.SubmitUpdateRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08received\x18\x03 \x01(\r\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"0\n\x11HeartbeatResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"1\n\x0cLeaveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse2\xb7\x03\n\x0b\x43oordinator\x12;\n\x04Join\x12\x18.gradcomp.v1.JoinRequest\x1a\x19.gradcomp.v1.JoinResponse\x12G\n\x08PullTask\x12\x1c.gradcomp.v1.PullTaskRequest\x1a\x1d.gradcomp.v1.PullTaskResponse\x12\x41\n\x08GetModel\x12\x1c.gradcomp.v1.GetModelRequest\x1a\x17.gradcomp.v1.ModelChunk\x12S\n\x0cSubmitUpdate\x12 .gradcomp.v1.SubmitUpdateRequest\x1a!.gradcomp.v1.SubmitUpdateResponse\x12J\n\tHeartbeat\x12\x1d.gradcomp.v1.HeartbeatRequest\x1a\x1e.gradcomp.v1.HeartbeatResponse\x12>\n\x05Leave\x12\x19.gradcomp.v1.LeaveRequest\x1a\x1a.gradcomp.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15gradcomp/v1/fed.proto\x12\x0bgradcomp.v1\"\x8e\x01\n\x06Tensor\x12\x0c\n\x04kind\x18\x01 \x01(\r\x12\r\n\x05\x64type\x18\x02 \x01(\r\x12\x13\n\x0bvalue_dtype\x18\x03 \x01(\r\x12\x13\n\x0bindex_dtype\x18\x04 \x01(\r\x12\r\n\x05shape\x18\x05 \x03(\x04\x12\x0e\n\x06values\x18\x06 \x01(\x0c\x12\x0f\n\x07indices\x18\x07 \x01(\x0c\x12\r\n\x05\x65xtra\x18\x08 \x01(\x0c\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.gradcomp.v1.Tensor\"J\n\x0cModelWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.gradcomp.v1.NamedTensor\"\xba\x02\n\x0eTrainingConfig\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x16\n\x0etask_args_json\x18\x02 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\n\n\x02lr\x18\x05 \x01(\x01\x12\x10\n\x08momentum\x18\x06 \x01(\x01\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x10\n\x08strategy\x18\t \x01(\t\x12L\n\x11strategy_settings\x18\n \x03(\x0b\x32\x31.gradcomp.v1.TrainingConfig.StrategySettingsEntry\x1a\x37\n\x15StrategySettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\"y\n\x0cJoinResponse\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x10\n\x08job_name\x18\x02 \x01(\t\x12\x13\n\x0bshard_index\x18\x03 \x01(\r\x12\x12\n\nnum_shards\x18\x04 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x05 \x01(\x01\"$\n\x0fPullTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xb5\x02\n\x10PullTaskResponse\x12\x34\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32$.gradcomp.v1.PullTaskResponse.Action\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x13\n\x0bmodel_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_chunks\x18\x05 \x01(\r\x12+\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1b.gradcomp.v1.TrainingConfig\x12\x1b\n\x13retry_after_seconds\x18\x07 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"1\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\"c\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x63hunk\x18\x02 \x01(\r\x12\x12\n\nnum_chunks\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xfe\x01\n\x13SubmitUpdateRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12(\n\x06update\x18\x05 \x03(\x0b\x32\x18.gradcomp.v1.NamedTensor\x12>\n\x07metrics\x18\x06 \x03(\x0b\x32-.gradcomp.v1.SubmitUpdateRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x10\n\x08received\x18\x03 \x01(\r\"%\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"0\n\x11HeartbeatResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\"1\n\x0cLeaveRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse2\xb7\x03\n\x0b\x43oordinator\x12;\n\x04Join\x12\x18.gradcomp.v1.JoinRequest\x1a\x19.gradcomp.v1.JoinResponse\x12G\n\x08PullTask\x12\x1c.gradcomp.v1.PullTaskRequest\x1a\x1d.gradcomp.v1.PullTaskResponse\x12\x41\n\x08GetModel\x12\x1c.gradcomp.v1.GetModelRequest\x1a\x17.gradcomp.v1.ModelChunk\x12S\n\x0cSubmitUpdate\x12 .gradcomp.v1.SubmitUpdateRequest\x1a!.gradcomp.v1.SubmitUpdateResponse\x12J\n\tHeartbeat\x12\x1d.gradcomp.v1.HeartbeatRequest\x1a\x1e.gradcomp.v1.HeartbeatResponse\x12>\n\x05Leave\x12\x19.gradcomp.v1.LeaveRequest\x1a\x1a.gradcomp.v1.LeaveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradcomp.v1.fed_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRAININGCONFIG_STRATEGYSETTINGSENTRY']._loaded_options = None
+  _globals['_TRAININGCONFIG_STRATEGYSETTINGSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITUPDATEREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_SUBMITUPDATEREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=39
@@ -40,35 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELWEIGHTS']._serialized_start=249
   _globals['_MODELWEIGHTS']._serialized_end=323
   _globals['_TRAININGCONFIG']._serialized_start=326
-  _globals['_TRAININGCONFIG']._serialized_end=487
-  _globals['_JOINREQUEST']._serialized_start=489
-  _globals['_JOINREQUEST']._serialized_end=547
-  _globals['_JOINRESPONSE']._serialized_start=549
-  _globals['_JOINRESPONSE']._serialized_end=670
-  _globals['_PULLTASKREQUEST']._serialized_start=672
-  _globals['_PULLTASKREQUEST']._serialized_end=708
-  _globals['_PULLTASKRESPONSE']._serialized_start=711
-  _globals['_PULLTASKRESPONSE']._serialized_end=1020
-  _globals['_PULLTASKRESPONSE_ACTION']._serialized_start=981
-  _globals['_PULLTASKRESPONSE_ACTION']._serialized_end=1020
-  _globals['_GETMODELREQUEST']._serialized_start=1022
-  _globals['_GETMODELREQUEST']._serialized_end=1071
-  _globals['_MODELCHUNK']._serialized_start=1073
-  _globals['_MODELCHUNK']._serialized_end=1172
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1175
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1429
-  _globals['_SUBMITUPDATEREQUEST_METRICSENTRY']._serialized_start=1383
-  _globals['_SUBMITUPDATEREQUEST_METRICSENTRY']._serialized_end=1429
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1431
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1504
-  _globals['_HEARTBEATREQUEST']._serialized_start=1506
-  _globals['_HEARTBEATREQUEST']._serialized_end=1543
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1545
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1593
-  _globals['_LEAVEREQUEST']._serialized_start=1595
-  _globals['_LEAVEREQUEST']._serialized_end=1644
-  _globals['_LEAVERESPONSE']._serialized_start=1646
-  _globals['_LEAVERESPONSE']._serialized_end=1661
-  _globals['_COORDINATOR']._serialized_start=1664
-  _globals['_COORDINATOR']._serialized_end=2103
+  _globals['_TRAININGCONFIG']._serialized_end=640
+  _globals['_TRAININGCONFIG_STRATEGYSETTINGSENTRY']._serialized_start=585
+  _globals['_TRAININGCONFIG_STRATEGYSETTINGSENTRY']._serialized_end=640
+  _globals['_JOINREQUEST']._serialized_start=642
+  _globals['_JOINREQUEST']._serialized_end=700
+  _globals['_JOINRESPONSE']._serialized_start=702
+  _globals['_JOINRESPONSE']._serialized_end=823
+  _globals['_PULLTASKREQUEST']._serialized_start=825
+  _globals['_PULLTASKREQUEST']._serialized_end=861
+  _globals['_PULLTASKRESPONSE']._serialized_start=864
+  _globals['_PULLTASKRESPONSE']._serialized_end=1173
+  _globals['_PULLTASKRESPONSE_ACTION']._serialized_start=1134
+  _globals['_PULLTASKRESPONSE_ACTION']._serialized_end=1173
+  _globals['_GETMODELREQUEST']._serialized_start=1175
+  _globals['_GETMODELREQUEST']._serialized_end=1224
+  _globals['_MODELCHUNK']._serialized_start=1226
+  _globals['_MODELCHUNK']._serialized_end=1325
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1328
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1582
+  _globals['_SUBMITUPDATEREQUEST_METRICSENTRY']._serialized_start=1536
+  _globals['_SUBMITUPDATEREQUEST_METRICSENTRY']._serialized_end=1582
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1584
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1657
+  _globals['_HEARTBEATREQUEST']._serialized_start=1659
+  _globals['_HEARTBEATREQUEST']._serialized_end=1696
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1698
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1746
+  _globals['_LEAVEREQUEST']._serialized_start=1748
+  _globals['_LEAVEREQUEST']._serialized_end=1797
+  _globals['_LEAVERESPONSE']._serialized_start=1799
+  _globals['_LEAVERESPONSE']._serialized_end=1814
+  _globals['_COORDINATOR']._serialized_start=1817
+  _globals['_COORDINATOR']._serialized_end=2256
 # @@protoc_insertion_point(module_scope)

@@ -44,7 +44,14 @@ class ModelWeights(_message.Message):
     def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed")
+    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed", "strategy", "strategy_settings")
+    class StrategySettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     TASK_ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +60,8 @@ class TrainingConfig(_message.Message):
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     task: str
     task_args_json: str
     local_epochs: int
@@ -61,7 +70,9 @@ class TrainingConfig(_message.Message):
     momentum: float
     compression: str
     seed: int
-    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    strategy: str
+    strategy_settings: _containers.ScalarMap[str, float]
+    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version")

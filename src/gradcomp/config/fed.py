@@ -284,7 +284,24 @@ class FedJob(StrictModel):
             raise ValueError("limits.chunk_bytes must be at most half of limits.max_message_bytes")
         self._check_privacy()
         self._check_collective_free()
+        self._check_strategy_extras()
         return self
+
+    def _check_strategy_extras(self) -> None:
+        """A strategy whose clients send tensors beside the update (SCAFFOLD's control deltas) sends
+        them dense and un-noised, and its client state assumes plain SGD steps."""
+        from gradcomp.strategies import strategy_class
+
+        half = strategy_class(self.strategy.name).client_half
+        if not half.update_names(["x"]):
+            return
+        if self.privacy.mode == "local":
+            raise ValueError(
+                f"strategy {self.strategy.name} sends control variates beside each update without local DP's "
+                "noise: use privacy.mode none or central, or a strategy without client extras (fedprox)"
+            )
+        if self.local.momentum:
+            raise ValueError(f"strategy {self.strategy.name} needs plain local SGD: set local.momentum: 0")
 
     def _check_collective_free(self) -> None:
         from gradcomp.compression import build

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradcomp._proto import fed_pb2
+from gradcomp.strategies import ClientHalf, SettingsRefused, client_half
 
 
 class TaskRefused(ValueError):
@@ -31,6 +32,8 @@ class LocalTrainingConfig:
     spec: str  # the client compression spec (`FedJob.client_spec()`: dp prepended where the job says)
     seed: int  # the job seed: batch order and random selection derive from it (`seeds.round_seed`), not dp noise
     task_args: dict[str, Any] = field(default_factory=dict)
+    strategy: str = ""  # the job's strategy: its client half trains (empty: plain local SGD)
+    strategy_settings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """The ranges a job file allows (config.fed.LocalSection): a coordinator may send anything."""
@@ -42,6 +45,14 @@ class LocalTrainingConfig:
             raise BadTrainingConfig(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise BadTrainingConfig(f"momentum must be in [0, 1), got {self.momentum}")
+        self.half()  # refuses a strategy or settings this client does not understand
+
+    def half(self) -> ClientHalf:
+        """The strategy's client half these settings describe."""
+        try:
+            return client_half(self.strategy, self.strategy_settings)
+        except SettingsRefused as err:
+            raise BadTrainingConfig(str(err)) from None
 
     @classmethod
     def from_pb(cls, msg: fed_pb2.TrainingConfig) -> LocalTrainingConfig:
@@ -54,6 +65,8 @@ class LocalTrainingConfig:
             spec=msg.compression,
             seed=int(msg.seed),
             task_args=_task_args(msg.task_args_json),
+            strategy=msg.strategy,
+            strategy_settings=dict(msg.strategy_settings),
         )
 
 

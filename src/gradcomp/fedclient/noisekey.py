@@ -47,9 +47,20 @@ from gradcomp.keyed_random import KEY_BYTES, check_key, new_key, subkey
 
 # Bump when CONFIG_FIELDS, their encoding or release_key's inputs change: every key (and every ledger
 # release id) changes with it, so a client upgraded mid-job makes fresh releases and is charged for them.
-NOISE_KEY_VERSION = 2
+NOISE_KEY_VERSION = 3
 # The LocalTrainingConfig fields a release's update depends on; every field must be listed here.
-CONFIG_FIELDS = ("task", "task_args", "epochs", "batch_size", "lr", "momentum", "spec", "seed")
+CONFIG_FIELDS = (
+    "task",
+    "task_args",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "spec",
+    "seed",
+    "strategy",
+    "strategy_settings",
+)
 # The code that computes the update: another version may compute another update from the same inputs.
 SOFTWARE = f"gradcomp {__version__}; torch {torch.__version__}"
 

@@ -25,15 +25,16 @@ from dataclasses import dataclass, field
 import torch
 
 from gradcomp._proto import fed_pb2
-from gradcomp.compression import Payload, Pipeline, parse_spec
+from gradcomp.compression import Dense, Payload, Pipeline, parse_spec
 from gradcomp.compression.stages import DP
-from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, run_checks
+from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused, run_checks
 from gradcomp.fedclient.data import ClientData
 from gradcomp.fedclient.noisekey import NoiseKeys, config_digest, fresh_keys, release_key
 from gradcomp.fedclient.seeds import round_seed
-from gradcomp.fedclient.train import LocalTrainer, SGDTrainer, TrainResult
+from gradcomp.fedclient.train import LocalTrainer, SGDConfig, SGDTrainer, TrainResult, num_steps
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, update_request
 from gradcomp.protocol.received import ModelSpec, decode_global
+from gradcomp.strategies import Correction
 from gradcomp.tasks import Task, load_task
 
 Params = dict[str, torch.Tensor]
@@ -45,6 +46,7 @@ class ClientMemory:
 
     residuals: Params = field(default_factory=dict)  # error-feedback memory per tensor (full-size only)
     last_round: int = 0  # the last round this client trained for (0: none yet)
+    strategy_state: Params = field(default_factory=dict)  # the strategy's client state (SCAFFOLD's c_i)
 
     def already_trained(self, round: int) -> bool:
         return round <= self.last_round
@@ -80,13 +82,22 @@ class ClientRuntime:
         self.task = task if task is not None else load_task(config.task, **config.task_args)
         model = self.task.make_model()
         self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(model, self.task.objective)
-        self.expected = ModelSpec.of(model)  # what a global model from the coordinator must be
+        self.half = config.half()  # the strategy's client half: what it adds to the local loss, what it sends
+        names = list(ModelSpec.of(model).tensors)
+        self.served = self.half.served_names(names)  # tensors the strategy serves beside the model
+        self.expected = ModelSpec.of(model, self.served)  # what a global model from the coordinator must be
         self.global_version: int | None = None
         self.global_digest = ""  # SHA-256 of the loaded model's bytes: part of each release's noise key
         self.global_params: Params = {}
+        self.global_extras: Params = {}
         self.stages = parse_spec(config.spec)  # stages hold settings only; each round's Pipeline holds the state
         self.dp_stage: DP | None = next((s for s in self.stages if isinstance(s, DP)), None)  # draws from the noise key
         self.config_sha = config_digest(config)  # part of every release's noise key, fixed for the runtime
+        if self.dp_stage is not None and self.dp_stage.sigma > 0 and self.half.update_names(names):
+            raise TaskRefused(
+                f"strategy {config.strategy!r} sends tensors beside the update that the dp stage does not noise; "
+                "this client refuses to release them under local DP"
+            )
 
     def has_global(self, version: int) -> bool:
         return version == self.global_version
@@ -99,8 +110,14 @@ class ClientRuntime:
         got, params = decode_global(model, self.expected)
         if got != version:
             raise ValueError(f"model bytes hold version {got}, expected {version}")
+        self.global_extras = {k: params.pop(k) for k in self.served}
         self.global_params, self.global_version = params, version
         self.global_digest = hashlib.sha256(model).hexdigest()
+
+    def correction(self, state: Params) -> Correction | None:
+        """The strategy's term in this round's local loss, given the client's strategy state."""
+        anchors = self.half.anchors({**self.global_params, **self.global_extras}, state)
+        return None if anchors is None else Correction(self.half, anchors)
 
     def seed_for(self, client: str, round: int) -> int:
         """The seed of `client`'s batch order and random selection in `round` (known to the coordinator)."""
@@ -120,10 +137,12 @@ class ClientRuntime:
             model_digest=self.global_digest,
         )
 
-    def train(self, client: str, round: int, data: ClientData) -> TrainResult:
+    def train(self, client: str, round: int, data: ClientData, state: Params | None = None) -> TrainResult:
+        """Local training on the loaded global model; `state` is the client's strategy state."""
         if self.global_version is None:
             raise RuntimeError("no global model loaded: call load_global first")
-        return self.trainer.train(self.global_params, data, self.config, self.seed_for(client, round))
+        seed = self.seed_for(client, round)
+        return self.trainer.train(self.global_params, data, self.config, seed, self.correction(state or {}))
 
     def build_update(
         self, client: str, round: int, model_version: int, result: TrainResult, memory: ClientMemory, data: ClientData
@@ -140,6 +159,8 @@ class ClientRuntime:
             state["memory"] = dict(memory.residuals)
         pipe.load_state_dict(state)
         payloads = pipe.compress_update({k: result.params[k].float() - self.global_params[k] for k in names})
+        state, extras = self._strategy_round(result, memory.strategy_state)
+        payloads.update({k: Dense(v.reshape(-1).float(), tuple(v.shape), torch.float32) for k, v in extras.items()})
         num_examples, stats = _disclosed(pipe, result)
         request = update_request(
             client_id=client,
@@ -149,7 +170,17 @@ class ClientRuntime:
             payloads=payloads,
             metrics=stats,
         )
-        return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round)
+        return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round, state)
+
+    def _strategy_round(self, result: TrainResult, state: Params) -> tuple[Params, Params]:
+        """The client's next strategy state and the tensors the strategy sends beside the update."""
+        if not self.half.stateful:
+            return state, {}
+        steps = num_steps(result.num_examples, SGDConfig.of(self.config))
+        new = self.half.after_round(
+            {**self.global_params, **self.global_extras}, result.params, steps, self.config.lr, state
+        )
+        return new, self.half.update_extras(state, new)
 
     def train_round(
         self, *, client: str, round: int, model_version: int, data: ClientData, memory: ClientMemory
@@ -157,7 +188,7 @@ class ClientRuntime:
         if model_version != self.global_version:
             raise ValueError(f"round {round} wants model v{model_version}; v{self.global_version} is loaded")
         t0 = time.perf_counter()
-        result = self.train(client, round, data)
+        result = self.train(client, round, data, memory.strategy_state)
         request, payloads, kept = self.build_update(client, round, model_version, result, memory, data)
         return RoundUpdate(
             request=request,

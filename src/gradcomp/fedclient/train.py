@@ -23,6 +23,7 @@ from torch import nn
 
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import ClientData
+from gradcomp.strategies import Correction
 from gradcomp.tasks import Classification, Objective
 
 Params = dict[str, torch.Tensor]
@@ -60,37 +61,75 @@ def num_steps(num_examples: int, cfg: SGDConfig) -> int:
 
 
 def train_one(
-    model: nn.Module, data: ClientData, cfg: SGDConfig, seed: int, objective: Objective
+    model: nn.Module,
+    data: ClientData,
+    cfg: SGDConfig,
+    seed: int,
+    objective: Objective,
+    correction: Correction | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, int]:
-    """Train `model` in place on `data` under `objective`; returns (state_dict, mean batch loss, steps)."""
+    """Train `model` in place on `data` under `objective` (plus the strategy's `correction`, when
+    given); returns (state_dict, mean batch loss of the task's objective, steps)."""
     model.train()
-    weights = [p for p in model.parameters() if p.requires_grad]
-    velocity: list[torch.Tensor | None] = [None] * len(weights)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    weights = [p for _, p in named]
+    velocity = [torch.zeros_like(w) for w in weights] if cfg.momentum else []
+    active = torch.ones(1)
     losses = []
     for batch in client_batches(data.num_examples, cfg, seed):
         x, y = data.batch(batch)
         loss = objective.mean(model(x), y)
-        _sgd_step(weights, velocity, loss, cfg.lr, cfg.momentum)
+        total = loss if correction is None else loss + correction(dict(named))
+        grads = torch.autograd.grad(total, weights, allow_unused=True)
+        with torch.no_grad():
+            sgd_update(
+                weights,
+                velocity,
+                [_or_zero(g, w) for g, w in zip(grads, weights, strict=True)],
+                active,
+                cfg.lr,
+                cfg.momentum,
+            )
         losses.append(loss.detach())
     mean = float(torch.stack(losses).mean()) if losses else 0.0
     return model.state_dict(), mean, len(losses)
 
 
-def _sgd_step(
-    weights: list[torch.Tensor], velocity: list[torch.Tensor | None], loss: torch.Tensor, lr: float, momentum: float
+def _or_zero(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A parameter the loss does not reach gets a zero gradient (torch.optim.SGD skips it; with
+    momentum 0 and a zero buffer the result is the same)."""
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def sgd_update(
+    params: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    active: torch.Tensor,
+    lr: float,
+    momentum: float,
 ) -> None:
-    for w in weights:
-        w.grad = None
-    loss.backward()
-    with torch.no_grad():
-        for i, w in enumerate(weights):
-            if w.grad is None:
-                continue
-            step = w.grad
-            if momentum:
-                buf = velocity[i]
-                step = velocity[i] = step.clone() if buf is None else buf.mul_(momentum).add_(step)
-            w.add_(step, alpha=-lr)
+    """The local SGD step, written once: torch.optim.SGD's update (heavy-ball momentum, dampening 0)
+    in place, for one client (`active` = [1]) or a whole stacked cohort (`active`: 1 or 0 per client,
+    leading dimension of every tensor; sim/cohort_step.py).
+
+    p += -lr * g * active, and with momentum buf = buf * (momentum if active else 1) + g * active
+    first: a client that sits a padded step out keeps its parameters and momentum exactly. Buffers
+    start at zero, so the first step's buffer is g, as torch's is. In place, because a cohort's
+    parameters are many megabytes and fresh tensors per step cost more than the arithmetic.
+    """
+    if momentum:
+        keep = active * momentum + (1 - active)
+        for b, g in zip(buffers, grads, strict=True):
+            b.mul_(_lead(keep, b)).addcmul_(g, _lead(active, g))
+        grads = buffers
+    for p, g in zip(params, grads, strict=True):
+        p.addcmul_(g, _lead(active, g), value=-lr)
+
+
+def _lead(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-client vector shaped to broadcast over one (stacked) tensor."""
+    return v.view(-1, *([1] * (like.dim() - 1))) if like.dim() else v.view(())
 
 
 @dataclass(frozen=True)
@@ -101,8 +140,16 @@ class TrainResult:
 
 
 class LocalTrainer(Protocol):
-    def train(self, params: Params, data: ClientData, cfg: LocalTrainingConfig, seed: int) -> TrainResult:
-        """Train from `params` on `data` for `cfg.epochs`; randomness only from `seed`."""
+    def train(
+        self,
+        params: Params,
+        data: ClientData,
+        cfg: LocalTrainingConfig,
+        seed: int,
+        correction: Correction | None = None,
+    ) -> TrainResult:
+        """Train from `params` on `data` for `cfg.epochs`, the strategy's `correction` added to the loss;
+        randomness only from `seed`."""
         ...
 
 
@@ -115,10 +162,17 @@ class SGDTrainer:
         # Float entries are federated and must all come from `params`; integer buffers stay local.
         self.federated = {k for k, v in model.state_dict().items() if v.is_floating_point()}
 
-    def train(self, params: Params, data: ClientData, cfg: LocalTrainingConfig, seed: int) -> TrainResult:
+    def train(
+        self,
+        params: Params,
+        data: ClientData,
+        cfg: LocalTrainingConfig,
+        seed: int,
+        correction: Correction | None = None,
+    ) -> TrainResult:
         loaded = self.model.load_state_dict(params, strict=False)
         untrained = sorted(self.federated & set(loaded.missing_keys))
         if untrained or loaded.unexpected_keys:
             raise ValueError(f"global params miss {untrained} and name {loaded.unexpected_keys} the model lacks")
-        state, loss, _ = train_one(self.model, data, SGDConfig.of(cfg), seed, self.objective)
+        state, loss, _ = train_one(self.model, data, SGDConfig.of(cfg), seed, self.objective, correction)
         return TrainResult({k: state[k].detach().clone() for k in params}, loss, data.num_examples)

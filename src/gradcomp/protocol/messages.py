@@ -14,6 +14,7 @@ from gradcomp._proto import fed_pb2
 from gradcomp.compression import Fields, Payload, to_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
+from gradcomp.strategies import strategy_class
 
 # Bumped on any change a peer of the previous version would misread or refuse (see
 # docs/architecture.md, "Protocol version"). 2: payload kinds are open (Tensor.extra, qsgd).
@@ -28,7 +29,8 @@ class DuplicateTensor(ValueError):
 
 
 def training_config(job: FedJob) -> fed_pb2.TrainingConfig:
-    """What every client of `job` trains with: task, local SGD settings, the client spec, the seed."""
+    """What every client of `job` trains with: task, local SGD settings, the client spec, the seed,
+    and the strategy's client half with its settings."""
     return fed_pb2.TrainingConfig(
         task=job.task.name,
         task_args_json=json.dumps(job.task.args, sort_keys=True),
@@ -38,6 +40,8 @@ def training_config(job: FedJob) -> fed_pb2.TrainingConfig:
         momentum=job.local.momentum,
         compression=job.client_spec(),
         seed=job.seed,
+        strategy=job.strategy.name,
+        strategy_settings=strategy_class(job.strategy.name).client_settings(job.strategy),
     )
 
 

@@ -12,7 +12,7 @@ task's shape; and last, finite values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +42,11 @@ class ModelSpec:
     max_bytes: int  # serialised ModelWeights of this model at any version (the coordinator's exact size)
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelSpec:
+    def of(cls, model: nn.Module, extras: Mapping[str, str] | None = None) -> ModelSpec:
+        """The model's tensors, and `extras` served beside them (extra name -> the model tensor whose
+        shape and dtype it has: a strategy's, e.g. SCAFFOLD's control variate)."""
         params = model_params(model)
+        params.update({extra: params[src] for extra, src in (extras or {}).items()})
         return cls(model_spec(params), len(serialize_model(params, MAX_VERSION)))
 
 

@@ -95,6 +95,7 @@ class Coordinator:
         self.spec = model_spec(self.params)
         self.dense_update_bytes = dense_update_nbytes(self.spec)
         self.strategy: Strategy = strategy_for_job(job, self.secret)
+        self.update_spec = model_spec(self.strategy.update_spec(self.params))  # model + the strategy's extras
         self.dp = job.dp_params()
         self.accounting = FedAccounting(job)
         self.ledger, self.client_ledger = self.accounting.ledger, self.accounting.clients
@@ -131,9 +132,10 @@ class Coordinator:
         return self.accounting.epsilon
 
     def snapshot(self) -> tuple[int, Params]:
-        """(version, params) read together; params dicts are replaced, never mutated, per round."""
+        """(version, what clients are served: the params and the strategy's extras) read together;
+        params dicts are replaced, never mutated, per round."""
         with self._lock:
-            return self.version, self.params
+            return self.version, {**self.params, **self.strategy.served_extras(self.params)}
 
     def _now(self, now: float | None) -> float:
         return self.clock() if now is None else now
@@ -342,7 +344,7 @@ class Coordinator:
 
     def _decode(self, update: Mapping[str, Fields | Payload]) -> tuple[Params, float]:
         """The validated dense update scaled to norm <= limits.max_update_norm, and its norm as sent."""
-        dense = decode_update(update, self.spec, max_bytes=self.job.limits.max_update_bytes)
+        dense = decode_update(update, self.update_spec, max_bytes=self.job.limits.max_update_bytes)
         return clip_update(dense, self.job.limits.max_update_norm)
 
     def _all_in(self, r: RoundState) -> bool:

@@ -24,7 +24,7 @@ from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, TrainResult
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, why_not_vectorizable
 from gradcomp.sim.keys import ClientKeys
-from gradcomp.sim.state import client_name, pack_residuals, unpack_residuals
+from gradcomp.sim.state import client_name, pack_residuals, unpack_residuals, unpack_shaped
 
 
 @dataclass
@@ -34,6 +34,7 @@ class ClientJob:
     model_version: int
     indices: np.ndarray
     ef: np.ndarray | None = None  # the client's packed residuals (None: none yet)
+    strategy_state: np.ndarray | None = None  # the client's packed strategy state (None: none yet)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ClientResult:
     payload_bytes: int  # sum of the update's encoded payload sizes (compression wire format)
     num_examples: int
     ef: np.ndarray | None
+    strategy_state: np.ndarray | None
     train_loss: float
     seconds: float
 
@@ -62,7 +64,9 @@ class SimClientRunner:
             raise ValueError(f"simulation.vectorize is on, but {self.fallback}")
         objective = self.runtime.task.objective
         self.cohort = (
-            CohortTrainer(model, self.data.dataset, SGDConfig.of(cfg), objective) if self.fallback is None else None
+            CohortTrainer(model, self.data.dataset, SGDConfig.of(cfg), objective, self.runtime.half)
+            if self.fallback is None
+            else None
         )
 
     @property
@@ -74,7 +78,8 @@ class SimClientRunner:
         t0 = time.perf_counter()
         self.runtime.load_global(job.model_version, model)
         data = self.data.subset(job.indices)
-        result = self.runtime.train(client_name(job.cid), job.round, data)
+        state = unpack_shaped(job.strategy_state, self.runtime.global_params)
+        result = self.runtime.train(client_name(job.cid), job.round, data, state)
         return self._finish(job, result, time.perf_counter() - t0, data)
 
     def run_many(self, jobs: list[ClientJob], model: bytes) -> list[ClientResult]:
@@ -89,7 +94,11 @@ class SimClientRunner:
         rt.load_global(versions.pop(), model)
         seeds = [rt.seed_for(client_name(job.cid), job.round) for job in jobs]
         start = {k: v for k, v in self.model.state_dict().items() if k not in rt.global_params} | rt.global_params
-        trained = self.cohort.train(start, [CohortClient(j.indices, s) for j, s in zip(jobs, seeds, strict=True)])
+        clients = [
+            CohortClient(j.indices, s, rt.correction(unpack_shaped(j.strategy_state, rt.global_params)))
+            for j, s in zip(jobs, seeds, strict=True)
+        ]
+        trained = self.cohort.train(start, clients)
         share = (time.perf_counter() - t0) / len(jobs)
         results = []
         for job, t in zip(jobs, trained, strict=True):
@@ -103,7 +112,10 @@ class SimClientRunner:
         """The runtime builds the update: local - global, compressed with the client's error feedback."""
         rt = self.runtime
         t0 = time.perf_counter()
-        memory = ClientMemory(unpack_residuals(job.ef, rt.global_params))
+        memory = ClientMemory(
+            unpack_residuals(job.ef, rt.global_params),
+            strategy_state=unpack_shaped(job.strategy_state, rt.global_params),
+        )
         data = data if data is not None else self.data.subset(job.indices)  # what the release's noise key covers
         request, payloads, kept = rt.build_update(
             client_name(job.cid), job.round, job.model_version, result, memory, data
@@ -115,6 +127,7 @@ class SimClientRunner:
             payload_bytes=sum(p.nbytes for p in payloads.values()),
             num_examples=result.num_examples,
             ef=pack_residuals(kept.residuals, rt.global_params) if kept.residuals else None,
+            strategy_state=pack_residuals(kept.strategy_state, rt.global_params) if kept.strategy_state else None,
             train_loss=result.train_loss,
             seconds=seconds + time.perf_counter() - t0,
         )

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from gradcomp.fedclient.train import SGDConfig, epoch_orders, num_steps
 from gradcomp.sim.cohort_step import StepCache, grad_fn, train_step
+from gradcomp.strategies import ClientHalf, Correction
 from gradcomp.tasks import Objective, batch_of
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
@@ -50,6 +51,7 @@ class CohortClient:
 
     indices: np.ndarray
     seed: int
+    correction: Correction | None = None  # the strategy's term in this client's local loss
 
 
 @dataclass
@@ -205,7 +207,9 @@ def _client_rows(client: CohortClient, cfg: SGDConfig, index: np.ndarray, weight
 class CohortTrainer:
     """Trains cohorts of clients of one model on one train set (see module docstring)."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset, cfg: SGDConfig, objective: Objective):
+    def __init__(
+        self, model: nn.Module, dataset: Dataset, cfg: SGDConfig, objective: Objective, half: ClientHalf | None = None
+    ):
         reason = why_not_vectorizable(model)
         if reason is not None:
             raise ValueError(f"cannot train this model vectorised: {reason}")
@@ -214,7 +218,19 @@ class CohortTrainer:
         self.fixed = [k for k in model.state_dict() if k not in self.trainable]
         self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
         self.shapes: set[tuple[int, int]] = set()  # (rows, width) of the groups run so far
-        self.step = StepCache(train_step(grad_fn(model, self.trainable, self.fixed, objective), cfg.lr, cfg.momentum))
+        # The strategy's client half adds its penalty to every client's loss, with the client's own anchors.
+        penalty = half.penalty if half is not None and type(half).anchors is not ClientHalf.anchors else None
+        grads = grad_fn(model, self.trainable, self.fixed, objective, penalty)
+        self.step = StepCache(train_step(grads, cfg.lr, cfg.momentum))
+
+    def _anchors(self, clients: Sequence[CohortClient], rows: int) -> list[torch.Tensor]:
+        """Each trainable tensor's anchors stacked over the group's rows (padding rows repeat the last
+        client's); none when the strategy adds no term."""
+        corrections = [c.correction for c in clients]
+        if corrections[0] is None:
+            return []
+        padded = corrections + [corrections[-1]] * (rows - len(corrections))
+        return [torch.stack([c.anchors[k] for c in padded]) for k in self.trainable]
 
     def train(self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient]) -> list[TrainedClient]:
         """Train every client from the parameters `start`; results in the order of `clients`."""
@@ -239,8 +255,10 @@ class CohortTrainer:
         xs, ys = batch_of(self.dataset, sched.index.reshape(-1))
         xs, ys = xs.view(*sched.index.shape, *xs.shape[1:]), ys.view(*sched.index.shape, *ys.shape[1:])
         loss_sum = torch.zeros(rows)
-        state = (*params, *buffers, *frozen)
-        replay = self.step.replay(params, buffers, frozen, xs[0], ys[0], sched.weight[0], sched.active[0], loss_sum)
+        anchors = self._anchors(clients, rows)
+        state = (*params, *buffers, *frozen, *anchors)
+        first = (xs[0], ys[0], sched.weight[0], sched.active[0], loss_sum)
+        replay = self.step.replay(params, buffers, frozen, anchors, *first)
         for batch in zip(xs.unbind(0), ys.unbind(0), sched.weight.unbind(0), sched.active.unbind(0), strict=True):
             replay(*state, *batch, loss_sum)
         return [

@@ -19,80 +19,64 @@ from torch import fx, nn
 from torch.func import functional_call, grad, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from gradcomp.fedclient.train import sgd_update
 from gradcomp.tasks import Objective
 
 StepFn = Callable[..., tuple[list[torch.Tensor], torch.Tensor]]
+Penalty = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
 _aten = torch.ops.aten
 _SAME_SHAPE_NOOPS = (_aten.expand.default, _aten.view.default, _aten._unsafe_view.default)
 
 
-def grad_fn(model: nn.Module, trainable: Sequence[str], fixed: Sequence[str], objective: Objective) -> StepFn:
-    """grads(params, frozen, x, y, w) -> (per-client gradients, per-client loss).
+def grad_fn(
+    model: nn.Module,
+    trainable: Sequence[str],
+    fixed: Sequence[str],
+    objective: Objective,
+    penalty: Penalty | None = None,
+) -> StepFn:
+    """grads(params, frozen, anchors, x, y, w) -> (per-client gradients, per-client task loss).
 
     Row weights `w` make each client's loss the mean over its real rows (0 for padding). The
     loss is the task's `objective.per_example`, which must be a pure tensor function (it runs
     under vmap and is recorded by make_fx); classification's is -log_softmax gathered at the
     label (`tasks.objective.token_nll`), 41 recorded operations per step where cross_entropy's
-    ignore_index masking costs 54.
+    ignore_index masking costs 54. `penalty(params, anchors)`, the strategy's client-half term
+    (`strategies.client_half`), is added per client with that client's `anchors`.
     """
 
-    def loss(params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], xb, yb, wb):
+    def loss(params: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], anchors, xb, yb, wb):
         out = functional_call(model, {**frozen, **params}, (xb,))
-        total = (objective.per_example(out, yb) * wb).sum()
-        return total, total.detach()
+        task = (objective.per_example(out, yb) * wb).sum()
+        total = task if penalty is None else task + penalty(params, anchors)
+        return total, task.detach()
 
-    per_client = vmap(grad(loss, has_aux=True), in_dims=(0, None, 0, 0, 0))
+    per_client = vmap(grad(loss, has_aux=True), in_dims=(0, None, 0, 0, 0, 0))
 
-    def grads(params, frozen, x, y, w):
-        g, value = per_client(dict(zip(trainable, params, strict=True)), dict(zip(fixed, frozen, strict=True)), x, y, w)
+    def grads(params, frozen, anchors, x, y, w):
+        named = dict(zip(trainable, params, strict=True))
+        anchored = dict(zip(trainable, anchors, strict=True)) if anchors else {}
+        g, value = per_client(named, dict(zip(fixed, frozen, strict=True)), anchored, x, y, w)
         return [g[k] for k in trainable], value
 
     return grads
 
 
-@torch.no_grad()
-def sgd_update(
-    params: list[torch.Tensor],
-    buffers: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    active: torch.Tensor,
-    lr: float,
-    momentum: float,
-) -> None:
-    """torch.optim.SGD's step for every client at once, in place; `active` (1 or 0 per client) gates it.
-
-    p += -lr * g * active, and with momentum buf = buf * (momentum if active else 1) + g * active
-    first: a client that sits a padded step out keeps its parameters and momentum exactly.
-    In place, because a cohort's parameters are many megabytes and fresh tensors per step
-    cost more than the arithmetic.
-    """
-    if momentum:
-        keep = active * momentum + (1 - active)
-        for b, g in zip(buffers, grads, strict=True):
-            b.mul_(_lead(keep, b)).addcmul_(g, _lead(active, g))
-        grads = buffers
-    for p, g in zip(params, grads, strict=True):
-        p.addcmul_(g, _lead(active, g), value=-lr)
-
-
 def train_step(grads: StepFn, lr: float, momentum: float) -> Callable[..., torch.Tensor]:
-    """step(params, buffers, frozen, x, y, w, active, loss_sum) -> loss_sum: one SGD step, in place.
+    """step(params, buffers, frozen, anchors, x, y, w, active, loss_sum) -> loss_sum: one SGD step, in place.
 
-    Gradients from `grads`, then `sgd_update`, then loss_sum += loss * active (per client).
+    Gradients from `grads`, then the client step every path shares (`fedclient.train.sgd_update`),
+    then loss_sum += loss * active (per client).
     """
 
-    def step(params, buffers, frozen, x, y, w, active, loss_sum):
-        g, loss = grads(params, frozen, x, y, w)
-        sgd_update(params, buffers, g, active, lr, momentum)
+    def step(params, buffers, frozen, anchors, x, y, w, active, loss_sum):
+        g, loss = grads(params, frozen, anchors, x, y, w)
+        with torch.no_grad():
+            sgd_update(params, buffers, g, active, lr, momentum)
         return loss_sum.add_(loss * active)
 
     return step
-
-
-def _lead(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-client vector shaped to broadcast over one stacked tensor."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def simplify(gm: fx.GraphModule) -> fx.GraphModule:
@@ -124,20 +108,28 @@ class StepCache:
         self.fn = fn
         self.replays: dict[tuple, Callable[..., torch.Tensor]] = {}
 
-    def replay(self, params: list[torch.Tensor], buffers: list[torch.Tensor], frozen: list[torch.Tensor], *data):
-        """A function of (*params, *buffers, *frozen, *data) that runs the step on tensors shaped like these."""
-        flat = (*params, *buffers, *frozen, *data)
-        key = (*((tuple(t.shape), t.dtype) for t in flat), len(params), len(buffers))
+    def replay(
+        self,
+        params: list[torch.Tensor],
+        buffers: list[torch.Tensor],
+        frozen: list[torch.Tensor],
+        anchors: list[torch.Tensor],
+        *data: torch.Tensor,
+    ):
+        """A function of (*params, *buffers, *frozen, *anchors, *data) running the step on tensors shaped like these."""
+        flat = (*params, *buffers, *frozen, *anchors, *data)
+        counts = (len(params), len(buffers), len(frozen), len(anchors))
+        key = (*((tuple(t.shape), t.dtype) for t in flat), *counts)
         replay = self.replays.get(key)
         if replay is None:
-            replay = self.replays[key] = record(self.fn, (len(params), len(buffers), len(frozen)), flat)
+            replay = self.replays[key] = record(self.fn, counts, flat)
         return replay
 
 
-def record(fn: Callable[..., torch.Tensor], counts: tuple[int, int, int], example: tuple[torch.Tensor, ...]):
+def record(fn: Callable[..., torch.Tensor], counts: tuple[int, int, int, int], example: tuple[torch.Tensor, ...]):
     """The step as a flat function of tensors: its aten graph (make_fx), replayed by TorchScript.
 
-    `counts` are the numbers of parameter, buffer and frozen tensors at the front of `example`.
+    `counts` are the numbers of parameter, buffer, frozen and anchor tensors at the front of `example`.
     TorchScript runs the graph's operations without a Python call per operation (about a
     third of the per-step overhead of replaying the FX graph in Python). `torch.jit` is
     deprecated in favour of torch.compile, whose compile time (tens of seconds on two cores)
@@ -147,9 +139,10 @@ def record(fn: Callable[..., torch.Tensor], counts: tuple[int, int, int], exampl
     a = counts[0]
     b = a + counts[1]
     c = b + counts[2]
+    d = c + counts[3]
 
     def flat_fn(*t: torch.Tensor) -> torch.Tensor:
-        return fn(list(t[:a]), list(t[a:b]), list(t[b:c]), *t[c:])
+        return fn(list(t[:a]), list(t[a:b]), list(t[b:c]), list(t[c:d]), *t[d:])
 
     with torch.enable_grad():
         gm = simplify(make_fx(flat_fn, tracing_mode="fake")(*example))

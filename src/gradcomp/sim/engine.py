@@ -87,10 +87,10 @@ class Simulation:
                 stats.dropped += 1
                 continue
             arrivals.append(start + fate.delay)
-            jobs.append(ClientJob(c.cid, number, self.coord.version, c.indices, c.ef))
+            jobs.append(ClientJob(c.cid, number, self.coord.version, c.indices, c.ef, c.strategy_state))
         if not jobs:
             return []
-        model = self.cache.get(self.coord.version, self.coord.params)
+        model = self.cache.get(*self.coord.snapshot())
         assert model is not None
         t0 = time.perf_counter()
         results = self.pool.run(jobs, model, self.coord.version)
@@ -99,6 +99,7 @@ class Simulation:
             c = self.clients[res.cid]
             c.participations += 1
             c.ef = res.ef  # the client keeps its residual whether or not the update is accepted
+            c.strategy_state = res.strategy_state
             stats.trained += 1
             stats.downlink_bytes += len(model)
             stats.payload_bytes_sent += res.payload_bytes

@@ -176,7 +176,7 @@ class GrpcDriver:
                     self.stats.dropped += 1
                     continue
                 model = self.clients.model(name, version, int(task.num_chunks), int(task.model_bytes))
-                jobs.append(ClientJob(c.cid, int(task.round), version, c.indices, c.ef))
+                jobs.append(ClientJob(c.cid, int(task.round), version, c.indices, c.ef, c.strategy_state))
                 delays.append(fate.delay)
             if jobs:
                 self._send_later(jobs, delays, model, version)
@@ -187,7 +187,7 @@ class GrpcDriver:
         for res, delay in zip(results, delays, strict=True):
             c = self.table[res.cid]
             c.participations += 1
-            c.ef = res.ef
+            c.ef, c.strategy_state = res.ef, res.strategy_state
             self.stats.trained += 1
             wait = max(0.0, start + delay - time.monotonic())
             self.sender.submit(_later, wait, self.clients.submit, client_name(res.cid), res.request, res.payload_bytes)

@@ -25,13 +25,15 @@ class ClientState:
     straggler: bool = False
     participations: int = 0
     ef: np.ndarray | None = None  # flat float32 residual (model order), None until needed
+    strategy_state: np.ndarray | None = None  # the strategy's client state, packed alike (SCAFFOLD's c_i)
 
     @property
     def num_examples(self) -> int:
         return int(self.indices.size)
 
     def nbytes(self) -> int:
-        return int(self.indices.nbytes + (self.ef.nbytes if self.ef is not None else 0) + 64)
+        held = sum(a.nbytes for a in (self.ef, self.strategy_state) if a is not None)
+        return int(self.indices.nbytes + held + 64)
 
 
 def client_name(cid: int) -> str:
@@ -63,6 +65,11 @@ def unpack_residuals(flat: np.ndarray | None, like: Mapping[str, torch.Tensor]) 
         out[k] = torch.from_numpy(flat[at : at + n].copy())
         at += n
     return out
+
+
+def unpack_shaped(flat: np.ndarray | None, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`unpack_residuals` with each tensor in its model tensor's shape (a strategy's client state)."""
+    return {k: v.view_as(like[k]) for k, v in unpack_residuals(flat, like).items()}
 
 
 @dataclass

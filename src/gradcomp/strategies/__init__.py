@@ -8,6 +8,7 @@ existing: adding one is adding one file.
 - `build_strategy(config, key=...)`: the strategy a validated section describes, sampling clients
   from the secret `key`.
 - `CentralDP` (in `central_dp`): the central-DP wrapper around any mean-aggregating strategy.
+- `client_half(name, settings)`: the client half a client trains with, from its `TrainingConfig`.
 - `strategy_for_job(job, secret)`: the strategy a federated job runs, wrapped in central DP when its
   `privacy.mode` says so (the one place that asks). It reads the job through `JobView`, because
   `config.fed` takes its `strategy:` section types from this package.
@@ -19,6 +20,7 @@ import functools
 import importlib
 import operator
 import pkgutil
+from collections.abc import Mapping
 from typing import Annotated, Any, Protocol
 
 from pydantic import BeforeValidator, Field
@@ -26,6 +28,7 @@ from pydantic import BeforeValidator, Field
 from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.strategies.base import REGISTRY, ClientUpdate, Params, Strategy, StrategyConfig, register
 from gradcomp.strategies.central_dp import CentralDP
+from gradcomp.strategies.client_half import ClientHalf, Correction, SettingsRefused
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -63,6 +66,14 @@ def default_config() -> StrategyConfig:
     return REGISTRY[DEFAULT].Config()
 
 
+def client_half(name: str, settings: Mapping[str, float]) -> ClientHalf:
+    """The client half of strategy `name` with `settings` (refused: `SettingsRefused`). An empty
+    name (a coordinator older than strategy settings) is FedAvg's plain local SGD."""
+    if name and name not in REGISTRY:
+        raise SettingsRefused(f"unknown strategy {name!r}; this client knows {', '.join(strategy_names())}")
+    return REGISTRY[name or DEFAULT].client_half(settings)
+
+
 def build_strategy(config: StrategyConfig, *, key: bytes | None = None) -> Strategy:
     """The strategy a validated `strategy:` section describes (its defaults are the Config's); it samples
     clients from the secret `key` (a fresh one when None)."""
@@ -75,11 +86,16 @@ class _Privacy(Protocol):
     noise_multiplier: float | None
 
 
+class _Clients(Protocol):
+    expected: int
+
+
 class JobView(Protocol):
     """What of a federated job picks and wraps its strategy."""
 
     strategy: StrategyConfig
     privacy: _Privacy
+    clients: _Clients
     clients_per_round: int
 
 
@@ -88,6 +104,7 @@ def strategy_for_job(job: JobView, secret: bytes | None = None) -> Strategy:
     and its noise are keyed by sub-keys of the coordinator's `secret` (a fresh one when None)."""
     secret = check_key(secret, "coordinator secret") if secret is not None else new_key()
     strategy = build_strategy(job.strategy, key=subkey(secret, "client-selection"))
+    strategy.population = job.clients.expected
     if job.privacy.mode != "central":
         return strategy
     assert job.privacy.clip is not None and job.privacy.noise_multiplier is not None  # validated with the job
@@ -101,13 +118,17 @@ def strategy_for_job(job: JobView, secret: bytes | None = None) -> Strategy:
 
 
 __all__ = [
+    "ClientHalf",
     "ClientUpdate",
+    "Correction",
     "JobView",
     "Params",
+    "SettingsRefused",
     "Strategy",
     "StrategyConfig",
     "StrategySection",
     "build_strategy",
+    "client_half",
     "default_config",
     "register",
     "strategy_class",

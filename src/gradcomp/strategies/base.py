@@ -12,6 +12,10 @@ A round, as `server.core.Coordinator` drives it:
 3. `apply(params, aggregate) -> Params`: the server optimiser step; returns new tensors (the
    coordinator never mutates a published params dict).
 
+Its client half (`client_half`, a `client_half.ClientHalf` class) is what its clients train with,
+given the settings `client_settings(config)` sends them in every `TrainingConfig`; the default
+half is plain local SGD on the task's loss.
+
 `state_dict()` / `load_state_dict()` carry everything a resumed coordinator needs:
 `{"tensors": {name: float tensor}, "scalars": {name: JSON value}}` (stored without pickle).
 
@@ -28,7 +32,7 @@ there, since the noise is calibrated for the clipped mean's sensitivity.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -37,6 +41,7 @@ import torch
 from gradcomp.config.common import StrictModel
 from gradcomp.keyed_random import check_key, new_key, subkey
 from gradcomp.strategies.aggregate import weighted_average
+from gradcomp.strategies.client_half import ClientHalf
 
 Params = dict[str, torch.Tensor]
 StrategyState = dict[str, dict[str, Any]]
@@ -68,11 +73,27 @@ class Strategy:
 
     name: ClassVar[str]
     Config: ClassVar[type[StrategyConfig]]
+    client_half: ClassVar[type[ClientHalf]] = ClientHalf
 
     def __init__(self, config: StrategyConfig | None = None, *, key: bytes | None = None):
         self.config = config if config is not None else self.Config()
         # The secret client sampling is drawn from (the coordinator's, `server.core`); fresh when not given.
         self.key = check_key(key, "strategy key") if key is not None else new_key()
+        self.population = 1  # the job's expected number of clients (`strategy_for_job` sets it)
+
+    def served_extras(self, params: Mapping[str, torch.Tensor]) -> Params:
+        """Tensors served beside the model (`client_half.served_names` names them); none by default."""
+        return {}
+
+    def update_spec(self, params: Mapping[str, torch.Tensor]) -> Params:
+        """The model tensors and the extras an update carries (`client_half.update_names`), as templates."""
+        extras = self.client_half.update_names(list(params))
+        return {**params, **{extra: params[src] for extra, src in extras.items()}}
+
+    @classmethod
+    def client_settings(cls, config: StrategyConfig) -> dict[str, float]:
+        """What the clients' half is told (`TrainingConfig.strategy_settings`); none by default."""
+        return {}
 
     @classmethod
     def aggregates_by_mean(cls) -> bool:

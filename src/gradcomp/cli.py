@@ -140,7 +140,23 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         "recorded next to its key file, across jobs) past this",
     )
     p.add_argument("--delta", type=float, default=1e-5, help="delta of the client's own epsilon (default 1e-5)")
+    _add_work_limits(p)
     p.set_defaults(handler="gradcomp.client.grpc_client:run_client")
+
+
+def _add_work_limits(p: argparse.ArgumentParser) -> None:
+    """The work a coordinator may ask of a client per round (fedclient/limits.py; defaults in docs/security.md)."""
+    g = p.add_argument_group("work limits", "refuse a task that asks more than this (defaults fit the built-in tasks)")
+    for flag, kind, what in (
+        ("--max-epochs", int, "local epochs per round (default 20)"),
+        ("--max-batch-size", int, "batch size (default 4096)"),
+        ("--max-steps", int, "local steps per round, epochs x batches of the shard (default 20000)"),
+        ("--max-task-arg", int, "largest number among the task's arguments (default 100000)"),
+        ("--max-model-params", int, "parameters of the task's model (default 30000000)"),
+        ("--max-round-seconds", float, "wall time of one round's local training (default 900)"),
+        ("--max-memory-mib", int, "address space the client may grow by, in MiB (default 8192)"),
+    ):
+        g.add_argument(flag, type=kind, default=None, help=what)
 
 
 def _add_fedsim(verbs: argparse._SubParsersAction) -> None:

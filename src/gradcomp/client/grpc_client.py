@@ -61,9 +61,11 @@ from gradcomp.client.answers import (
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
+from gradcomp.fedclient.limits import WorkLimits, memory_ceiling
 from gradcomp.fedclient.noisekey import KeyFileError, OneKey, default_key_path, load_or_create_key
 from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
+from gradcomp.fedclient.train import RoundTooLong, SGDTrainer
 from gradcomp.protocol.channel import channel_credentials, is_local_target
 from gradcomp.protocol.messages import PROTOCOL_VERSION
 
@@ -186,6 +188,7 @@ class FLClient:
         self.channel, self.stub = self._open()
         # The client's own checks on a task before it trains; by default its policy flags (fedclient.policy).
         self.checks = ClientPolicy.from_args(args).checks() if checks is None else checks
+        self.limits = WorkLimits.from_args(args)  # the work one round may take (fedclient/limits.py)
         self.task_key: str | None = None
         self.runtime: ClientRuntime | None = None
         self.data: ClientData | None = None
@@ -283,7 +286,7 @@ class FLClient:
                 raise ClientError(f"refusing the coordinator's task: {err}") from None
             # BadTrainingConfig, TaskError, SpecError, PartitionError; a task's own TypeError or
             # RuntimeError on arguments it cannot take (digits-mlp with hidden=-1)
-            except (ValueError, TypeError, RuntimeError) as err:
+            except (ValueError, TypeError, RuntimeError, MemoryError) as err:
                 raise ClientError(f"unusable training config from the coordinator: {err}") from None
             self.memory, self.last_request, self.task_key = ClientMemory(), None, key
         return self.runtime
@@ -293,8 +296,14 @@ class FLClient:
         config = LocalTrainingConfig.from_pb(cfg)
         # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
         local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
-        runtime = ClientRuntime(local, checks=self.checks, noise_keys=self.noise_keys)
-        return runtime, iid_shard(runtime.task, self.shard[0], self.shard[1], config.seed)
+        runtime = ClientRuntime(
+            local, checks=self.checks, noise_keys=self.noise_keys, task_checks=[self.limits.check_model]
+        )
+        if isinstance(runtime.trainer, SGDTrainer):
+            runtime.trainer.max_seconds = self.limits.max_round_seconds
+        data = iid_shard(runtime.task, self.shard[0], self.shard[1], config.seed)
+        self.limits.check_steps(data.num_examples, config)
+        return runtime, data
 
     def fetch_model(self, task: fed_pb2.PullTaskResponse) -> None:
         """Download and decode the task's global model unless the runtime holds it already. The announced
@@ -325,13 +334,13 @@ class FLClient:
         self.fetch_model(task)
         self._charge(runtime, task)
         assert self.data is not None
-        out = runtime.train_round(
-            client=self.client_id,
-            round=task.round,
-            model_version=task.model_version,
-            data=self.data,
-            memory=self.memory,
-        )
+        try:
+            out = runtime.train_round(
+                client=self.client_id, round=task.round, model_version=task.model_version, data=self.data,
+                memory=self.memory,
+            )  # fmt: skip
+        except RoundTooLong as err:
+            raise ClientError(f"refusing round {task.round}: {err} (--max-round-seconds)") from None
         self.memory, self.last_request = out.memory, out.request
         return out.request
 
@@ -407,6 +416,7 @@ def run_client(args: argparse.Namespace) -> int:
     for name, default in (("retry_seconds", 60.0), ("rpc_timeout", 30.0), ("quiet", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
+    memory_ceiling(WorkLimits.from_args(args).max_memory_mib)  # the whole process, so only here
     try:
         return FLClient(args).run()
     except ClientError as err:

@@ -10,7 +10,8 @@ stage. A `ClientPolicy` is set on the client only (flags of `gradcomp client`):
 - privacy floor: `require_dp`, `min_noise_multiplier`, `max_clip`; a spec whose `dp` stage is
   missing or weaker is refused before training. The floor is about the client's own noise: any
   floor flag requires a `dp` stage that adds noise (sigma > 0), so a client with a floor refuses
-  central-DP jobs (their client spec clips but adds no noise) and `dp(clip, sigma=0)`.
+  central-DP jobs (their client spec clips but adds no noise) and `dp(clip, sigma=0)`;
+- work: epochs, batch size, task arguments, model size, steps and time per round (`limits`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from gradcomp.compression import build
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
+from gradcomp.fedclient.limits import WorkLimits
 from gradcomp.tasks.registry import task_names
 
 
@@ -29,6 +31,7 @@ class ClientPolicy:
     require_dp: bool = False
     min_noise_multiplier: float | None = None
     max_clip: float | None = None
+    limits: WorkLimits = field(default_factory=WorkLimits)  # work and memory a round may take
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClientPolicy:
@@ -37,10 +40,11 @@ class ClientPolicy:
             bool(getattr(args, "require_dp", False)),
             getattr(args, "min_noise_multiplier", None),
             getattr(args, "max_clip", None),
+            WorkLimits.from_args(args),
         )
 
     def checks(self) -> list[ConfigCheck]:
-        return [self.check_task, self.check_privacy]
+        return [self.check_task, self.limits.check_config, self.check_privacy]
 
     def check_task(self, cfg: LocalTrainingConfig) -> None:
         if cfg.task in task_names() or cfg.task in self.allowed_tasks:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,11 +75,14 @@ class ClientRuntime:
         trainer: LocalTrainer | None = None,
         checks: Sequence[ConfigCheck] = (),
         noise_keys: NoiseKeys | None = None,
+        task_checks: Sequence[Callable[[Task], None]] = (),
     ):
         run_checks(config, checks)  # before the task is even loaded
         self.config = config
         self.noise_keys = noise_keys if noise_keys is not None else fresh_keys()
         self.task = task if task is not None else load_task(config.task, **config.task_args)
+        for check in task_checks:  # before its model is built (WorkLimits.check_model)
+            check(self.task)
         model = self.task.make_model()
         self.trainer: LocalTrainer = trainer if trainer is not None else SGDTrainer(model, self.task.objective)
         self.half = config.half()  # the strategy's client half: what it adds to the local loss, what it sends

@@ -15,6 +15,8 @@ client start).
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,19 +43,27 @@ class SGDConfig:
         return cls(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum)
 
 
+class RoundTooLong(RuntimeError):
+    """Local training ran past the client's own wall-time bound for a round."""
+
+
+def _orders(num_examples: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        yield torch.randperm(num_examples, generator=gen)
+
+
 def epoch_orders(num_examples: int, cfg: SGDConfig, seed: int) -> torch.Tensor:
     """[epochs, num_examples]: the shard's order in each epoch (the client's only randomness)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(num_examples, generator=gen) for _ in range(cfg.epochs)])
+    return torch.stack(list(_orders(num_examples, cfg.epochs, seed)))
 
 
-def client_batches(num_examples: int, cfg: SGDConfig, seed: int) -> list[torch.Tensor]:
-    """The client's batches (positions in its shard), in the order it trains on them."""
-    return [
-        order[start : start + cfg.batch_size]
-        for order in epoch_orders(num_examples, cfg, seed)
-        for start in range(0, num_examples, cfg.batch_size)
-    ]
+def client_batches(num_examples: int, cfg: SGDConfig, seed: int) -> Iterator[torch.Tensor]:
+    """The client's batches (positions in its shard), in the order it trains on them: the orders of
+    `epoch_orders`, drawn one epoch at a time (a coordinator's epoch count must not size an allocation)."""
+    for order in _orders(num_examples, cfg.epochs, seed):
+        for start in range(0, num_examples, cfg.batch_size):
+            yield order[start : start + cfg.batch_size]
 
 
 def num_steps(num_examples: int, cfg: SGDConfig) -> int:
@@ -67,16 +77,21 @@ def train_one(
     seed: int,
     objective: Objective,
     correction: Correction | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     """Train `model` in place on `data` under `objective` (plus the strategy's `correction`, when
-    given); returns (state_dict, mean batch loss of the task's objective, steps)."""
+    given); returns (state_dict, mean batch loss of the task's objective, steps). Past `max_seconds`
+    it stops with `RoundTooLong`."""
     model.train()
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     weights = [p for _, p in named]
     velocity = [torch.zeros_like(w) for w in weights] if cfg.momentum else []
     active = torch.ones(1)
     losses = []
+    end = None if max_seconds is None else time.monotonic() + max_seconds
     for batch in client_batches(data.num_examples, cfg, seed):
+        if end is not None and time.monotonic() > end:
+            raise RoundTooLong(f"local training passed {max_seconds:g} s after {len(losses)} steps")
         x, y = data.batch(batch)
         loss = objective.mean(model(x), y)
         total = loss if correction is None else loss + correction(dict(named))
@@ -156,8 +171,9 @@ class LocalTrainer(Protocol):
 class SGDTrainer:
     """`train_one` on one model object, reused across rounds and clients."""
 
-    def __init__(self, model: nn.Module, objective: Objective | None = None):
+    def __init__(self, model: nn.Module, objective: Objective | None = None, max_seconds: float | None = None):
         self.model = model
+        self.max_seconds = max_seconds  # the client's wall-time bound on one round's training
         self.objective = objective if objective is not None else Classification()
         # Float entries are federated and must all come from `params`; integer buffers stay local.
         self.federated = {k for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -174,5 +190,7 @@ class SGDTrainer:
         untrained = sorted(self.federated & set(loaded.missing_keys))
         if untrained or loaded.unexpected_keys:
             raise ValueError(f"global params miss {untrained} and name {loaded.unexpected_keys} the model lacks")
-        state, loss, _ = train_one(self.model, data, SGDConfig.of(cfg), seed, self.objective, correction)
+        state, loss, _ = train_one(
+            self.model, data, SGDConfig.of(cfg), seed, self.objective, correction, self.max_seconds
+        )
         return TrainResult({k: state[k].detach().clone() for k in params}, loss, data.num_examples)

@@ -40,13 +40,12 @@ def uniform(words: Words, n: int) -> np.ndarray:
     until 53 significant bits follow the leading zeros. P(u < q) = q for every double q >= 2^-1022.
     """
     w = np.asarray(words(n), dtype=np.uint64)
-    out = np.empty(n, dtype=np.float64)
-    top = (w >> np.uint64(11)).astype(np.float64)  # exact: < 2^53
-    _, bits = np.frexp(top)  # bit length of w, less 11 (0 where w < 2^11)
-    fast = bits >= 42  # w >= 2^52: 53 significant bits are in this word
-    shift = (bits[fast] - 42).astype(np.uint64)
-    out[fast] = np.ldexp((w[fast] >> shift).astype(np.float64), shift.astype(np.int64) - 64)
-    for i in np.flatnonzero(~fast):
+    # floor(log2(w >> 11)) from the exponent field of its (exact) float; all integer ops from there
+    log2 = ((w >> np.uint64(11)).astype(np.float64).view(np.int64) >> 52) - 1023
+    shift = np.maximum(log2 - 41, 0)  # bits below the 53 significant ones
+    scale = ((shift + (1023 - 64)) << 52).view(np.float64)  # 2^(shift - 64)
+    out = (w >> shift.astype(np.uint64)).astype(np.float64) * scale
+    for i in np.flatnonzero(log2 < 41):  # w < 2^52: fewer than 53 significant bits in this word
         out[i] = _long_uniform(words, int(w[i]))
     return out
 

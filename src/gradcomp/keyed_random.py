@@ -94,9 +94,8 @@ class KeyedStream:
         """Standard normal draws (Box-Muller on pairs of uniforms; |z| <= exact_noise.GAUSSIAN_REACH)."""
         n = math.prod(shape)
         pairs = (n + 1) // 2
-        u = self.uniform(2 * pairs)
-        radius = np.sqrt(-2.0 * np.log(u[:pairs]))
-        angle = 2.0 * math.pi * u[pairs:]
+        radius = np.sqrt(-2.0 * np.log(self.uniform(pairs)))  # the tail: full resolution near 0
+        angle = (self.words(pairs) >> np.uint64(11)).astype(np.float64) * (2.0 * math.pi * 2.0**-53)
         z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
         return torch.from_numpy(z).reshape(tuple(shape)).to(device=device, dtype=dtype)
 
@@ -107,7 +106,7 @@ class KeyedStream:
         resolution near 1/2), this one's at 1022 log 2."""
         n = math.prod(shape)
         magnitude = -np.log(self.uniform(n))
-        negative = (self.words(n) & np.uint64(1)).astype(bool)
+        negative = np.unpackbits(self.words(-(-n // 64)).view(np.uint8))[:n].astype(bool)
         z = np.where(negative, -magnitude, magnitude)
         return torch.from_numpy(z).reshape(tuple(shape)).to(device=device, dtype=dtype)
 

@@ -10,9 +10,9 @@ mode under a 256-bit key: without the key the draws cannot be told from random, 
 same draws come back (a resumed coordinator, a round a client redoes). Keys for separate uses
 are derived with HMAC-SHA256 (`subkey`): one sub-key reveals neither its parent nor a sibling.
 
-Continuous draws are float64 (Box-Muller; sign times an exponential for Laplace) on uniforms with
-full floating-point resolution near 0 (`exact_noise.uniform`), so their tails reach 37.6 (Gaussian)
-and 708 (Laplace) scales; `privacy.sampler_residual_delta` states the delta that reach still costs.
+Continuous draws are float64 (Box-Muller; sign times an exponential for Laplace) whose tails come
+from uniforms with full floating-point resolution near 0 (`exact_noise.uniform`), so they reach 37.6
+(Gaussian) and 708 (Laplace) scales; `privacy.sampler_residual_delta` states the delta that reach still costs.
 Not addressed for them: the rounding artefacts of sampling in finite precision (Mironov 2012) and the
 cast to the tensor's dtype. `discrete_gaussian` / `discrete_laplace` have neither: their law is exact.
 """

@@ -103,10 +103,10 @@ def test_the_noise_key_hashes_an_explicit_versioned_list_of_config_fields() -> N
     would let two different updates share noise), and the encoding is pinned: a change to the list
     or to how it is hashed must bump NOISE_KEY_VERSION and update this digest."""
     assert set(CONFIG_FIELDS) == {f.name for f in dataclasses.fields(LocalTrainingConfig)}
-    assert config_digest(BASE) == "0ae6f7a6b2487218c669dc7f54e519195b1412a62fcdaaead3f39415a4fdca0a"
+    assert config_digest(BASE) == "ae1da43da3f704abc38199618e1e448f0574f09df791aa779a6d84fb596f8568"
     changed = {"task": "digits-cnn", "epochs": 2, "batch_size": 8, "lr": 0.25, "momentum": 0.5,
                "spec": "dp(clip=1.0, sigma=2.0)", "seed": 8, "task_args": {"hidden": 17},
-               "strategy": "scaffold", "strategy_settings": {"mu": 0.1}}  # fmt: skip
+               "strategy": "scaffold", "strategy_settings": {"mu": 0.1}, "steps": 4}  # fmt: skip
     assert set(changed) == set(CONFIG_FIELDS)
     digests = {config_digest(dataclasses.replace(BASE, **{name: value})) for name, value in changed.items()}
     assert len(digests) == len(changed) and config_digest(BASE) not in digests

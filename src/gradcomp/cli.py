@@ -110,6 +110,14 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         help="connect without TLS to an address other than loopback (tokens and updates in clear text)",
     )
     p.add_argument("--seed", type=int, default=0, help="added to the job seed for this client's randomness")
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fixed-work mode: N batches of the job's batch size, drawn with replacement, every round whatever "
+        "the shard's size, so round times do not reveal it (default 0: the job's local.steps)",
+    )
     p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")

@@ -44,7 +44,7 @@ class ModelWeights(_message.Message):
     def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed", "strategy", "strategy_settings")
+    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed", "strategy", "strategy_settings", "local_steps")
     class StrategySettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class TrainingConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     task: str
     task_args_json: str
     local_epochs: int
@@ -72,7 +73,8 @@ class TrainingConfig(_message.Message):
     seed: int
     strategy: str
     strategy_settings: _containers.ScalarMap[str, float]
-    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    local_steps: int
+    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ..., local_steps: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version")

@@ -296,13 +296,17 @@ class FLClient:
         config = LocalTrainingConfig.from_pb(cfg)
         # --seed shifts this client's own randomness; 0 keeps the job's (what the simulation draws)
         local = dataclasses.replace(config, seed=config.seed + int(getattr(self.args, "seed", 0) or 0))
+        # --local-steps: fixed-work mode whatever the coordinator asks (its round times then reveal no shard size)
+        local = dataclasses.replace(local, steps=int(getattr(self.args, "local_steps", 0) or local.steps))
         runtime = ClientRuntime(
             local, checks=self.checks, noise_keys=self.noise_keys, task_checks=[self.limits.check_model]
         )
         if isinstance(runtime.trainer, SGDTrainer):
             runtime.trainer.max_seconds = self.limits.max_round_seconds
         data = iid_shard(runtime.task, self.shard[0], self.shard[1], config.seed)
-        self.limits.check_steps(data.num_examples, config)
+        self.limits.check_steps(data.num_examples, local)
+        if runtime.dp_stage is not None:
+            data.digest  # noqa: B018  # hashed here, once, not inside a timed round (cached on the data)
         return runtime, data
 
     def fetch_model(self, task: fed_pb2.PullTaskResponse) -> None:

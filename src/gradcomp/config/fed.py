@@ -67,6 +67,12 @@ class LocalSection(StrictModel):
     batch_size: int = Field(32, ge=1, description="local minibatch size")
     lr: float = Field(0.1, gt=0, description="local learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum (reset every round)")
+    steps: int = Field(
+        0,
+        ge=0,
+        description="fixed-work mode: this many batches of batch_size drawn with replacement per round, whatever "
+        "the shard's size (epochs unused), so a round's time does not reveal it; 0: epochs passes over the shard",
+    )
 
 
 class PrivacySection(StrictModel):

@@ -34,6 +34,9 @@ class LocalTrainingConfig:
     task_args: dict[str, Any] = field(default_factory=dict)
     strategy: str = ""  # the job's strategy: its client half trains (empty: plain local SGD)
     strategy_settings: dict[str, float] = field(default_factory=dict)
+    # Fixed-work mode (> 0): exactly this many batches of batch_size, drawn with replacement, whatever the
+    # shard's size, so the round's work (and time) does not tell the coordinator how many examples it holds.
+    steps: int = 0
 
     def __post_init__(self) -> None:
         """The ranges a job file allows (config.fed.LocalSection): a coordinator may send anything."""
@@ -41,6 +44,8 @@ class LocalTrainingConfig:
             raise BadTrainingConfig(f"local_epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise BadTrainingConfig(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps < 0:
+            raise BadTrainingConfig(f"local_steps must be >= 0, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise BadTrainingConfig(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -67,6 +72,7 @@ class LocalTrainingConfig:
             task_args=_task_args(msg.task_args_json),
             strategy=msg.strategy,
             strategy_settings=dict(msg.strategy_settings),
+            steps=int(msg.local_steps),
         )
 
 

@@ -92,6 +92,11 @@ class WorkLimits:
 
     def check_steps(self, num_examples: int, cfg: LocalTrainingConfig) -> None:
         """Local steps of one round on `num_examples` examples."""
+        if cfg.steps:  # fixed-work mode: that many batches, whatever the shard's size
+            if cfg.steps > self.max_steps:
+                raise TaskRefused(f"{cfg.steps:,} local steps a round (fixed-work mode); this client's --max-steps "
+                                  f"is {self.max_steps:,}")  # fmt: skip
+            return
         steps = cfg.epochs * math.ceil(num_examples / cfg.batch_size)
         if steps > self.max_steps:
             raise TaskRefused(f"{cfg.epochs} epochs of {num_examples} examples in batches of {cfg.batch_size} "

@@ -5,11 +5,12 @@ trainer replaces (`sim/cohort.py` does, for a whole cohort at once): it sees onl
 the training config and a seed, and returns new parameters. The reference semantics, which
 the cohort path must match, are here: `epochs` passes over the client's shard in batches of
 `batch_size`, reshuffled every epoch by `client_batches` (one `torch.randperm` per epoch from a
-generator seeded with `seed`), the task's objective (`Objective.mean` of each batch), SGD with
-heavy-ball momentum exactly as torch.optim.SGD (dampening 0). `train_loss` is the mean of the
-batch losses over all local steps. The step is written out because the first `torch.optim`
-optimiser in a process imports torch._dynamo, sympy and torch.distributed (~3 s of CPU per
-client start).
+generator seeded with `seed`) or, in fixed-work mode (`steps` > 0), `steps` batches of
+`batch_size` positions drawn uniformly with replacement (`fixed_batches`: the same work for any
+shard size); the task's objective (`Objective.mean` of each batch), SGD with heavy-ball momentum
+exactly as torch.optim.SGD (dampening 0). `train_loss` is the mean of the batch losses over all
+local steps. The step is written out because the first `torch.optim` optimiser in a process
+imports torch._dynamo, sympy and torch.distributed (~3 s of CPU per client start).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ class SGDConfig:
     batch_size: int
     lr: float
     momentum: float = 0.0
+    steps: int = 0  # > 0: fixed-work mode (`fixed_batches`); epochs is then unused
 
     @classmethod
     def of(cls, cfg: LocalTrainingConfig) -> SGDConfig:
-        return cls(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum)
+        return cls(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.steps)
 
 
 class RoundTooLong(RuntimeError):
@@ -58,16 +60,30 @@ def epoch_orders(num_examples: int, cfg: SGDConfig, seed: int) -> torch.Tensor:
     return torch.stack(list(_orders(num_examples, cfg.epochs, seed)))
 
 
+def fixed_batches(num_examples: int, cfg: SGDConfig, seed: int) -> Iterator[torch.Tensor]:
+    """Fixed-work mode's `steps` batches of `batch_size` positions, drawn uniformly with replacement one
+    batch at a time: the number of steps and of examples touched is the same for a shard of any size."""
+    if num_examples < 1:
+        raise ValueError("fixed-work mode needs at least one example")
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.steps):
+        yield torch.randint(num_examples, (cfg.batch_size,), generator=gen)
+
+
 def client_batches(num_examples: int, cfg: SGDConfig, seed: int) -> Iterator[torch.Tensor]:
     """The client's batches (positions in its shard), in the order it trains on them: the orders of
-    `epoch_orders`, drawn one epoch at a time (a coordinator's epoch count must not size an allocation)."""
+    `epoch_orders`, drawn one epoch at a time (a coordinator's epoch count must not size an allocation),
+    or in fixed-work mode (`steps` > 0) `fixed_batches`."""
+    if cfg.steps:
+        yield from fixed_batches(num_examples, cfg, seed)
+        return
     for order in _orders(num_examples, cfg.epochs, seed):
         for start in range(0, num_examples, cfg.batch_size):
             yield order[start : start + cfg.batch_size]
 
 
 def num_steps(num_examples: int, cfg: SGDConfig) -> int:
-    return cfg.epochs * math.ceil(num_examples / cfg.batch_size)
+    return cfg.steps or cfg.epochs * math.ceil(num_examples / cfg.batch_size)
 
 
 def train_one(

@@ -43,6 +43,7 @@ def training_config(job: FedJob) -> fed_pb2.TrainingConfig:
         seed=job.seed,
         strategy=job.strategy.name,
         strategy_settings=strategy_class(job.strategy.name).client_settings(job.strategy),
+        local_steps=job.local.steps,
     )
 
 

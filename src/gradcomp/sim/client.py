@@ -60,6 +60,8 @@ class SimClientRunner:
         self.data = dataset_view(self.runtime.task.train_set)
         model = self.model = self.runtime.task.make_model()
         self.fallback = why_not_vectorizable(model) if vectorize != "off" else "simulation.vectorize is off"
+        if self.fallback is None and cfg.steps:
+            self.fallback = "local.steps (fixed-work mode) trains one client at a time"
         if vectorize == "on" and self.fallback is not None:
             raise ValueError(f"simulation.vectorize is on, but {self.fallback}")
         objective = self.runtime.task.objective

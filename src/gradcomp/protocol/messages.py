@@ -18,7 +18,8 @@ from gradcomp.strategies import strategy_class
 
 # Bumped on any change a peer of the previous version would misread or refuse (see
 # docs/architecture.md, "Protocol version"). 2: payload kinds are open (Tensor.extra, qsgd), and
-# TrainingConfig names the strategy and its client settings (fields 9, 10), which a client must apply.
+# TrainingConfig names the strategy and its client settings (fields 9, 10) and the fixed-work mode's
+# local_steps (11), which a client must apply.
 PROTOCOL_VERSION = 2
 # The example count a local-DP client claims (and the coordinator keeps in local DP, whatever is
 # claimed): its true count would reach the coordinator, the adversary there, without noise.

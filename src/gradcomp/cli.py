@@ -158,7 +158,7 @@ def _add_work_limits(p: argparse.ArgumentParser) -> None:
     for flag, kind, what in (
         ("--max-epochs", int, "local epochs per round (default 20)"),
         ("--max-batch-size", int, "batch size (default 4096)"),
-        ("--max-steps", int, "local steps per round, epochs x batches of the shard (default 20000)"),
+        ("--max-steps", int, "local steps per round: epochs x batches, or the fixed-work steps (default 20000)"),
         ("--max-task-arg", int, "largest number among the task's arguments (default 100000)"),
         ("--max-model-params", int, "parameters of the task's model (default 30000000)"),
         ("--max-round-seconds", float, "wall time of one round's local training (default 900)"),

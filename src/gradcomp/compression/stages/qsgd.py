@@ -136,7 +136,7 @@ class QSGDPayload(Payload):
         out.zero_()
         for row in rows:
             q = row[:split].contiguous().view(self.values.dtype)
-            norms = row[split:].contiguous().view(torch.float32)
+            norms = row[split:].clone().view(torch.float32)  # a copy: the slice starts at any byte
             out.add_(dequantize(q, norms, self.levels, self.bucket).to(out.dtype))
         return out.div_(rows.shape[0])
 

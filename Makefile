@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench proto docs clean
+.PHONY: install demo test test-fast lint format bench proto docs clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/python tools/archcheck.py --src src
 	$(BIN)/python -m pytest -q
+
+# The quick loop while editing: the tests that start neither Ray nor a server and are not slow (no ruff).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not ray and not server and not slow"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks tools

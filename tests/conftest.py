@@ -3,7 +3,10 @@
 import atexit
 import os
 import shutil
+import socket
 import tempfile
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -21,6 +24,10 @@ os.environ["XDG_STATE_HOME"] = _STATE
 atexit.register(shutil.rmtree, _STATE, True)
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from gradcomp.compression import Dense  # noqa: E402
+from gradcomp.config.fed import FedJob  # noqa: E402
 
 
 class ManualClock:
@@ -36,3 +43,34 @@ class ManualClock:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+# --- helpers shared by test modules (import them: `from conftest import free_port`) ---------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that must be told a port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# A two-tensor model for coordinator tests that never train: shapes are all the coordinator checks.
+SMALL_PARAMS: dict[str, torch.Tensor] = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+
+
+def dense_update(value: float = 0.1, params: dict[str, torch.Tensor] | None = None) -> dict[str, Dense]:
+    """A client update of `params` (default SMALL_PARAMS) with every value `value`, as the coordinator decodes it."""
+    params = SMALL_PARAMS if params is None else params
+    return {k: Dense(torch.full((v.numel(),), value), tuple(v.shape), v.dtype) for k, v in params.items()}
+
+
+def fed_job(base: dict[str, Any], **overrides: Any) -> FedJob:
+    """A validated federated job: `base` with top-level sections replaced by `overrides`."""
+    return FedJob.model_validate({**base, **overrides})
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    """Write a job (or any YAML) file and return its path."""
+    path.write_text(yaml.safe_dump(data))
+    return path

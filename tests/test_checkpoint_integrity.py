@@ -150,6 +150,7 @@ def test_each_damaged_checkpoint_is_refused_naming_file_and_problem(tmp_path: Pa
     assert str(path) in str(err.value) and problem in str(err.value), str(err.value)
 
 
+@pytest.mark.server
 def test_gradcomp_serve_resume_exits_nonzero_on_a_flipped_bit(tmp_path: Path) -> None:
     job = dict(JOB, server={"port": 0, "host": "127.0.0.1"})
     (tmp_path / "fed.yaml").write_text(yaml.safe_dump(job))
@@ -219,6 +220,7 @@ def test_a_checkpoint_without_its_job_is_refused(tmp_path: Path) -> None:
         coord.load_state_dict(store.load_state(tmp_path))
 
 
+@pytest.mark.server
 def test_a_corrupt_results_file_does_not_block_resuming_a_sound_checkpoint(tmp_path: Path) -> None:
     """The checkpoint's round log is the source of truth: results.json is rebuilt from it, the
     unreadable file kept aside; a damaged checkpoint is still refused before anything is written."""

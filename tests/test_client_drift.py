@@ -98,6 +98,7 @@ def simulations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"fates": fates, "in_process": local.requests, "grpc": over_grpc.requests, "driver": driver}
 
 
+@pytest.mark.server
 def test_both_simulations_send_byte_identical_updates(simulations: dict[str, Any]) -> None:
     local, over_grpc = simulations["in_process"], simulations["grpc"]
     assert {r for _, r in local} == {1, 2}
@@ -106,6 +107,7 @@ def test_both_simulations_send_byte_identical_updates(simulations: dict[str, Any
         assert over_grpc[key] == request, f"client {key[0]} round {key[1]}"
 
 
+@pytest.mark.server
 def test_both_simulations_make_the_same_dropout_and_straggler_decisions(simulations: dict[str, Any]) -> None:
     fates = simulations["fates"]
     assert fates["in_process"] == fates["grpc"]
@@ -128,6 +130,7 @@ def _pull_until_train(client: FLClient, round: int) -> fed_pb2.PullTaskResponse:
     raise AssertionError(f"{client.client_id} was never asked to train round {round}")
 
 
+@pytest.mark.server
 def test_a_real_client_sends_the_simulations_bytes(simulations: dict[str, Any], tmp_path: Path) -> None:
     """A real client for one simulated identity, the others replayed from the simulation's own
     updates: the coordinator sees the same rounds, and the real client's two updates (the second

@@ -125,6 +125,7 @@ def run_client(coordinator: tuple[FakeCoordinator, int], scenario: Scenario) -> 
     return FLClient(args).run()
 
 
+@pytest.mark.server
 def test_the_honest_answers_train_and_submit_once(coordinator: tuple[FakeCoordinator, int]) -> None:
     scenario = Scenario()
     assert run_client(coordinator, scenario) == 0
@@ -205,6 +206,7 @@ MODEL_ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", MODEL_ATTACKS)
+@pytest.mark.server
 def test_a_malformed_model_is_refused_and_nothing_is_sent(
     coordinator: tuple[FakeCoordinator, int], attack: str
 ) -> None:
@@ -267,6 +269,7 @@ ANSWER_ATTACKS = {
 
 
 @pytest.mark.parametrize("attack", ANSWER_ATTACKS)
+@pytest.mark.server
 def test_a_malformed_answer_is_refused_and_nothing_is_sent(
     coordinator: tuple[FakeCoordinator, int], attack: str
 ) -> None:
@@ -286,6 +289,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.server
 def test_gradcomp_client_exits_3_without_allocating_a_declared_sparse_tensor(
     coordinator: tuple[FakeCoordinator, int], tmp_path: Path
 ) -> None:

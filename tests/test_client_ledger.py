@@ -59,6 +59,7 @@ JOB = {
 }
 
 
+@pytest.mark.server
 def test_gradcomp_client_stops_at_its_own_budget(tmp_path: Path) -> None:
     """The coordinator asks the only client every round; the client releases two and refuses the third."""
     run = start(FedJob.model_validate(JOB), tmp_path / "run", host="127.0.0.1", tokens={"token-aaaaaaaa": "c0"})
@@ -115,6 +116,7 @@ def _sent_and_clipped(client: FLClient) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([sent[k].reshape(-1) for k in rt.global_params]), delta * min(1.0, clip / float(delta.norm()))
 
 
+@pytest.mark.server
 def test_a_restarted_client_given_another_shard_draws_fresh_noise_and_is_charged_again(tmp_path: Path) -> None:
     """The coordinator is the adversary. It restarts the job and asks the same client (same key file,
     name, round, model, config) again, but assigns it another shard. With the noise keyed by those

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import write_yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -122,9 +122,7 @@ def _job(tmp_path: Path, vectorize: str, **sim: object) -> Path:
         "compression": "randomk(ratio=0.2) | ef",
         "simulation": {"partition": "dirichlet(alpha=0.5)", "actors": 0, "vectorize": vectorize, **sim},
     }
-    path = tmp_path / f"{vectorize}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_yaml(tmp_path / f"{vectorize}.yaml", data)
 
 
 def test_simulation_vectorised_matches_sequential(tmp_path: Path) -> None:

@@ -648,6 +648,7 @@ def _healthcheck_parser() -> argparse.ArgumentParser:
     return module.build_parser()
 
 
+@pytest.mark.server
 def test_healthcheck_reports_the_serving_status() -> None:
     """The probe's exit status follows grpc.health.v1: 0 SERVING, 1 NOT_SERVING/unreachable, 2 misuse."""
     from concurrent import futures

@@ -7,17 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
+from conftest import SMALL_PARAMS as PARAMS
+from conftest import dense_update, fed_job
 from opacus.accountants import RDPAccountant
 
-from gradcomp.compression import Dense
 from gradcomp.config.fed import FedJob
 from gradcomp.server import store
 from gradcomp.server.accounting import round_sample_rate
 from gradcomp.server.core import BUDGET_EXHAUSTED, Coordinator
 
 Z, DELTA = 1.0, 1e-5
-PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
 
 
 def opacus_epsilon(*history: tuple[float, int]) -> float:
@@ -27,16 +26,11 @@ def opacus_epsilon(*history: tuple[float, int]) -> float:
     return float(acc.get_epsilon(delta=DELTA))
 
 
-def update(value: float = 0.1) -> dict[str, Dense]:
-    return {k: Dense(torch.full((v.numel(),), value), tuple(v.shape), v.dtype) for k, v in PARAMS.items()}
-
-
 def central_job(expected: int, fraction: float, **kw: object) -> FedJob:
     privacy = {"mode": "central", "clip": 1.0, "noise_multiplier": Z, "delta": DELTA}
     privacy.update(kw.pop("privacy", {}))  # type: ignore[call-overload]
     spec = {"rounds": 50, "clients": {"expected": expected}, "round": {"fraction": fraction}, "privacy": privacy}
-    spec.update(kw)
-    return FedJob.model_validate(spec)
+    return fed_job(spec, **kw)
 
 
 def run_rounds(c: Coordinator, names: list[str], rounds: int) -> None:
@@ -47,7 +41,7 @@ def run_rounds(c: Coordinator, names: list[str], rounds: int) -> None:
         chosen = c.select_clients()
         assert chosen
         for n in chosen:
-            c.accept_update(n, c.version + 1, 5, update())
+            c.accept_update(n, c.version + 1, 5, dense_update())
         assert c.finish_round() is not None
 
 
@@ -87,7 +81,7 @@ def retried_round(c: Coordinator, clock: Any) -> list[str]:
         c.register(n)
     first = c.select_clients()
     assert first is not None and len(first) == 4
-    c.accept_update(first[0], 1, 5, update())
+    c.accept_update(first[0], 1, 5, dense_update())
     clock.t = 11.0
     c.touch_many(names)
     assert c.finish_round() is None
@@ -101,7 +95,7 @@ def test_a_retry_charges_the_round_at_every_client_it_asked(clock: Any) -> None:
     r = c.current
     assert r is not None and r.attempt == 1 and not (r.selected - {first[0]}) & set(first)
     for n in sorted(r.selected - {first[0]}):
-        c.accept_update(n, 1, 5, update())
+        c.accept_update(n, 1, 5, dense_update())
     res = c.finish_round()
     assert res is not None and res.entry["sample_rate"] == 0.7  # 7 distinct clients asked of 10
     assert c.epsilon == pytest.approx(opacus_epsilon((0.7, 1)), rel=1e-9)
@@ -127,7 +121,7 @@ def test_the_budget_stop_uses_the_real_rate_not_the_configured_one() -> None:
         c.register(n)
     while c.select_clients():
         for n in names:
-            c.accept_update(n, c.version + 1, 5, update())
+            c.accept_update(n, c.version + 1, 5, dense_update())
         c.finish_round()
     assert c.status == BUDGET_EXHAUSTED and c.version == 3 and c.epsilon <= budget
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
+from conftest import write_yaml
 
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2
@@ -43,9 +43,7 @@ def _job_file(tmp_path: Path, **changes: Any) -> Path:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
-    path = tmp_path / "fed.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_yaml(tmp_path / "fed.yaml", data)
 
 
 class Recording:
@@ -204,6 +202,7 @@ def test_cli_run_writes_results(tmp_path: Path) -> None:
     assert 0 <= res["final"]["accuracy"] <= 1
 
 
+@pytest.mark.server
 def test_grpc_mode_against_the_real_service(tmp_path: Path) -> None:
     path = _job_file(
         tmp_path,

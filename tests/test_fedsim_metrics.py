@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import free_port, write_yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradcomp import metrics
 
+pytestmark = pytest.mark.server
+
 ROUNDS, PER_ROUND = 3, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -41,7 +36,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 @pytest.mark.parametrize("grpc", [False, True], ids=["in-process", "grpc"])
 def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path, grpc: bool) -> None:
-    port = _free_port()
+    port = free_port()
     job = {
         "name": "fedsim-metrics",
         "task": {"name": "digits-mlp"},
@@ -55,8 +50,7 @@ def test_fedsim_exports_the_coordinator_metrics(tmp_path: Path, grpc: bool) -> N
         "server": {"metrics_linger_seconds": 120, "metrics_port": port},
         "simulation": {"actors": 0},  # clients train in the driver: no Ray needed
     }
-    path = tmp_path / "fed.yaml"
-    path.write_text(yaml.safe_dump(job))
+    path = write_yaml(tmp_path / "fed.yaml", job)
     argv = [sys.executable, "-m", "gradcomp.cli", "fedsim", str(path), "--runs-dir", str(tmp_path), "--metrics-port"]
     argv += [str(port), "--grpc"] if grpc else [str(port)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import free_port, write_yaml
+
+pytestmark = pytest.mark.server
 
 TOKENS = {"client-0": "tok-aaaaaaaa", "client-1": "tok-bbbbbbbb", "client-2": "tok-cccccccc"}
 CLI = [sys.executable, "-m", "gradcomp.cli"]
@@ -33,9 +34,7 @@ def write_job(tmp: Path, **kw: object) -> Path:
         "server": {"heartbeat_seconds": 2, "linger_seconds": 10},
     }
     job.update(kw)
-    path = tmp / "fed.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+    return write_yaml(tmp / "fed.yaml", job)
 
 
 def env() -> dict[str, str]:
@@ -94,12 +93,6 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[int]:

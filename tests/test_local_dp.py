@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SMALL_PARAMS as PARAMS
+from conftest import dense_update
 from opacus.accountants import RDPAccountant
 
-from gradcomp.compression import Dense
 from gradcomp.config.fed import FedJob
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import iid_shard
@@ -24,11 +25,6 @@ from gradcomp.server.core import BUDGET_EXHAUSTED, FAILED, Coordinator
 from gradcomp.server.updates import Rejected
 
 SIGMA, DELTA = 1.2, 1e-5
-PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
-
-
-def dense_update(value: float) -> dict[str, Dense]:
-    return {k: Dense(torch.full((v.numel(),), value), tuple(v.shape), v.dtype) for k, v in PARAMS.items()}
 
 
 def _opacus(participations: int) -> float:

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 from gradcomp.raycluster import LOCAL_NODE_IP
 
@@ -54,19 +54,13 @@ print("QUERY-RESULT " + json.dumps({"nodes": nodes, "actors": actors}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _node_ports() -> list[str]:
     """Ports two Ray nodes on one machine would otherwise both take from fixed defaults."""
     return [
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
     ]
 
 
@@ -107,7 +101,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     if RAY is None:
         pytest.skip("the ray CLI is not installed")
     temp = tempfile.mkdtemp(prefix="gcmn", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
-    port = _free_port()
+    port = free_port()
     address = f"{LOOPBACK_NODE_IP}:{port}"
     # Ray 2.5x turns on token authentication for a new cluster when ~/.ray/auth_token exists; give
     # this cluster its own token explicitly (nodes, drivers and workers inherit the environment).
@@ -153,7 +147,7 @@ def cluster() -> Iterator[dict[str, Any]]:
     try:
         start(
             "head",
-            ["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"],
+            ["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}"],
         )
         deadline = time.monotonic() + 120
         while subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, env=env).returncode != 0:

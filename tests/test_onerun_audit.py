@@ -30,6 +30,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_correct_dp_sgd_stays_under_its_ledger() -> None:
     """Noise multiplier 2: the ledger's 1.93 is below the 3.47 that 100 right guesses prove, so this
     check can fail; the correct mechanism stays well under it."""
@@ -43,6 +44,7 @@ def test_correct_dp_sgd_stays_under_its_ledger() -> None:
     assert result["consistent"]
 
 
+@pytest.mark.slow
 def test_a_run_that_adds_no_noise_is_caught() -> None:
     """The same job whose mechanism adds no noise: every guess right (a canary never sampled in 600
     steps at q = 0.033 has probability 2e-9), a bound of ~3.47 above the ledger's epsilon."""

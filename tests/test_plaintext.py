@@ -69,6 +69,7 @@ def test_serve_refuses_plaintext_beyond_loopback(tmp_path: Path, capsys: pytest.
     assert "serves on 127.0.0.1" in capsys.readouterr().out
 
 
+@pytest.mark.server
 def test_opted_in_plaintext_binds_every_interface(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="refusing to serve without TLS on 0.0.0.0"):
         start(FedJob.model_validate(JOB), tmp_path / "refused", host="0.0.0.0", tokens={"t" * 12: "a"})

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -143,12 +143,6 @@ def test_alert_conditions_get_bool_comparisons() -> None:
 
 
 # --- a live stack: coordinator + client, training run on a local Ray, Prometheus scraping them ------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 30) -> None:
     """Signal a process started in its own session, then kill its whole group if it lingers."""
     if proc.poll() is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_yaml
 
 from gradcomp import metrics
 from gradcomp.compression import Dense
@@ -70,9 +70,7 @@ def test_capped_shares_water_fills() -> None:
 
 
 def _minimal_job(tmp_path: Path, data: dict[str, object]) -> FedJob:
-    path = tmp_path / "fed.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return load_fed_job(path)
+    return load_fed_job(write_yaml(tmp_path / "fed.yaml", data))
 
 
 def test_job_file_hyperparameters_reach_the_robust_strategies(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ from gradcomp.config.fed import FedJob
 from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.server.app import start
 
+pytestmark = pytest.mark.server
+
 Code = grpc.StatusCode
 SUBMIT = "/gradcomp.v1.Coordinator/SubmitUpdate"
 TOKENS = {"client-0": "token-zero-0000", "client-1": "token-one-11111"}

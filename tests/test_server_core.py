@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMALL_PARAMS as PARAMS
+from conftest import ManualClock, dense_update, fed_job
 
 from gradcomp import metrics
 from gradcomp.compression import Dense, build, to_fields
@@ -15,25 +17,9 @@ from gradcomp.server import store
 from gradcomp.server.core import BUDGET_EXHAUSTED, FAILED, FINISHED, Coordinator
 from gradcomp.server.updates import Rejected, decode_update
 
-PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
 
 def job(**kw: object) -> FedJob:
-    base: dict[str, object] = {"rounds": 3, "clients": {"expected": 3, "min": 3}, "round": {"min_clients": 2}}
-    base.update(kw)
-    return FedJob.model_validate(base)
-
-
-def dense_update(value: float, params: dict[str, torch.Tensor] = PARAMS) -> dict[str, Dense]:
-    return {k: Dense(torch.full((v.numel(),), value), tuple(v.shape), v.dtype) for k, v in params.items()}
+    return fed_job({"rounds": 3, "clients": {"expected": 3, "min": 3}, "round": {"min_clients": 2}}, **kw)
 
 
 # --- pure functions -------------------------------------------------------------------------
@@ -97,7 +83,7 @@ def test_config_rejects_impossible_jobs() -> None:
 
 # --- coordinator rounds -------------------------------------------------------------------------
 def test_round_aggregates_when_all_report() -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(job(), PARAMS, clock=clock)
     for n in ("a", "b", "c"):
         c.register(n)
@@ -114,7 +100,7 @@ def test_round_aggregates_when_all_report() -> None:
 
 
 def test_rejections_do_not_disturb_round() -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(job(), PARAMS, clock=clock)
     for n in ("a", "b", "c"):
         c.register(n)
@@ -153,7 +139,7 @@ def test_a_wrong_model_version_or_bad_metrics_are_refused_without_touching_the_r
 ) -> None:
     """Updates the coordinator used to accept: model_version was ignored (v999 for round 1 was
     counted); a NaN train_loss made the round log's mean NaN, in the checkpoint too; metric names were unbounded."""
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(job(), PARAMS, clock=clock)
     for n in ("a", "b", "c"):
         c.register(n)
@@ -169,7 +155,7 @@ def test_a_wrong_model_version_or_bad_metrics_are_refused_without_touching_the_r
 
 
 def test_an_inflated_example_count_cannot_take_over_the_average() -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(job(limits={"max_examples": 1000, "max_update_norm": 100.0}), PARAMS, clock=clock)
     for n in ("a", "b", "c"):
         c.register(n)
@@ -185,7 +171,7 @@ def test_an_inflated_example_count_cannot_take_over_the_average() -> None:
 
 
 def test_deadline_retry_then_fail() -> None:
-    clock = Clock()
+    clock = ManualClock()
     j = job(round={"min_clients": 2, "deadline_seconds": 10, "max_retries": 1})
     c = Coordinator(j, PARAMS, clock=clock)
     for n in ("a", "b", "c"):
@@ -263,7 +249,7 @@ def test_connected_gauge_drops_clients_that_went_silent() -> None:
     """The gauge must follow the liveness window, not only join/leave: a silent client is not 'connected'."""
     from gradcomp import metrics
 
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(job(rounds=3, clients={"expected": 3, "min": 3}), PARAMS, clock=clock)
     for n in ("a", "b"):
         c.register(n)
@@ -279,7 +265,7 @@ def test_connected_gauge_counts_a_silent_client_again_when_it_returns() -> None:
     """touch refreshes the gauge only on a liveness change; a returning client is such a change (no tick needed)."""
     from gradcomp import metrics
 
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(job(rounds=3, clients={"expected": 3, "min": 3}), PARAMS, clock=clock)
     c.touch_many(["a", "b", "c"])
     assert metrics.value("gradcomp_fed_clients_connected") == 3
@@ -301,7 +287,7 @@ def test_connected_gauge_is_counted_when_read_from_the_newest_coordinator() -> N
 
     from gradcomp import metrics
 
-    clock = Clock()
+    clock = ManualClock()
     old = Coordinator(job(rounds=3, clients={"expected": 2, "min": 2}), PARAMS, clock=clock)
     old.register("x")
     c = Coordinator(job(rounds=3, clients={"expected": 3, "min": 3}), PARAMS, clock=clock)
@@ -332,7 +318,8 @@ def test_non_finite_values_are_refused_in_every_float_dtype(dtype: torch.dtype, 
 
 def test_shards_follow_known_names_then_join_order() -> None:
     """Known names take their sorted positions whatever the join order; unknown clients follow in join order."""
-    c = Coordinator(job(rounds=3, clients={"expected": 2, "min": 1}), PARAMS, clock=Clock(), client_names=["b", "a"])
+    j = job(rounds=3, clients={"expected": 2, "min": 1})
+    c = Coordinator(j, PARAMS, clock=ManualClock(), client_names=["b", "a"])
     c.touch_many(["u1", "b"])
     c.register("u2")
     c.touch("a")

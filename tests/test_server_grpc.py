@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import fed_job
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,8 @@ from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.codec import named_to_pb
 from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.server.app import Running, round_loop, start
+
+pytestmark = pytest.mark.server
 
 TOKENS = {"alice": "alice-token-123", "bob": "bob-token-4567", "mallory": "mallory-token-89"}
 Code = grpc.StatusCode
@@ -43,8 +46,7 @@ def make_job(tmp: Path, **kw: object) -> FedJob:
         "limits": {"max_message_bytes": 1 << 20, "max_update_bytes": 100_000, "chunk_bytes": 8192},
         "server": {"port": 0, "tokens_file": str(tmp / "tokens.txt"), "heartbeat_seconds": 1, "linger_seconds": 0},
     }
-    data.update(kw)
-    return FedJob.model_validate(data)
+    return fed_job(data, **kw)
 
 
 def client_args(port: int, token: str, **kw: object) -> argparse.Namespace:

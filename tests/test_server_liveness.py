@@ -5,29 +5,16 @@ gauge follows the liveness window. Driven in-process with an injected clock (no 
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import SMALL_PARAMS as PARAMS
+from conftest import ManualClock, dense_update
 
 from gradcomp import metrics
-from gradcomp.compression import Dense
 from gradcomp.config.fed import FedJob
 from gradcomp.server import store
 from gradcomp.server.core import FINISHED, Coordinator
 from gradcomp.server.liveness import Bench, prefer
 
-PARAMS = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
 HONEST, SILENT = ("a", "b", "c"), "s"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def update() -> dict[str, Dense]:
-    return {k: Dense(torch.full((v.numel(),), 0.1), tuple(v.shape), v.dtype) for k, v in PARAMS.items()}
 
 
 def silent_job(rounds: int = 12, seed: int = 3, **round_: object) -> FedJob:
@@ -44,7 +31,7 @@ def silent_job(rounds: int = 12, seed: int = 3, **round_: object) -> FedJob:
     )
 
 
-def drive(coord: Coordinator, clock: Clock, steps: int) -> dict[tuple[int, int], set[str]]:
+def drive(coord: Coordinator, clock: ManualClock, steps: int) -> dict[tuple[int, int], set[str]]:
     """Honest clients pull and submit; the silent one only heartbeats. Returns who each (round, attempt) asked."""
     selections: dict[tuple[int, int], set[str]] = {}
     for _ in range(steps):
@@ -57,12 +44,12 @@ def drive(coord: Coordinator, clock: Clock, steps: int) -> dict[tuple[int, int],
         for name in HONEST:
             task = coord.task_for(name)
             if task.action == "train":
-                coord.accept_update(name, task.round, 10, update())
+                coord.accept_update(name, task.round, 10, dense_update())
         clock.t += 1
     return selections
 
 
-def silent_in_round_one(coord: Coordinator, clock: Clock) -> None:
+def silent_in_round_one(coord: Coordinator, clock: ManualClock) -> None:
     """Put the silent client into round 1 (whatever the seeded sample chose) with "a", which delivers;
     then pass the deadline."""
     for name in (*HONEST, SILENT):
@@ -70,7 +57,7 @@ def silent_in_round_one(coord: Coordinator, clock: Clock) -> None:
     coord.select_clients()
     assert coord.current is not None
     coord.current.selected = {"a", SILENT}
-    coord.accept_update("a", 1, 10, update())
+    coord.accept_update("a", 1, 10, dense_update())
     clock.t = 6
 
 
@@ -79,7 +66,7 @@ def connected_gauge() -> float | None:
 
 
 def test_a_client_that_heartbeats_but_never_submits_cannot_fail_the_job() -> None:
-    clock = Clock()
+    clock = ManualClock()
     coord = Coordinator(silent_job(), PARAMS, clock=clock)
     for name in (*HONEST, SILENT):
         coord.register(name)
@@ -97,20 +84,20 @@ def test_a_client_that_heartbeats_but_never_submits_cannot_fail_the_job() -> Non
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_retry_never_asks_a_client_that_already_missed_the_round(seed: int) -> None:
-    clock = Clock()
+    clock = ManualClock()
     coord = Coordinator(silent_job(rounds=1, seed=seed), PARAMS, clock=clock)
     silent_in_round_one(coord, clock)
     for name in ("a", "b", SILENT):  # c has gone quiet: the retry chooses between b and the silent client
         coord.touch(name)
     assert coord.finish_round() is None and coord.current is not None and coord.current.attempt == 1
     assert coord.current.selected == {"a", "b"}
-    coord.accept_update("b", 1, 10, update())
+    coord.accept_update("b", 1, 10, dense_update())
     result = coord.finish_round()
     assert result is not None and coord.status == FINISHED
 
 
 def test_bench_state_survives_resume(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    clock = Clock()
+    clock = ManualClock()
     job = silent_job(rounds=20, bench_after_misses=1)
     coord = Coordinator(job, PARAMS, clock=clock, checkpoint=lambda c: store.save_state(tmp_path, c.state_dict()))
     silent_in_round_one(coord, clock)
@@ -125,7 +112,7 @@ def test_bench_state_survives_resume(tmp_path) -> None:  # type: ignore[no-untyp
         chosen = resumed.select_clients()
         assert chosen is not None and SILENT not in chosen
         for name in chosen:
-            resumed.accept_update(name, resumed.version + 1, 10, update())
+            resumed.accept_update(name, resumed.version + 1, 10, dense_update())
         resumed.finish_round()
     assert resumed.bench.benched(resumed.version + 1) == set()
 
@@ -141,7 +128,7 @@ def test_benching_never_keeps_a_round_from_opening() -> None:
 
 
 def test_connected_gauge_drops_when_a_client_goes_silent() -> None:
-    clock = Clock()
+    clock = ManualClock()
     job = FedJob.model_validate(
         {"rounds": 1, "clients": {"expected": 3, "min": 3}, "server": {"heartbeat_seconds": 1, "liveness_seconds": 3}}
     )

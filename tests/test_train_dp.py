@@ -214,6 +214,7 @@ def dp_runs() -> dict:
 
 
 @pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.slow
 def test_dp_training_reports_epsilon_per_epoch(dp_runs: dict, spec: str) -> None:
     epochs = [e for e in dp_runs[spec] if e["type"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2]
@@ -224,6 +225,7 @@ def test_dp_training_reports_epsilon_per_epoch(dp_runs: dict, spec: str) -> None
 
 
 @pytest.mark.parametrize("key", [*SPECS, "sparse"])
+@pytest.mark.slow
 def test_accountant_is_charged_the_poisson_samplers_rate(dp_runs: dict, key: str) -> None:
     """The epsilon a run reports is Opacus' for (sigma, the sampler's own q, the steps taken); the
     figure against one rank's messages uses that rank's own noise: sigma / sqrt(2) when split."""
@@ -238,6 +240,7 @@ def test_accountant_is_charged_the_poisson_samplers_rate(dp_runs: dict, key: str
     assert last["epsilon_rank_message"] == pytest.approx(per_rank, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_unnoised_metrics_stay_in_unless_asked_for(dp_runs: dict) -> None:
     """Under DP the per-step loss, drawn batch size and epoch train loss leave the workers only with
     dp.unprotected_metrics (the sparse job sets it)."""
@@ -246,6 +249,7 @@ def test_unnoised_metrics_stay_in_unless_asked_for(dp_runs: dict) -> None:
     assert all("examples" in e for e in dp_runs["sparse"] if e["type"] == "step")
 
 
+@pytest.mark.slow
 def test_empty_batches_keep_ranks_in_step(dp_runs: dict) -> None:
     """With many empty local batches every rank still took every step (none hung, none skipped)."""
     steps = [e for e in dp_runs["sparse"] if e["type"] == "step"]
@@ -254,6 +258,7 @@ def test_empty_batches_keep_ranks_in_step(dp_runs: dict) -> None:
 
 
 @pytest.mark.parametrize("spec", list(NOISE))
+@pytest.mark.slow
 def test_the_loop_releases_the_noise_its_aggregation_needs(dp_runs: dict, spec: str) -> None:
     """Measured, not configured: a linear mode must release sigma * clip / expected global batch once,
     a non-linear one (fp16, rtopk) sqrt(world) times that, each rank having added the full noise. A
@@ -262,6 +267,7 @@ def test_the_loop_releases_the_noise_its_aggregation_needs(dp_runs: dict, spec: 
     assert dp_runs["noise"][spec] == pytest.approx(expected, rel=0.08)
 
 
+@pytest.mark.slow
 def test_resume_draws_fresh_noise_and_charges_the_lost_steps(dp_runs: dict) -> None:
     """Restored at step 2 (checkpoints every 2 steps): steps 3-4 were released by the failed run and
     their checkpoint lost, so the resume charges 2 steps at once (checkpointed before training on),

@@ -62,6 +62,7 @@ def test_epoch_restore_and_privacy_events() -> None:
     assert math.isinf(metrics.value("gradcomp_train_privacy_epsilon", run))
 
 
+@pytest.mark.server
 def test_exported_serves_every_rank_from_the_start_and_closes(capsys: pytest.CaptureFixture[str]) -> None:
     with exported("tm-http", 3, 8, 0, "127.0.0.1", 0.0) as observe:
         assert observe is not None
@@ -82,6 +83,7 @@ def test_no_port_no_endpoint() -> None:
         assert observe is None
 
 
+@pytest.mark.server
 def test_metrics_port_in_use_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("name: busy\ntask: digits-mlp\nepochs: 1\nbatch_size: 16\nscaling: {num_workers: 1}\n")

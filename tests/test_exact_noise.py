@@ -148,3 +148,17 @@ def test_parameters_must_be_exact_and_positive() -> None:
     with pytest.raises(TypeError):
         stream.discrete_laplace(3, True)  # type: ignore[arg-type]
     assert stream.discrete_gaussian(0, 4).shape == (0,)
+
+
+def test_a_bernoulli_ratio_past_2_to_the_62_is_decided_exactly_at_its_boundary() -> None:
+    m, half = 2**70, np.array([2**69], dtype=object)
+
+    def ratio(words: list[int], num: np.ndarray) -> bool:
+        return bool(exact_noise.bernoulli_ratio(CraftedStream(words).words, num, m)[0])
+
+    # V's first 53 bits say exactly 1/2 or just below it: the float test cannot tell, the integers do
+    assert ratio([1 << 63], half) is False  # V >= 1/2 = p
+    assert ratio([(1 << 63) - (1 << 11)], half) is True  # V < 1/2 = p
+    # p = 1/2 + 2^-70 and V's first bits exactly 1/2: decided by the next word
+    above = np.array([2**69 + 1], dtype=object)
+    assert ratio([1 << 63, 0], above) is True and ratio([1 << 63, 2**64 - 1], above) is False

@@ -89,19 +89,42 @@ def _top_bits(words: Words, bits: int, n: int) -> np.ndarray:
     if bits <= 62:
         return (np.asarray(words(n), dtype=np.uint64) >> np.uint64(64 - bits)).astype(np.int64)
     per = -(-bits // 64)
-    raw = np.asarray(words(n * per), dtype="<u8").reshape(n, per)
-    out = np.empty(n, dtype=object)
-    out[:] = [int.from_bytes(r.tobytes(), "little") >> (64 * per - bits) for r in raw]
-    return out
+    raw = np.asarray(words(n * per), dtype=np.uint64).reshape(n, per)
+    out = raw[:, 0].astype(object)  # Python ints, joined limb by limb in object arrays
+    for j in range(1, per):
+        out = (out << 64) | raw[:, j].astype(object)
+    return out >> (64 * per - bits)
+
+
+def bernoulli_ratio(words: Words, num: np.ndarray, m: int) -> np.ndarray:
+    """Bernoulli(num / m) for 0 <= num <= m, exactly: a uniform integer below m compared with num.
+
+    Past 2^62 the uniform is a real V read 53 bits at a time: V's first bits decide against a float
+    of num/m wherever they are clear of its rounding (all but ~2^-47 of draws); the rest compare the
+    integers num * 2^53 - v * m exactly and, still undecided, draw further bits (recursively).
+    """
+    if m <= _INT64_SAFE:
+        return (uniform_below(words, m, len(num)) < num).astype(bool)
+    v = (np.asarray(words(len(num)), dtype=np.uint64) >> np.uint64(11)).astype(np.float64)  # V in [v, v+1) 2^-53
+    x = num.astype(np.float64) * (2.0**53 / float(m))  # num/m 2^53, relative error < 2^-50
+    yes, no = v + 1 <= x * (1 - 2.0**-48), v >= x * (1 + 2.0**-48)
+    unsure = np.flatnonzero(~(yes | no))
+    if unsure.size:
+        rest = np.empty(unsure.size, dtype=object)
+        rest[:] = [int(num[i]) * 2**53 - int(v[i]) * m for i in unsure]
+        inside = np.flatnonzero(((rest > 0) & (rest < m)).astype(bool))
+        yes[unsure] = (rest >= m).astype(bool)
+        yes[unsure[inside]] = bernoulli_ratio(words, rest[inside], m)
+    return yes
 
 
 def bernoulli_exp_fraction(words: Words, num: np.ndarray, den: int) -> np.ndarray:
     """Bernoulli(exp(-num/den)) for 0 <= num <= den (CKS Algorithm 1, K-th step Bernoulli(gamma/K))."""
-    go_on = (uniform_below(words, den, len(num)) < num).astype(bool)
+    go_on = bernoulli_ratio(words, num, den)
     result = ~go_on  # stopped at K = 1: odd
     active, k = np.flatnonzero(go_on), 2
     while active.size:
-        go_on = (uniform_below(words, den * k, active.size) < num[active]).astype(bool)
+        go_on = bernoulli_ratio(words, num[active], den * k)
         result[active[~go_on]] = k % 2 == 1
         active, k = active[go_on], k + 1
     return result

@@ -130,3 +130,19 @@ def test_staleness_is_detected_and_fixed(tmp_path: Path) -> None:
         path.write_text(new)
     assert docgen.stale(tmp_path) == []
     assert "| `dp.clip` |" in jobs.read_text()
+
+
+def test_nothing_cites_issue_or_finding_numbers() -> None:
+    """A comment says what it guards against; a tracker or audit number means nothing to a reader
+    of this repository (docs/security.md's threat model collects the attacks instead)."""
+    cite = re.compile(r"\b(?:issue|finding)s?\s+#?\d+", flags=re.I)
+    roots = [ROOT / d for d in ("src", "tests", "benchmarks", "tools", "docs")]
+    files = [README, *(p for r in roots for p in r.rglob("*") if p.suffix in {".py", ".md"})]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in files
+        if "_proto" not in p.parts
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if cite.search(line)
+    ]
+    assert hits == [], "say what the code guards against instead:\n" + "\n".join(hits)

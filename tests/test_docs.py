@@ -146,3 +146,17 @@ def test_nothing_cites_issue_or_finding_numbers() -> None:
         if cite.search(line)
     ]
     assert hits == [], "say what the code guards against instead:\n" + "\n".join(hits)
+
+
+def test_every_stage_and_strategy_is_described() -> None:
+    """The hand-written parts that name them keep up: the README's stage list and jobs.md's
+    server-step table (the generated key table covers their keys)."""
+    from gradcomp.compression.stages import STAGES
+    from gradcomp.strategies import strategy_names
+
+    stages_line = next(line for line in README.read_text().splitlines() if line.startswith("Stages: "))
+    assert [s for s in STAGES if f"`{s}`" not in stages_line] == [], "README.md's 'Stages:' line misses a stage"
+    jobs = (ROOT / "docs" / "jobs.md").read_text()
+    server_steps = jobs[jobs.index("| `name` | server step |") :].split("\n\n")[0]
+    missing = [n for n in strategy_names() if f"| `{n}` |" not in server_steps]
+    assert missing == [], f"docs/jobs.md's server-step table misses {missing}"

@@ -51,7 +51,8 @@ def fmt_diff(row: Mapping[str, Any], digits: int = 4) -> str:
     if "diff" not in row:
         return "(reference)" if "se" in row else "-"
     star = " *" if row.get("exceeds_2se") else ""
-    return fmt(row["diff"], row["diff_se"], digits).replace(f"{row['diff']:.{digits}f}", f"{row['diff']:+.{digits}f}") + star
+    se = f" ± {row['diff_se']:.{digits}f}" if row["diff_se"] is not None else ""
+    return f"{row['diff']:+.{digits}f}{se}{star}"
 
 
 def noise_note(rows: Mapping[str, Mapping[str, Any]]) -> str:
@@ -63,5 +64,7 @@ def noise_note(rows: Mapping[str, Mapping[str, Any]]) -> str:
     if all(row.get("diff_se") is None for name, row in rows.items() if "diff" in row):
         return "One seed only: no standard error, so no difference can be called resolved."
     if not resolved:
-        return "Every difference from the reference is inside 2 standard errors: this table cannot tell these runs apart."
+        return (
+            "Every difference from the reference is inside 2 standard errors: this table cannot tell these runs apart."
+        )
     return f"Differences beyond 2 standard errors (*): {', '.join(resolved)}; every other one is inside the noise."

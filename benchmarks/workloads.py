@@ -86,7 +86,9 @@ def _dp_rank(rank: int, world: int, names: list[str], args: argparse.Namespace, 
     results = {}
     for name in names:
         events: list[dict[str, Any]] = []
-        session = Session(rank, world, torch.device("cpu"), lambda m, d: None, progress=lambda e, s=events: s.extend(e["events"]))
+        session = Session(
+            rank, world, torch.device("cpu"), lambda m, d: None, progress=lambda e, s=events: s.extend(e["events"])
+        )
         t0 = time.perf_counter()
         train_worker(_dp_job(name, args, seed), session)
         epochs = [e for e in events if e["type"] == "epoch"]

@@ -61,7 +61,7 @@ def test_cifar10_batches_are_read_in_order_and_normalised(tmp_path: Path) -> Non
     raw = torch.from_numpy(written["data_batch_2"][1].reshape(3, 32, 32)).float()
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert torch.allclose(x[0], (raw[0] - CIFAR_MEAN[0] * 255) / (0.2470 * 255), atol=1e-4)
-    bx, by = task.train_set.batch(torch.tensor([7, 0]))
+    bx, by = task.train_set.gather(torch.tensor([7, 0]))
     assert torch.equal(bx[0], x) and int(by[0]) == int(y)
     assert task.make_model()(bx).shape == (2, 10)
 
@@ -107,7 +107,7 @@ def test_resnet_norms_depths_and_synthetic_data() -> None:
     with pytest.raises(TaskError, match="6n\\+2"):
         load_task("resnet", depth=10)
     task = load_task("resnet", synthetic_examples=64, depth=8, width=8)
-    x, y = task.train_set.batch(torch.arange(64))
+    x, y = task.train_set.gather(torch.arange(64))
     assert x.shape == (64, 3, 32, 32) and y.max() < 10 and len(task.test_set) == 12
     # the classes differ in their images: the class means are far apart compared with one image's noise
     means = torch.stack([x[y == c].mean(0) for c in y.unique()])

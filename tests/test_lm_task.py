@@ -81,7 +81,7 @@ def test_token_windows_are_views_of_one_tensor() -> None:
     ds = TokenWindows(data, torch.tensor([0, 10, 40, 80]), 8, torch.tensor([0, 0, 1, 2]))
     x, y = ds[2]
     assert x.tolist() == list(range(40, 48)) and y.tolist() == list(range(41, 49)) and x.dtype == torch.int64
-    bx, by = ds.batch(torch.tensor([3, 0]))
+    bx, by = ds.gather(torch.tensor([3, 0]))
     assert torch.equal(bx, torch.stack([ds[3][0], ds[0][0]])) and torch.equal(by[1], ds[0][1])
     sub = ds.subset(torch.tensor([1, 3]))
     assert sub.data.data_ptr() == data.data_ptr() and sub.groups.tolist() == [0, 2] and len(sub) == 2

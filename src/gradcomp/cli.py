@@ -37,6 +37,13 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", action="append", required=True, help="compression spec to audit (repeatable)")
     p.add_argument("--task", default="digits-mlp", help="task whose model and test images are attacked")
     p.add_argument(
+        "--task-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an argument of the task (repeatable; YAML value), e.g. size=tiny or data_dir=~/cifar",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         action="append",

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from gradcomp.audit.gradients import GroupGradients
 from gradcomp.compression import build, decode, encode
-from gradcomp.tasks import Objective, Task
+from gradcomp.tasks import Objective, Task, batch_of
 
 
 def as_images(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -82,20 +81,27 @@ class Setting:
     objective: Objective  # the task's loss: what the victims' gradients are gradients of
 
 
+MEAN_EXAMPLES = 4096  # the data range and the mean image come from at most this many training examples
+
+
 def make_setting(task: Task, victims: int, seed: int) -> Setting:
-    """The model at seed `seed` (as `gradcomp train` would start it) and `victims` fixed test images."""
-    for name, ds in (("train", task.train_set), ("test", task.test_set)):
-        if not isinstance(ds, TensorDataset):
-            raise ValueError(f"the audit needs the task's {name} set as a TensorDataset (images, labels)")
-    train_x = task.train_set.tensors[0].float()  # type: ignore[union-attr]
-    test_x, test_y = task.test_set.tensors  # type: ignore[union-attr]
-    if not 1 <= victims <= len(test_x):
-        raise ValueError(f"--victims must be between 1 and the test set's {len(test_x)} images, got {victims}")
+    """The model at seed `seed` (as `gradcomp train` would start it) and `victims` fixed test examples.
+
+    Inputs keep their dtype when they are not floating point (token ids: the text attack's setting)."""
+    if task.test_set is None:
+        raise ValueError("the audit needs the task's test set: its victims come from it")
+    n_test, n_train = len(task.test_set), min(len(task.train_set), MEAN_EXAMPLES)  # type: ignore[arg-type]
+    test_x, test_y = batch_of(task.test_set, torch.arange(n_test))
+    train_x = batch_of(task.train_set, torch.arange(n_train))[0]
+    if not 1 <= victims <= n_test:
+        raise ValueError(f"--victims must be between 1 and the test set's {n_test} examples, got {victims}")
+    if test_x.is_floating_point():
+        test_x, train_x = test_x.float(), train_x.float()
     torch.manual_seed(seed)
     model = task.make_model().eval()
-    order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n_test, generator=torch.Generator().manual_seed(seed))
     bounds = (float(train_x.min()), float(train_x.max()))
-    return Setting(model, test_x.float(), test_y, order[:victims], train_x.mean(dim=0), bounds, task.objective)
+    return Setting(model, test_x, test_y, order[:victims], train_x.float().mean(dim=0), bounds, task.objective)
 
 
 def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observation, Truth]:

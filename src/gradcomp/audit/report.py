@@ -26,6 +26,7 @@ COLUMNS = [
     "PSNR dB (worst)",
     "worst attack",
     "mean-image PSNR dB",
+    "tokens P / R (base rate)",
     "cos(sent, true) per batch size",
     "epsilon (1 payload)",
 ]
@@ -45,19 +46,31 @@ def table_rows(entries: Sequence[dict[str, Any]]) -> list[list[str]]:
         cos = " / ".join(f"{c:.3f}" for c in e["gradient_cosine"].values())
         dp = e.get("dp")
         eps = "-" if dp is None else ("inf" if not math.isfinite(dp["epsilon"]) else f"{dp['epsilon']:.3g}")
+        tokens = e.get("token_recovery")
         rows.append(
             [
                 e["spec"],
                 e["verdict"],
-                f"{e['reidentification']:.2f}",
-                f"{e['psnr_db']:.1f}",
+                _num(e["reidentification"], ".2f"),
+                _num(e["psnr_db"], ".1f"),
                 e["worst_attack"] or "-",
-                f"{e['baseline_mean_image']['psnr_db']:.1f}",
+                _num((e.get("baseline_mean_image") or {}).get("psnr_db"), ".1f"),
+                _tokens(tokens),
                 cos,
                 eps,
             ]
         )
     return rows
+
+
+def _tokens(recovery: dict[str, Any] | None) -> str:
+    if recovery is None:
+        return "-"
+    return f"{recovery['precision']:.2f} / {recovery['recall']:.2f} ({recovery['base_rate']:.2f})"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def print_table(entries: Sequence[dict[str, Any]]) -> None:
@@ -75,7 +88,9 @@ def print_table(entries: Sequence[dict[str, Any]]) -> None:
     print(
         f"leaks: some attack re-identifies > {LEAK_REIDENTIFICATION:.0%} of victims or beats the mean image "
         f"by >= {LEAK_PSNR_GAIN_DB:g} dB PSNR. The audit bounds leakage from below (what these attacks "
-        "achieve); resisting them is not a proof of privacy."
+        "achieve); resisting them is not a proof of privacy. Token tasks are not judged: tokens P / R is the "
+        "precision / recall of the batch's token set read off the embedding gradient's rows, at the batch "
+        "size where precision most exceeds its base rate (the share of the vocabulary a batch holds)."
     )
 
 

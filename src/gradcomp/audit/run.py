@@ -21,6 +21,7 @@ from gradcomp.audit.config import AuditConfig, SpecAudit
 from gradcomp.audit.cosine import cosine_attack
 from gradcomp.audit.dlg import l2_attack
 from gradcomp.audit.observe import Observation, Setting, make_setting, observe
+from gradcomp.audit.text import audit_text
 from gradcomp.tasks import load_task
 
 Attack = Callable[[Observation, int, int], torch.Tensor]
@@ -53,6 +54,8 @@ def audit_specs(specs: Sequence[str], config: AuditConfig = AuditConfig()) -> li
 
 def audit_one(setting: Setting, spec: str, config: AuditConfig) -> SpecAudit:
     """All attacks at every batch size on one spec, the baseline, cosine, epsilon and verdict."""
+    if not setting.test_x.is_floating_point():  # token ids: the text attack, not the image attacks
+        return audit_text(setting, spec, config, list(ATTACKS))
     t0 = time.perf_counter()
     attacks: dict[str, dict[str, Any]] = {name: {"by_batch_size": {}} for name in ATTACKS}
     images: dict[tuple[str, int], torch.Tensor] = {}
@@ -110,12 +113,26 @@ def _summarise(figures: dict[str, Any]) -> None:
     figures["mse"] = min(r["mse"] for r in runs)
 
 
+def _task_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`--task-arg KEY=VALUE` pairs, each value read as YAML (numbers, booleans, strings)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in getattr(args, "task_arg", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--task-arg wants KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def run_audit(args: argparse.Namespace) -> int:
     """CLI verb: audit, print the table, write the JSON and the PNG grid beside it."""
     from gradcomp.audit.report import print_table, write_grid, write_json
 
     config = AuditConfig(
         task=args.task,
+        task_args=_task_args(args),
         batch_sizes=tuple(args.batch_size or AuditConfig.batch_sizes),
         victims=args.victims,
         iterations=args.iterations,

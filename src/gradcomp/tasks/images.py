@@ -52,10 +52,10 @@ class ImageSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(torch.tensor([int(i)]))
+        x, y = self.gather(torch.tensor([int(i)]))
         return x[0], y[0]
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float32 images and labels of the examples at `indices`."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return (self.images[idx].float() - self._mean) / self._std, self.labels[idx]

@@ -16,6 +16,7 @@ import torch
 from gradcomp.tasks.base import Task, TaskError
 from gradcomp.tasks.corpus import build_corpus
 from gradcomp.tasks.gpt import GPT, GPTConfig, count_parameters
+from gradcomp.tasks.objective import NextToken
 from gradcomp.tasks.tokens import TokenWindows
 
 SIZES: dict[str, dict[str, int | None]] = {
@@ -91,4 +92,13 @@ def lm(
     else:
         raise TaskError(f"lm: unknown corpus {corpus!r}; use stdlib or synthetic")
     info.update(size=size, model=cfg.as_dict(), parameters=count_parameters(GPT(cfg)), tokens="bytes")
-    return Task(f"lm-{size}", lambda: GPT(cfg), train, test, num_classes=VOCAB, info=info, groups=train.groups)
+    return Task(
+        f"lm-{size}",
+        lambda: GPT(cfg),
+        train,
+        test,
+        num_classes=VOCAB,
+        info=info,
+        objective=NextToken(unit="byte"),
+        groups=train.groups,
+    )

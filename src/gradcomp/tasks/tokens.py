@@ -37,7 +37,7 @@ class TokenWindows(Dataset):
         """[n, block_size + 1] int64 tokens of the windows at `starts` (one gather, no per-item loop)."""
         return self.data[starts.to(torch.int64)[:, None] + self._offsets].long()
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of the examples at `indices`, each [n, block_size] int64."""
         windows = self.window_tokens(self.starts[torch.as_tensor(indices, dtype=torch.int64)])
         return windows[:, :-1], windows[:, 1:]

@@ -306,7 +306,7 @@ class FLClient:
         data = iid_shard(runtime.task, self.shard[0], self.shard[1], config.seed)
         self.limits.check_steps(data.num_examples, local)
         if runtime.dp_stage is not None:
-            data.digest  # noqa: B018  # hashed here, once, not inside a timed round (cached on the data)
+            data.digest  # noqa: B018  # hashed once per job, not in every round (cached on the data)
         return runtime, data
 
     def fetch_model(self, task: fed_pb2.PullTaskResponse) -> None:

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.server.app import start
 from gradcomp.server.transport import FD_RESERVE, raise_file_limit
 
@@ -231,7 +232,7 @@ def test_idle_connections_cannot_take_the_file_handles_an_honest_join_needs(tmp_
             stub, joined = fed_pb2_grpc.CoordinatorStub(ch), None
             while joined is None and time.monotonic() - start_join < 20:
                 try:
-                    joined = stub.Join(fed_pb2.JoinRequest(client_id="c0", protocol_version=1),
+                    joined = stub.Join(fed_pb2.JoinRequest(client_id="c0", protocol_version=PROTOCOL_VERSION),
                                        metadata=md(TOKENS["client-0"]), timeout=2)  # fmt: skip
                 except grpc.RpcError as err:
                     assert err.code() in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED), err

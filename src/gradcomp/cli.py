@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import runpy
 import sys
 from collections.abc import Callable, Sequence
@@ -105,7 +104,12 @@ def _add_serve(verbs: argparse._SubParsersAction) -> None:
 def _add_client(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("client", help="a federated participant")
     p.add_argument("--server", required=True, help="coordinator HOST:PORT")
-    p.add_argument("--token", default=os.environ.get("GRADCOMP_TOKEN"), help="bearer token (default $GRADCOMP_TOKEN)")
+    p.add_argument("--token-file", default=None, metavar="PATH", help="file holding the bearer token (keep it 0600)")
+    p.add_argument(
+        "--token", default=None, help="bearer token; visible to local users in the process list: prefer --token-file "
+        "or $GRADCOMP_TOKEN (the default source)",
+    )  # fmt: skip
+    p.set_defaults(token_from_cli=True)  # a --token value came from the command line (see client/credentials.py)
     p.add_argument("--client-id", default=None, help="stable client name (default: hostname-pid)")
     p.add_argument("--shard", default=None, help="which data shard, I/N (e.g. 0/3)")
     p.add_argument("--tls-ca", default=None, help="CA certificate to verify the coordinator")

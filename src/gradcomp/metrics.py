@@ -12,14 +12,18 @@ serves it for the length of a `with` block (gradcomp train and fedsim).
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -189,9 +193,54 @@ class Endpoint:
     close: Callable[[], None]
 
 
+MAX_SCRAPES = 8  # /metrics requests served at once; more are closed at once
+SCRAPE_TIMEOUT = 10.0  # seconds a connection may take to send its request (and to read the answer)
+
+
+class _Quiet(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT  # a half-sent request no longer holds its thread for good
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server with at most MAX_SCRAPES request threads (prometheus_client's own
+    server starts a thread per connection, without a timeout)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a scrape that timed out or hung up: nothing to report
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def start(port: int, host: str = "127.0.0.1") -> Endpoint:
     """Expose REGISTRY at http://host:port/metrics in a daemon thread (port 0: any free port)."""
-    server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("MetricsServer", (_BoundedServer,), {"address_family": family})
+    server = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
 
     def close() -> None:
         server.shutdown()

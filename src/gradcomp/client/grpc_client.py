@@ -58,6 +58,7 @@ from gradcomp.client.answers import (
     heartbeat_seconds,
     wait_seconds,
 )
+from gradcomp.client.credentials import printable, resolve_token
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
@@ -165,12 +166,11 @@ class FLClient:
     """One participant; `run()` returns when the job is done."""
 
     def __init__(self, args: argparse.Namespace, checks: Sequence[ConfigCheck] | None = None):
-        if not args.token:
-            raise ValueError("no token: pass --token or set $GRADCOMP_TOKEN")
+        token, self.warnings = resolve_token(args)  # TokenError (a ValueError) when there is none
         self.args = args
         self.timeout = float(getattr(args, "rpc_timeout", 30.0))
         self.backoff = Backoff(float(getattr(args, "retry_seconds", 60.0)))
-        self.metadata = (("authorization", f"Bearer {args.token}"),)
+        self.metadata = (("authorization", f"Bearer {token}"),)
         self.client_id = args.client_id or f"{socket.gethostname()}-{os.getpid()}"
         self._creds = None
         if args.tls_ca or args.tls_cert:
@@ -200,7 +200,7 @@ class FLClient:
         self._beat_call: grpc.Future | None = None
         self._beat_thread: threading.Thread | None = None
         self.log = (
-            (lambda msg: print(f"[client {self.client_id}] {msg}", flush=True))
+            (lambda msg: print(printable(f"[client {self.client_id}] {msg}"), flush=True))
             if not args.quiet
             else (lambda msg: None)
         )
@@ -422,12 +422,16 @@ def run_client(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     memory_ceiling(WorkLimits.from_args(args).max_memory_mib)  # the whole process, so only here
     try:
-        return FLClient(args).run()
+        client = FLClient(args)
+        for warning in client.warnings:
+            print(f"gradcomp client: warning: {warning}", file=sys.stderr)
+        return client.run()
     except ClientError as err:
-        print(f"gradcomp client: error: {err}", file=sys.stderr)
+        print(f"gradcomp client: error: {printable(err)}", file=sys.stderr)
         return 3
     except grpc.RpcError as err:
         print(
-            f"gradcomp client: coordinator unreachable or failing: {err.code().name}: {err.details()}", file=sys.stderr
+            f"gradcomp client: coordinator unreachable or failing: {err.code().name}: {printable(err.details())}",
+            file=sys.stderr,
         )
         return 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,11 @@ M = TypeVar("M", bound=BaseModel)
 
 class ConfigError(ValueError):
     """A job file or override that cannot be used; the message says what and where."""
+
+
+# A run's name is a directory under --runs-dir: one path component that cannot be '.', '..' or hidden
+# (a job named '..' wrote its run outside --runs-dir).
+RunName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)]
 
 
 class StrictModel(BaseModel):

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from gradcomp.config.common import StrictModel, TaskConfig, compression_spec, load_job
+from gradcomp.config.common import RunName, StrictModel, TaskConfig, compression_spec, load_job
 from gradcomp.partition import parse_partition
 from gradcomp.privacy import negligible_reach_problem
 from gradcomp.strategies import StrategySection, default_config, strategy_class
@@ -155,6 +155,9 @@ class ServerSection(StrictModel):
     )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port (off if unset)")
+    metrics_host: str = Field(
+        "127.0.0.1", description="/metrics bind address (plain HTTP even under TLS: widen it only on purpose)"
+    )
     tls_cert: Path | None = Field(None, description="server certificate (PEM); with tls_key turns TLS on")
     tls_key: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="require client certificates signed by this CA")
@@ -248,7 +251,7 @@ class SimulationConfig(StrictModel):
 
 
 class FedJob(StrictModel):
-    name: str = Field("fed", pattern=r"^[A-Za-z0-9._-]+$", description="run name: runs/<name>/")
+    name: RunName = Field("fed", description="run name: runs/<name>/")
     task: TaskConfig = Field(default_factory=TaskConfig)
     rounds: int = Field(10, ge=1, description="rounds to aggregate")
     clients: ClientsSection = Field(default_factory=ClientsSection)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from gradcomp.config.common import StrictModel, TaskConfig, compression_spec
+from gradcomp.config.common import RunName, StrictModel, TaskConfig, compression_spec
 from gradcomp.privacy import negligible_reach_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -98,7 +98,7 @@ class EvalConfig(StrictModel):
 class TrainJob(StrictModel):
     """A `gradcomp train` job file."""
 
-    name: str = Field(description="run name: runs/<name>/ holds results and checkpoints")
+    name: RunName = Field(description="run name: runs/<name>/ holds results and checkpoints")
     task: TaskConfig = Field(default_factory=TaskConfig)
     seed: int = Field(
         0, description="one seed for everything public (initialisation, shuffling, randomk); never DP noise"

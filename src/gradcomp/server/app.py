@@ -219,7 +219,8 @@ def start(
             port = 0
         if port == 0:
             raise ValueError(f"cannot bind gRPC to {address} (in use or not a local address)")
-        metrics_port = metrics.serve(job.server.metrics_port, host) if job.server.metrics_port is not None else None
+        mport = job.server.metrics_port
+        metrics_port = metrics.serve(mport, job.server.metrics_host) if mport is not None else None
     except BaseException:
         server.stop(None)
         raise

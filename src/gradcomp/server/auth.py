@@ -21,8 +21,11 @@ one message as raw bytes, refuses it when it is over the size limit (counted as
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ import grpc
 
 from gradcomp.config.fed import ServerSection
 
+log = logging.getLogger("gradcomp.server")
 SERVICE_PREFIX = "/gradcomp.v1.Coordinator/"
 # gRPC's own words when server.max_concurrent_rpcs are in progress; clients retry a refusal that says them,
 # and the per-client limit says them too.
@@ -50,22 +54,48 @@ class ClientIdentity:
 
 # --- the tokens file -------------------------------------------------------------------------
 def parse_tokens_text(text: str, source: str) -> dict[str, ClientIdentity]:
-    """'name token [cert-identity]' lines (or 'name=token[=identity]' items separated by commas)."""
+    """'name token [cert-identity]' lines, or 'name=token' items separated by commas (the env var).
+
+    A token is taken whole: an '=' in it is part of it (`Pr3fix99=...` once logged in as `Pr3fix99`
+    when every '=' was read as a separator). The env form splits at the first '=' only, so it has no
+    certificate identity (the name is used); give one in the tokens file."""
     out: dict[str, ClientIdentity] = {}
-    items = [ln for ln in text.replace(",", "\n").splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    for i, raw in enumerate(items, 1):
-        parts = raw.replace("=", " ").split()
-        if len(parts) not in (2, 3):
-            raise ValueError(f"{source}: entry {i} must be 'client-name token [cert-identity]', got {raw.strip()!r}")
-        name, token = parts[:2]
+    for i, (name, token, ident) in enumerate(_token_entries(text, source), 1):
         if len(token) < 8:
             raise ValueError(f"{source}: token of {name!r} is shorter than 8 characters")
         if token in out:
             raise ValueError(f"{source}: clients {out[token].name!r} and {name!r} share a token")
         if any(c.name == name for c in out.values()):
             raise ValueError(f"{source}: client {name!r} has two tokens")
-        out[token] = ClientIdentity(name, parts[2] if len(parts) == 3 else name)
+        if weak_token(token):
+            log.warning("%s: the token of client %r (entry %d) is weak: use %d+ random characters "
+                        "(python -m gradcomp.server.tls makes some)", source, name, i, STRONG_TOKEN_CHARS)  # fmt: skip
+        out[token] = ClientIdentity(name, ident or name)
     return out
+
+
+def _token_entries(text: str, source: str) -> Iterator[tuple[str, str, str | None]]:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    for raw in lines:
+        if len(raw.split()) > 1:  # a tokens-file line: fields separated by white space
+            parts = raw.split()
+            if len(parts) > 3:
+                raise ValueError(f"{source}: line must be 'client-name token [cert-identity]', got {len(parts)} fields")
+            yield parts[0], parts[1], parts[2] if len(parts) == 3 else None
+            continue
+        for item in filter(None, raw.split(",")):
+            name, eq, token = item.partition("=")
+            if not (name and eq and token):
+                raise ValueError(f"{source}: an entry is neither 'client-name=token' nor 'client-name token'")
+            yield name, token, None
+
+
+STRONG_TOKEN_CHARS = 16
+
+
+def weak_token(token: str) -> bool:
+    """Short, or of few distinct characters ('aaaaaaaa'): guessable, whatever else it is."""
+    return len(token) < STRONG_TOKEN_CHARS or len(set(token)) < 8
 
 
 def load_tokens(server: ServerSection) -> dict[str, ClientIdentity]:
@@ -74,6 +104,9 @@ def load_tokens(server: ServerSection) -> dict[str, ClientIdentity]:
         path = Path(server.tokens_file)
         if not path.is_file():
             raise FileNotFoundError(f"server.tokens_file: {path} does not exist")
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            log.warning("server.tokens_file %s is readable by other users (mode %o): chmod 600 it", path, mode & 0o777)
         tokens = parse_tokens_text(path.read_text(), str(path))
     else:
         tokens = parse_tokens_text(os.environ.get(server.tokens_env, ""), f"${server.tokens_env}")
@@ -172,6 +205,56 @@ def cancel_with_status(context: grpc.ServicerContext, code: grpc.StatusCode, det
         context.cancel()
 
 
+class AuthThrottle:
+    """Failed authentications per peer address, as a token bucket of `burst` refilled at `rate` a second.
+
+    Wrong tokens were answered about 2,500 times a second and nothing was logged. An address whose
+    bucket is empty is refused (RESOURCE_EXHAUSTED) before any token of its is checked, valid or
+    not, so its guesses run at `rate` a second and a refusal says nothing about the token. Clients
+    behind the same address share the bucket. Failures are logged, once per address per
+    `log_every` seconds with their count. At most `max_peers` addresses are remembered (the least
+    recently failed are forgotten first), so many addresses cannot grow it without bound."""
+
+    def __init__(self, burst: int = 30, rate: float = 2.0, max_peers: int = 4096, log_every: float = 10.0):
+        self.burst, self.rate, self.max_peers, self.log_every = burst, rate, max_peers, log_every
+        self._lock = threading.Lock()
+        self._peers: OrderedDict[str, list[float]] = OrderedDict()  # host -> [tokens, at, unlogged, logged at]
+
+    def wait(self, host: str) -> float:
+        """Seconds until `host` may try again (0: now)."""
+        with self._lock:
+            entry = self._peers.get(host)
+            if entry is None:
+                return 0.0
+            self._refill(entry)
+            return 0.0 if entry[0] >= 1 else (1 - entry[0]) / self.rate
+
+    def failed(self, host: str, method: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._peers.pop(host, None) or [float(self.burst), now, 0.0, -self.log_every]
+            self._refill(entry)
+            entry[0] -= 1
+            entry[2] += 1
+            self._peers[host] = entry
+            while len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+            if now - entry[3] < self.log_every:
+                return
+            count, entry[2], entry[3] = int(entry[2]), 0.0, now
+        log.warning("unauthenticated call to %s from %s (%d failed since the last report)", method, host, count)
+
+    def _refill(self, entry: list[float]) -> None:
+        now = time.monotonic()
+        entry[0] = min(float(self.burst), entry[0] + (now - entry[1]) * self.rate)
+        entry[1] = now
+
+
+def peer_host(context: grpc.ServicerContext) -> str:
+    """The caller's address without its port ('ipv4:10.0.0.5:51234' -> 'ipv4:10.0.0.5')."""
+    return (context.peer() or "unknown").rsplit(":", 1)[0]
+
+
 # --- the interceptor -------------------------------------------------------------------------
 class AuthGate(grpc.ServerInterceptor):
     """Authenticate coordinator calls before their request is read (see module docstring)."""
@@ -192,6 +275,7 @@ class AuthGate(grpc.ServerInterceptor):
         self.refused = refused
         self.calls = CallCounter(calls_per_client)
         self.read_seconds = read_seconds
+        self.throttle = AuthThrottle()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: Any
@@ -217,15 +301,25 @@ class AuthGate(grpc.ServerInterceptor):
 
     def _turn_away(self, method: str) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
         def behaviour(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            host = peer_host(context)
+            self._check_throttle(method, host, context)
+            self.throttle.failed(host, method)
             self._refuse(context, method, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
                          "missing or unknown bearer token")  # fmt: skip
 
         return behaviour
 
+    def _check_throttle(self, method: str, host: str, context: grpc.ServicerContext) -> None:
+        wait = self.throttle.wait(host)
+        if wait > 0:
+            self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, None,
+                         f"too many failed authentications from {host}; retry in {wait:.1f} s")  # fmt: skip
+
     def _guarded(
         self, method: str, ident: ClientIdentity, inner: grpc.RpcMethodHandler
     ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Any]:
         def behaviour(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            self._check_throttle(method, peer_host(context), context)  # a valid token waits too
             # Counted here, not in intercept_service: gRPC runs the interceptor also for calls it then
             # refuses at server.max_concurrent_rpcs, and those never reach a behaviour to be uncounted.
             if not self.calls.enter(ident.name):  # refused before a byte is read, so it holds nothing

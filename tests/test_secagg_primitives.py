@@ -258,3 +258,25 @@ def test_chunked_mask_application_equals_whole_masks() -> None:
     want = x + expand(keys[0], dim, 16) + expand(keys[1], dim, 16) - expand(keys[2], dim, 16) - expand(keys[3], dim, 16)
     got = apply(x.copy(), keys[:2], keys[2:], 16)
     assert np.array_equal(got, want & np.uint64(0xFFFF)) and int(got.max()) < 2**16
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([8, 16, 32]), st.floats(0.01, 100.0), st.booleans(), st.integers(1, 8))
+def test_the_largest_scale_the_wrap_check_allows_never_wraps(
+    n: int, bits: int, clip: float, negative: bool, dim: int
+) -> None:
+    """Worst case for wrapping: every client puts its whole clipped norm on one coordinate, same sign."""
+    scale = (2.0 ** (bits - 1) / n - 1) / clip * (1 - 1e-9)  # just inside the bound
+    if scale <= 0:  # n alone (each client's rounding slack of 1) reaches 2^(bits-1)
+        with pytest.raises(WrapError):
+            check_no_wrap(n, clip, 1e-9, bits)
+        return
+    check_no_wrap(n, clip, scale, bits)
+    with pytest.raises(WrapError):
+        check_no_wrap(n, clip, scale * (1 + 1e-6) + 2 / clip, bits)
+    q = Quantiser(clip, scale, bits)
+    x = np.zeros(dim)
+    x[0] = (-1 if negative else 1) * clip * 10  # clipped to norm `clip`
+    ints = [q.integers(x, KeyedStream(new_key())) for _ in range(n)]
+    ring_sum = sum(to_ring(i, bits) for i in ints) & np.uint64((1 << bits) - 1)
+    assert np.array_equal(from_ring(ring_sum, bits), sum(ints))  # the modular sum is the true sum

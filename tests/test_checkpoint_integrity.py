@@ -30,7 +30,7 @@ JOB = {"name": "ckpt", "task": {"name": "synthetic", "args": {"num_params": 500,
 
 
 def good_state() -> dict[str, Any]:
-    from gradcomp.compression.payload import Dense
+    from gradcomp.compression import Dense
 
     coord = Coordinator(FedJob.model_validate(JOB), {"w": torch.zeros(4), "b": torch.ones(2)})
     coord.register("a")

@@ -17,6 +17,7 @@ from gradcomp.fedclient.noisekey import CONFIG_FIELDS, OneKey, UnlistedConfigFie
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.keyed_random import new_key
 from gradcomp.protocol.codec import serialize_model
+from gradcomp.secagg.plan import ClientEncoding
 from gradcomp.tasks import load_task
 
 TASK = load_task("digits-mlp")
@@ -103,10 +104,11 @@ def test_the_noise_key_hashes_an_explicit_versioned_list_of_config_fields() -> N
     would let two different updates share noise), and the encoding is pinned: a change to the list
     or to how it is hashed must bump NOISE_KEY_VERSION and update this digest."""
     assert set(CONFIG_FIELDS) == {f.name for f in dataclasses.fields(LocalTrainingConfig)}
-    assert config_digest(BASE) == "ae1da43da3f704abc38199618e1e448f0574f09df791aa779a6d84fb596f8568"
+    assert config_digest(BASE) == "c434aa81a6f83e757a4b235d0c49b3eec9cf5b1a252c650b453ddfd80c845fb7"
     changed = {"task": "digits-cnn", "epochs": 2, "batch_size": 8, "lr": 0.25, "momentum": 0.5,
                "spec": "dp(clip=1.0, sigma=2.0)", "seed": 8, "task_args": {"hidden": 17},
-               "strategy": "scaffold", "strategy_settings": {"mu": 0.1}, "steps": 4}  # fmt: skip
+               "strategy": "scaffold", "strategy_settings": {"mu": 0.1}, "steps": 4,
+               "secure": ClientEncoding(32, 1.0, 1024.0, 1100.0, "9")}  # fmt: skip
     assert set(changed) == set(CONFIG_FIELDS)
     digests = {config_digest(dataclasses.replace(BASE, **{name: value})) for name, value in changed.items()}
     assert len(digests) == len(changed) and config_digest(BASE) not in digests

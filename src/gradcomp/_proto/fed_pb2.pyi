@@ -44,7 +44,7 @@ class ModelWeights(_message.Message):
     def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed", "strategy", "strategy_settings", "local_steps")
+    __slots__ = ("task", "task_args_json", "local_epochs", "batch_size", "lr", "momentum", "compression", "seed", "strategy", "strategy_settings", "local_steps", "secure")
     class StrategySettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class TrainingConfig(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     task: str
     task_args_json: str
     local_epochs: int
@@ -74,7 +75,22 @@ class TrainingConfig(_message.Message):
     strategy: str
     strategy_settings: _containers.ScalarMap[str, float]
     local_steps: int
-    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ..., local_steps: _Optional[int] = ...) -> None: ...
+    secure: SecureEncoding
+    def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ..., local_steps: _Optional[int] = ..., secure: _Optional[_Union[SecureEncoding, _Mapping]] = ...) -> None: ...
+
+class SecureEncoding(_message.Message):
+    __slots__ = ("bits", "clip", "scale", "norm_bound", "sigma_sq")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_SQ_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    clip: float
+    scale: float
+    norm_bound: float
+    sigma_sq: str
+    def __init__(self, bits: _Optional[int] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., norm_bound: _Optional[float] = ..., sigma_sq: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version")

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from gradcomp.config.common import RunName, StrictModel, TaskConfig, compression_spec, load_job
+from gradcomp.config.secure import SecureAggregationSection, check_secure
 from gradcomp.partition import parse_partition
 from gradcomp.privacy import negligible_reach_problem
 from gradcomp.strategies import StrategySection, default_config, strategy_class
@@ -79,7 +80,9 @@ class PrivacySection(StrictModel):
     """Client-level DP (McMahan et al. 2018). local: each client clips and noises its own update;
     central: clients clip, the coordinator clips again and adds Gaussian noise to the sum."""
 
-    mode: Literal["none", "local", "central"] = Field("none", description="who adds the noise (docs/privacy.md)")
+    mode: Literal["none", "local", "central", "distributed"] = Field(
+        "none", description="who adds the noise (docs/privacy.md); distributed needs secure_aggregation"
+    )
     clip: float | None = Field(None, gt=0, description="L2 bound on one client's update")
     noise_multiplier: float | None = Field(None, ge=0, description="noise std / clip")
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta every reported epsilon is at")
@@ -260,6 +263,9 @@ class FedJob(StrictModel):
     strategy: StrategySection = Field(default_factory=default_config, description="server step (table below)")
     compression: Spec = Field("none", description="each client's update pipeline, e.g. `dp(...) | rtopk(...) | ef`")
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    secure_aggregation: SecureAggregationSection | None = Field(
+        None, description="SecAgg+: the coordinator sees only the sum of each round's survivors (docs/privacy.md)"
+    )
     limits: LimitsSection = Field(default_factory=LimitsSection)
     server: ServerSection = Field(default_factory=ServerSection)
     seed: int = Field(0, description="public randomness: initial model, batch order, randomk; never noise")
@@ -294,6 +300,7 @@ class FedJob(StrictModel):
         self._check_privacy()
         self._check_collective_free()
         self._check_strategy_extras()
+        check_secure(self)
         return self
 
     def _check_strategy_extras(self) -> None:
@@ -332,6 +339,10 @@ class FedJob(StrictModel):
                 "privacy.unprotected_metrics applies to privacy.mode central (local-DP clients never send their "
                 f"example count or loss; without DP they are reported anyway), got mode {p.mode}"
             )
+        if p.mode == "distributed":
+            if has_dp:
+                raise ValueError("privacy.mode distributed adds discrete noise under the masks; remove the dp stage")
+            return
         if p.mode == "none":
             if has_dp:
                 raise ValueError(
@@ -397,6 +408,8 @@ class FedJob(StrictModel):
         """Whether the round log may hold what clients claim beside their updates (example counts, mean
         train loss): without DP, or under central DP with `privacy.unprotected_metrics`. Local DP never
         keeps them; central DP would release them un-noised, outside its guarantee."""
+        if self.secure_aggregation is not None:  # the coordinator sees sums only, no claims
+            return False
         return self.privacy.mode == "none" or (self.privacy.mode == "central" and self.privacy.unprotected_metrics)
 
     def dp_params(self) -> tuple[float, float] | None:
@@ -405,7 +418,7 @@ class FedJob(StrictModel):
 
         if self.privacy.mode == "none":
             return None
-        if self.privacy.mode == "central":
+        if self.privacy.mode in ("central", "distributed"):
             assert self.privacy.clip is not None and self.privacy.noise_multiplier is not None
             return self.privacy.clip, self.privacy.noise_multiplier
         dp = build(self.client_spec()).dp

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradcomp._proto import fed_pb2
+from gradcomp.fedclient.secure import EncodingRefused, encoding_from_pb
+from gradcomp.secagg.plan import ClientEncoding
 from gradcomp.strategies import ClientHalf, SettingsRefused, client_half
 
 
@@ -37,6 +39,7 @@ class LocalTrainingConfig:
     # Fixed-work mode (> 0): exactly this many batches of batch_size, drawn with replacement, whatever the
     # shard's size, so the round's work (and time) does not tell the coordinator how many examples it holds.
     steps: int = 0
+    secure: ClientEncoding | None = None  # set under secure aggregation: how the client encodes its input
 
     def __post_init__(self) -> None:
         """The ranges a job file allows (config.fed.LocalSection): a coordinator may send anything."""
@@ -73,7 +76,15 @@ class LocalTrainingConfig:
             strategy=msg.strategy,
             strategy_settings=dict(msg.strategy_settings),
             steps=int(msg.local_steps),
+            secure=_secure(msg),
         )
+
+
+def _secure(msg: fed_pb2.TrainingConfig) -> ClientEncoding | None:
+    try:
+        return encoding_from_pb(msg)
+    except EncodingRefused as err:
+        raise BadTrainingConfig(str(err)) from None
 
 
 def _task_args(text: str) -> dict[str, Any]:

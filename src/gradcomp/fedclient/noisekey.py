@@ -47,7 +47,7 @@ from gradcomp.keyed_random import KEY_BYTES, check_key, new_key, subkey
 
 # Bump when CONFIG_FIELDS, their encoding or release_key's inputs change: every key (and every ledger
 # release id) changes with it, so a client upgraded mid-job makes fresh releases and is charged for them.
-NOISE_KEY_VERSION = 4
+NOISE_KEY_VERSION = 5
 # The LocalTrainingConfig fields a release's update depends on; every field must be listed here.
 CONFIG_FIELDS = (
     "task",
@@ -61,6 +61,7 @@ CONFIG_FIELDS = (
     "strategy",
     "strategy_settings",
     "steps",
+    "secure",
 )
 # The code that computes the update: another version may compute another update from the same inputs.
 SOFTWARE = f"gradcomp {__version__}; torch {torch.__version__}"

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from gradcomp._proto import fed_pb2
@@ -30,6 +31,7 @@ from gradcomp.compression.stages import DP
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused, run_checks
 from gradcomp.fedclient.data import ClientData
 from gradcomp.fedclient.noisekey import NoiseKeys, config_digest, fresh_keys, release_key
+from gradcomp.fedclient.secure import secure_input
 from gradcomp.fedclient.seeds import round_seed
 from gradcomp.fedclient.train import LocalTrainer, SGDConfig, SGDTrainer, TrainResult, num_steps
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT, update_request
@@ -174,6 +176,16 @@ class ClientRuntime:
             metrics=stats,
         )
         return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round, state)
+
+    def secure_input(
+        self, client: str, round: int, model_version: int, payloads: Mapping[str, Payload], data: ClientData
+    ) -> np.ndarray:
+        """Under secure aggregation: the client's input for the round (`fedclient.secure`), its rounding
+        and noise keyed by the round's release key (so a redone round re-sends the same input)."""
+        if self.config.secure is None:
+            raise ValueError("this job has no secure aggregation")
+        key = self.noise_key_for(client, round, model_version, data)
+        return secure_input(payloads, self.config.secure, key)
 
     def _strategy_round(self, result: TrainResult, state: Params) -> tuple[Params, Params]:
         """The client's next strategy state and the tensors the strategy sends beside the update."""

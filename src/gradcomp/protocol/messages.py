@@ -14,6 +14,7 @@ from gradcomp._proto import fed_pb2
 from gradcomp.compression import Fields, Payload, to_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
+from gradcomp.secagg.plan import ClientEncoding
 from gradcomp.strategies import strategy_class
 
 # Bumped on any change a peer of the previous version would misread or refuse (see
@@ -30,10 +31,11 @@ class DuplicateTensor(ValueError):
     """An update that names one tensor twice (the coordinator answers INVALID_ARGUMENT)."""
 
 
-def training_config(job: FedJob) -> fed_pb2.TrainingConfig:
+def training_config(job: FedJob, secure: ClientEncoding | None = None) -> fed_pb2.TrainingConfig:
     """What every client of `job` trains with: task, local SGD settings, the client spec, the seed,
-    and the strategy's client half with its settings."""
-    return fed_pb2.TrainingConfig(
+    the strategy's client half with its settings, and under secure aggregation the encoding of the
+    clients' inputs (the coordinator's plan: `server.secure_round.plan_for`)."""
+    msg = fed_pb2.TrainingConfig(
         task=job.task.name,
         task_args_json=json.dumps(job.task.args, sort_keys=True),
         local_epochs=job.local.epochs,
@@ -46,6 +48,14 @@ def training_config(job: FedJob) -> fed_pb2.TrainingConfig:
         strategy_settings=strategy_class(job.strategy.name).client_settings(job.strategy),
         local_steps=job.local.steps,
     )
+    if secure is not None:
+        e = secure
+        msg.secure.CopyFrom(
+            fed_pb2.SecureEncoding(
+                bits=e.bits, clip=e.clip, scale=e.scale, norm_bound=e.norm_bound, sigma_sq=e.sigma_sq
+            )
+        )
+    return msg
 
 
 def update_request(

@@ -98,7 +98,9 @@ def client_sigma_sq(noise_multiplier: float, sensitivity: float, min_survivors: 
     if noise_multiplier <= 0 or sensitivity <= 0 or min_survivors < 1:
         raise ValueError("noise_multiplier and sensitivity must be > 0, min_survivors >= 1")
     per_client = (noise_multiplier * sensitivity) ** 2 / min_survivors
-    return Fraction(per_client).limit_denominator(2**20) + Fraction(1, 2**20)  # rounded up, never below
+    if per_client >= 1:  # an integer keeps the exact sampler's arithmetic small
+        return Fraction(math.ceil(per_client))
+    return Fraction(per_client).limit_denominator(2**10) + Fraction(1, 2**10)  # rounded up, never below
 
 
 def epsilon_from_zcdp(rho: float, delta: float) -> float:

@@ -25,6 +25,8 @@ from typing import Any
 
 from gradcomp.config.fed import FedJob
 from gradcomp.privacy import ParticipationLedger, PrivacyLedger
+from gradcomp.secagg.ddp import DistributedLedger, epsilon_from_zcdp, sum_zcdp
+from gradcomp.secagg.plan import SecurePlan
 
 
 def round_sample_rate(attempts: Sequence[tuple[int, int]]) -> float:
@@ -56,8 +58,13 @@ class FedAccounting:
         self.clients: ParticipationLedger | None = None
         self.charged_round = 0  # the round number `charged` belongs to
         self.charged: set[str] = set()  # clients already charged for that round
+        self.distributed: DistributedLedger | None = None  # distributed DP: each round's sum at its survivors
+        self.plan: SecurePlan | None = None  # set by the coordinator once it knows the model's size
+        self.budget = job.privacy.epsilon_budget
         p = job.privacy
-        if dp is not None and p.mode == "local":
+        if dp is not None and p.mode == "distributed":
+            self.distributed = DistributedLedger(p.delta)
+        elif dp is not None and p.mode == "local":
             self.ledger = PrivacyLedger(p.delta, p.accountant)
             self.clients = ParticipationLedger(dp[1], p.delta, p.accountant, p.epsilon_budget)
         elif dp is not None:
@@ -68,7 +75,33 @@ class FedAccounting:
         """The job's epsilon: the worst client's in local DP, the released rounds' otherwise."""
         if self.clients is not None:
             return self.clients.worst()
+        if self.distributed is not None:
+            return self.distributed.epsilon
         return self.ledger.epsilon() if self.ledger else None
+
+    def charge_sum(self, survivors: int) -> dict[str, Any]:
+        """Distributed DP: charge one released sum of `survivors` clients' noise; the round-log fields."""
+        if self.distributed is None:
+            return {}
+        assert self.plan is not None
+        e = self.plan.encoding
+        self.distributed.charge(e.norm_bound, float(e.noise_sigma_sq()), survivors, self.plan.dim)
+        return {"epsilon": self.distributed.epsilon, "survivors": survivors}
+
+    def _distributed_problem(self) -> str | None:
+        """Why one more round at the fewest survivors a round may have would pass the budget."""
+        ddp, plan = self.distributed, self.plan
+        if ddp is None or plan is None or self.budget is None:
+            return None
+        e = plan.encoding
+        rho = sum_zcdp(e.norm_bound, float(e.noise_sigma_sq()), plan.params.min_survivors, plan.dim)
+        after = epsilon_from_zcdp(sum(ddp.rhos) + rho, ddp.delta)
+        if after <= self.budget:
+            return None
+        return (
+            f"privacy budget: one more round at {plan.params.min_survivors} survivors would reach epsilon "
+            f"{after:.3f} > budget {self.budget} (distributed DP, spent {ddp.epsilon:.3f}, delta={ddp.delta:g})"
+        )
 
     def charge_asked(self, round_number: int, names: Iterable[str]) -> list[str]:
         """Local DP: one participation for each client asked in `round_number` not yet charged for it;
@@ -102,6 +135,8 @@ class FedAccounting:
         `rate` None is the planning check before any client joined: the configured m / N stands in for
         the rate, which only the pool the round is drawn from will fix."""
         z, cl, ledger = self.noise_multiplier, self.clients, self.ledger
+        if self.distributed is not None:
+            return self._distributed_problem()
         if cl is not None:
             if not cl.would_exceed():
                 return None
@@ -138,6 +173,7 @@ class FedAccounting:
         return {
             "ledger": self.ledger.state_dict() if self.ledger else None,
             "client_ledger": self.clients.state_dict() if self.clients else None,
+            "distributed_ledger": self.distributed.state_dict() if self.distributed else None,
             "charged_round": {"round": self.charged_round, "clients": sorted(self.charged)},
         }
 
@@ -145,6 +181,8 @@ class FedAccounting:
         """Restore the ledgers; a checkpoint without per-client counts charges one client every round."""
         if self.ledger is not None and state.get("ledger"):
             self.ledger.load_state_dict(state["ledger"])
+        if self.distributed is not None and state.get("distributed_ledger"):
+            self.distributed = DistributedLedger.from_state(state["distributed_ledger"])
         if self.clients is not None and state.get("client_ledger"):
             self.clients.load_state_dict(state["client_ledger"])
         elif self.clients is not None and rounds_done:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradcomp import metrics
@@ -60,6 +61,7 @@ from gradcomp.server.rounds import (
     Task,
     submit_refusal,
 )
+from gradcomp.server.secure_round import checked_sum, plan_for
 from gradcomp.server.store import check_same_job
 from gradcomp.server.updates import (
     Params,
@@ -98,6 +100,8 @@ class Coordinator:
         self.update_spec = model_spec(self.strategy.update_spec(self.params))  # model + the strategy's extras
         self.dp = job.dp_params()
         self.accounting = FedAccounting(job)
+        self.secure_plan = plan_for(job, self.spec)  # secure aggregation: ring, quantiser, noise, graph
+        self.accounting.plan = self.secure_plan
         self.ledger, self.client_ledger = self.accounting.ledger, self.accounting.clients
         self.evaluate = evaluate
         self.checkpoint = checkpoint
@@ -416,15 +420,47 @@ class Coordinator:
             metrics.FED_EPSILON.set(out["epsilon"])
         return out
 
+    def accept_sum(
+        self,
+        round_id: int,
+        survivors: Sequence[str],
+        total: np.ndarray,
+        uplink_bytes: int,
+        now: float | None = None,
+    ) -> RoundResult:
+        """Secure aggregation: release the open round from the unmasked ring sum of `survivors`' inputs
+        (all the coordinator sees of their updates; `uplink_bytes`: what the protocol cost them)."""
+        with self._lock:
+            now = self._now(now)
+            r = self.current
+            if self.done or r is None or r.number != round_id or self.secure_plan is None:
+                raise self._reject("stale_round", f"no secure round {round_id} is open", r)
+            try:
+                mean = checked_sum(r, self.secure_plan, survivors, total, self.spec, self.job.client_spec())
+            except Rejected as err:
+                raise self._reject(err.reason, str(err), r) from None
+            for name in survivors:
+                r.received[name] = (1, mean)
+                count_accepted(r, uplink_bytes // len(survivors), self.dense_update_bytes, clipped=False)
+            self.totals["accepted"] += len(survivors)
+            t0 = time.perf_counter()
+            self.params = self.strategy.apply(self.params, mean)
+            privacy = self.accounting.charge_sum(len(survivors))
+            if "epsilon" in privacy:
+                metrics.FED_EPSILON.set(privacy["epsilon"])
+            return self._release(r, privacy, now, time.perf_counter() - t0)
+
     def _aggregate(self, r: RoundState, now: float) -> RoundResult:
         t0 = time.perf_counter()
         names = sorted(r.received)
         shares = capped_shares([r.received[n][0] for n in names], self.job.limits.max_weight_share)
         updates = [ClientUpdate(n, r.received[n][0], r.received[n][1], w) for n, w in zip(names, shares, strict=True)]
         self.params = self.strategy.apply(self.params, self.strategy.aggregate(r.number, updates))
-        agg_seconds = time.perf_counter() - t0
+        return self._release(r, self._account(r), now, time.perf_counter() - t0)
+
+    def _release(self, r: RoundState, privacy: dict[str, Any], now: float, agg_seconds: float) -> RoundResult:
+        """Close aggregated round `r`: version, round log (with its privacy fields), bench, persistence."""
         self.version = r.number
-        privacy = self._account(r)
         entry = round_entry(r, agg_seconds, now, keep_claims=self.job.reports_client_claims())
         if self.evaluate is not None:
             add_evaluation(entry, self.evaluate(self.params))

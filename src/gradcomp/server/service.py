@@ -87,6 +87,12 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
     """gRPC face of a `Coordinator`; `book` says which client a bearer token names."""
 
     def __init__(self, coord: Coordinator, job: FedJob, book: TokenBook, cache: ModelCache | None = None):
+        if job.secure_aggregation is not None:
+            raise ValueError(
+                "secure_aggregation runs in `gradcomp fedsim` (in-process clients, real SecAgg+ messages); the gRPC "
+                "protocol of `gradcomp serve`/`client` does not carry its rounds yet: remove secure_aggregation or "
+                "simulate the job"
+            )
         self.coord = coord
         self.job = job
         self.book = book

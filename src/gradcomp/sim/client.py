@@ -48,6 +48,7 @@ class ClientResult:
     strategy_state: np.ndarray | None
     train_loss: float
     seconds: float
+    secure_input: np.ndarray | None = None  # under secure aggregation: the client's ring vector
 
 
 class SimClientRunner:
@@ -119,9 +120,9 @@ class SimClientRunner:
             strategy_state=unpack_shaped(job.strategy_state, rt.global_params),
         )
         data = data if data is not None else self.data.subset(job.indices)  # what the release's noise key covers
-        request, payloads, kept = rt.build_update(
-            client_name(job.cid), job.round, job.model_version, result, memory, data
-        )
+        name = client_name(job.cid)
+        request, payloads, kept = rt.build_update(name, job.round, job.model_version, result, memory, data)
+        secure = rt.secure_input(name, job.round, job.model_version, payloads, data) if rt.config.secure else None
         return ClientResult(
             cid=job.cid,
             round=job.round,
@@ -132,4 +133,5 @@ class SimClientRunner:
             strategy_state=pack_residuals(kept.strategy_state, rt.global_params) if kept.strategy_state else None,
             train_loss=result.train_loss,
             seconds=seconds + time.perf_counter() - t0,
+            secure_input=secure,
         )

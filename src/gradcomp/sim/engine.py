@@ -31,6 +31,7 @@ from gradcomp.server.updates import Rejected
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.fate import client_fate
 from gradcomp.sim.pool import ClientPool
+from gradcomp.sim.secure import run_secure
 from gradcomp.sim.state import ClientTable, client_id, client_name
 
 
@@ -124,6 +125,8 @@ class Simulation:
 
     def run_round(self) -> tuple[dict[str, Any] | None, RoundStats]:
         """Open, run and close one round; returns the coordinator's log entry (None: job over)."""
+        if self.coord.secure_plan is not None:
+            return self._run_secure_round()
         stats = RoundStats()
         self._heartbeat()
         chosen = self.coord.select_clients(self.clock.now)
@@ -154,6 +157,31 @@ class Simulation:
                 inflight = sorted(inflight + self._train(fresh, number, stats), key=lambda ar: ar[0])
         for at, res in inflight:  # arrive after their round closed
             self._submit(at, res, stats)
+        return (result.entry if result is not None else None), stats
+
+    def _run_secure_round(self) -> tuple[dict[str, Any] | None, RoundStats]:
+        """A round under secure aggregation (`sim/secure.py`): each attempt trains its clients and runs
+        SecAgg+ among them; an aborted attempt is retried by the coordinator at the deadline."""
+        stats, plan = RoundStats(), self.coord.secure_plan
+        assert plan is not None
+        self._heartbeat()
+        if self.coord.select_clients(self.clock.now) is None:
+            return None, stats
+        result = None
+        while result is None and not self.coord.done:
+            r = self.coord.open_round()
+            assert r is not None
+            out = run_secure(self._train(sorted(r.selected), r.number, stats), r, plan, self.job.seed)
+            stats.payload_bytes_sent += out.masked_bytes
+            stats.message_bytes_sent += out.up_bytes
+            if out.total is not None:
+                self.clock.now = max(self.clock.now, out.finished_at)
+                result = self.coord.accept_sum(r.number, out.survivors, out.total, out.up_bytes, now=self.clock.now)
+                continue
+            stats.rejected["secure_aborted"] += 1
+            self.clock.now = max(self.clock.now, r.deadline)
+            self._heartbeat()
+            result = self.coord.finish_round(self.clock.now)  # a retry asks other clients, or the job fails
         return (result.entry if result is not None else None), stats
 
     def run(self, on_round: Callable[[dict[str, Any], RoundStats], None] | None = None) -> None:

@@ -48,7 +48,7 @@ class RoundReport:
         t["late"] += stats.late
         row = self._row(entry, stats)
         coord = self.sim.coord
-        self.record.set_privacy(coord.epsilon, self.job.privacy.delta if coord.ledger else None)
+        self.record.set_privacy(coord.epsilon, self.job.privacy.delta if coord.epsilon is not None else None)
         self.record.log(row, bytes_sent=entry["uplink_bytes"], dense_bytes=entry["dense_bytes"])
         if self.show:
             self._print(row, stats)
@@ -106,5 +106,5 @@ class RoundReport:
         if last_eval is not None:
             out["accuracy"] = last_eval["test_accuracy"]
             out["loss"] = last_eval.get("test_loss")
-        self.record.set_privacy(coord.epsilon, self.job.privacy.delta if coord.ledger else None)
+        self.record.set_privacy(coord.epsilon, self.job.privacy.delta if coord.epsilon is not None else None)
         return out

@@ -17,9 +17,10 @@ from gradcomp.config.fed import FedJob, SimulationConfig
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.partition import partition, skew_summary
 from gradcomp.protocol.messages import training_config
-from gradcomp.protocol.model import initial_params
+from gradcomp.protocol.model import initial_params, model_spec
 from gradcomp.raycluster import cluster_cpus
 from gradcomp.server.core import Coordinator
+from gradcomp.server.secure_round import plan_for
 from gradcomp.sim.engine import Simulation, VirtualClock
 from gradcomp.sim.keys import coordinator_secret, simulation_secret
 from gradcomp.sim.pool import ClientPool, LocalPool, RayPool
@@ -56,8 +57,12 @@ def fedsim_job(data: dict[str, Any], source: str = "job") -> FedJob:
 
 
 def client_config(job: FedJob) -> LocalTrainingConfig:
-    """What every virtual client trains with: the `TrainingConfig` a real client would receive."""
-    return LocalTrainingConfig.from_pb(training_config(job))
+    """What every virtual client trains with: the `TrainingConfig` a real client would receive (under
+    secure aggregation with the coordinator's plan for the task's model)."""
+    plan = None
+    if job.secure_aggregation is not None:
+        plan = plan_for(job, model_spec(initial_params(load_task(job.task.name, **job.task.args), job.seed)))
+    return LocalTrainingConfig.from_pb(training_config(job, plan.encoding if plan is not None else None))
 
 
 def make_pool(job: FedJob, actors: int | None) -> ClientPool:

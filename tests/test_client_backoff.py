@@ -7,7 +7,7 @@ import logging
 import grpc
 import pytest
 
-from gradcomp.client.grpc_client import Backoff
+from gradcomp.client.retry import Backoff
 
 
 class Failure(grpc.RpcError):

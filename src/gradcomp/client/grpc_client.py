@@ -35,13 +35,11 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +57,7 @@ from gradcomp.client.answers import (
     wait_seconds,
 )
 from gradcomp.client.credentials import printable, resolve_token
+from gradcomp.client.retry import Backoff, is_transient
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
@@ -72,17 +71,6 @@ from gradcomp.protocol.messages import PROTOCOL_VERSION
 
 log = logging.getLogger("gradcomp.client")
 
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-# gRPC's own answer when the coordinator serves server.max_concurrent_rpcs calls already: try again later.
-BUSY_DETAILS = "Concurrent RPC limit exceeded"
-
-
-def is_transient(err: grpc.RpcError) -> bool:
-    """Worth retrying: the coordinator is unreachable, slow, or momentarily at its concurrent-call limit."""
-    code = err.code()
-    return code in TRANSIENT or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY_DETAILS in (err.details() or ""))
-
-
 MAX_MESSAGE = 256 * 1024 * 1024  # the client accepts what the coordinator's limits allow
 # Reconnect to a restarted coordinator within about a second (see module docstring).
 RECONNECT_OPTIONS = [
@@ -90,45 +78,6 @@ RECONNECT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter, bounded by a total time budget."""
-
-    budget: float
-    base: float = 0.2
-    cap: float = 2.0
-    reopen_after: float = 5.0  # seconds of UNAVAILABLE before `reopen` is called (once per stretch)
-
-    def call(self, fn: Callable[[], Any], what: str, reopen: Callable[[], None] | None = None) -> Any:
-        """`fn()`, retried on transient errors until the budget is spent; `what` names the call in the log."""
-        start, attempt = time.monotonic(), 0
-        unavailable_since: float | None = None
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as err:
-                code, now = err.code(), time.monotonic()
-                if not is_transient(err):
-                    raise
-                if now - start > self.budget:
-                    log.warning(
-                        "%s: %s for %.1f s, giving up (retry budget %.0f s)", what, code.name, now - start, self.budget
-                    )
-                    raise
-                if code != grpc.StatusCode.UNAVAILABLE:
-                    unavailable_since = None
-                elif unavailable_since is None:
-                    unavailable_since = now
-                elif reopen is not None and now - unavailable_since > self.reopen_after:
-                    log.info("%s: unavailable for %.1f s, reopening the channel", what, now - unavailable_since)
-                    reopen()  # a channel stuck in reconnect backoff (grpc/grpc#33593, #38290): start afresh
-                    unavailable_since = None
-                attempt += 1
-                delay = random.uniform(0, min(self.cap, self.base * 2**attempt))
-                log.info("%s: %s, retry %d in %.2f s", what, code.name, attempt, delay)
-                time.sleep(delay)
 
 
 def _noise_keys(path: Path) -> OneKey:

@@ -10,6 +10,9 @@ and the examples touched are counted here through the model itself."""
 from __future__ import annotations
 
 import argparse
+import itertools
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, client_batches, num_steps
 from gradcomp.protocol.codec import serialize_model
 from gradcomp.protocol.messages import training_config
+from gradcomp.server.app import round_loop, start
 from gradcomp.tasks import load_task
 
 TASK = load_task("digits-mlp", hidden=16)
@@ -113,3 +117,45 @@ def test_the_clients_step_bound_holds_in_fixed_work_mode(tmp_path: Path, monkeyp
             client._build(training_config(job))
     finally:
         client.close()
+
+
+PAD_JOB = {
+    "name": "pad",
+    "task": {"name": "synthetic", "args": {"num_params": 500, "num_examples": 32, "input_dim": 8}},
+    "rounds": 2,
+    "clients": {"expected": 1, "min": 1},
+    "round": {"min_clients": 1, "deadline_seconds": 30},
+    "privacy": {"mode": "local", "clip": 1.0, "noise_multiplier": 1.0},
+    "server": {"port": 0, "heartbeat_seconds": 1, "linger_seconds": 0},
+}
+
+
+def test_a_padded_client_submits_no_earlier_than_its_padding(tmp_path: Path) -> None:
+    """--pad-round-seconds: what the coordinator times between handing out a task and receiving the
+    update is at least the padding, whatever the client's training took."""
+    run = start(FedJob.model_validate(PAD_JOB), tmp_path / "run", host="127.0.0.1", tokens={"token-aaaaaaaa": "c0"})
+    stop = threading.Event()
+    loop = threading.Thread(target=round_loop, args=(run, stop, False), daemon=True)
+    loop.start()
+    argv = ["client", "--server", f"127.0.0.1:{run.port}", "--token", "token-aaaaaaaa", "--quiet",
+            "--noise-key-file", str(tmp_path / "key"), "--pad-round-seconds", "1.5"]  # fmt: skip
+    client = FLClient(build_parser().parse_args(argv))
+    rpc, seen = client._rpc, []
+
+    def spy(method: str, request: object) -> object:
+        if method == "SubmitUpdate":
+            seen.append(("submit", time.monotonic()))
+        out = rpc(method, request)
+        if method == "PullTask" and out.action == out.TRAIN:  # type: ignore[attr-defined]
+            seen.append(("task", time.monotonic()))
+        return out
+
+    client._rpc = spy  # type: ignore[method-assign]
+    try:
+        assert client.run() == 0
+    finally:
+        stop.set()
+        loop.join(5)
+        run.stop(0)
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(seen) if (a[0], b[0]) == ("task", "submit")]
+    assert len(gaps) == 2 and min(gaps) >= 1.5

@@ -129,6 +129,14 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         help="fixed-work mode: N batches of the job's batch size, drawn with replacement, every round whatever "
         "the shard's size, so round times do not reveal it (default 0: the job's local.steps)",
     )
+    p.add_argument(
+        "--pad-round-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="submit each update no earlier than S seconds after its task arrived, so round times show the "
+        "padding rather than the data (default 0: no padding)",
+    )
     p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")

@@ -312,6 +312,16 @@ class FLClient:
             raise ClientError(f"refusing round {task.round}: {err}") from None
         self.log(f"round {task.round}: epsilon {eps:.3f} (delta {self.ledger.delta:g}) over this client's releases")
 
+    def _pad(self, started: float, round: int) -> None:
+        """--pad-round-seconds: submit no earlier than that long after the task arrived, so the round's
+        time shows the coordinator the padding, not how long this client's data took."""
+        pad = float(getattr(self.args, "pad_round_seconds", 0.0) or 0.0)
+        left = started + pad - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+        elif pad > 0:
+            self.log(f"round {round} took {pad - left:.2f} s, past --pad-round-seconds {pad:g}: its time shows")
+
     def submit(self, req: fed_pb2.SubmitUpdateRequest) -> bool:
         try:
             resp = self._rpc("SubmitUpdate", req)
@@ -347,12 +357,14 @@ class FLClient:
                 if task.action == fed_pb2.PullTaskResponse.WAIT:
                     time.sleep(wait_seconds(task))
                     continue
+                started = time.monotonic()
                 try:
                     req = self.train_round(task)
                 except grpc.RpcError as err:
                     if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
                         continue  # the model moved on while we fetched it; pull again
                     raise
+                self._pad(started, task.round)
                 self.submit(req)
         finally:
             self.stop_heartbeat()

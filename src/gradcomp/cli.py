@@ -121,22 +121,7 @@ def _add_client(verbs: argparse._SubParsersAction) -> None:
         help="connect without TLS to an address other than loopback (tokens and updates in clear text)",
     )
     p.add_argument("--seed", type=int, default=0, help="added to the job seed for this client's randomness")
-    p.add_argument(
-        "--local-steps",
-        type=int,
-        default=0,
-        metavar="N",
-        help="fixed-work mode: N batches of the job's batch size, drawn with replacement, every round whatever "
-        "the shard's size, so round times do not reveal it (default 0: the job's local.steps)",
-    )
-    p.add_argument(
-        "--pad-round-seconds",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="submit each update no earlier than S seconds after its task arrived, so round times show the "
-        "padding rather than the data (default 0: no padding)",
-    )
+    _add_client_timing(p)
     p.add_argument("--retry-seconds", type=float, default=60.0, help="retry transient errors this long")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of each RPC in seconds")
     p.add_argument("--quiet", action="store_true", help="no per-round log lines")
@@ -184,6 +169,26 @@ def _add_work_limits(p: argparse.ArgumentParser) -> None:
         ("--max-memory-mib", int, "address space the client may grow by, in MiB (default 8192)"),
     ):
         g.add_argument(flag, type=kind, default=None, help=what)
+
+
+def _add_client_timing(p: argparse.ArgumentParser) -> None:
+    """What keeps a client's round times from telling the coordinator its shard size (docs/privacy.md)."""
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fixed-work mode: N batches of the job's batch size, drawn with replacement, every round whatever "
+        "the shard's size, so round times do not reveal it (default 0: the job's local.steps)",
+    )
+    p.add_argument(
+        "--pad-round-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="submit each update no earlier than S seconds after its task arrived, so round times show the "
+        "padding rather than the data (default 0: no padding)",
+    )
 
 
 def _add_fedsim(verbs: argparse._SubParsersAction) -> None:

@@ -269,3 +269,37 @@ def test_gradcomp_train_loop_learns_with_qsgd_at_a_quarter_of_the_bytes() -> Non
     assert qsgd["test_accuracy"] > 0.8 and qsgd["test_accuracy"] > dense["test_accuracy"] - 0.05, (qsgd, dense)
     # int8 levels and one float32 norm per 512 values, against float32 all-reduced values
     assert 3.9 < qsgd["compression_ratio"] < 4.0 and dense["compression_ratio"] == 1.0
+
+
+def _round_same_input(rank: int, out_dir: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from gradcomp.worker.hook import CompressionState
+
+    state = CompressionState.for_model(nn.Linear(64, 4), "qsgd(levels=1, bucket=64)", seed=0)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))  # the same input on both ranks
+    levels = state.pipeline.compress(x, key="k").values.tolist()
+    both: list = [None, None]
+    dist.all_gather_object(both, levels)
+    if rank == 0:
+        Path(out_dir, "levels.json").write_text(json.dumps(both))
+
+
+def test_ranks_round_independently_in_the_ddp_hook() -> None:
+    """Each rank's pipeline is seeded by (job seed, rank): the same gradient is rounded differently on
+    each, so the rounding errors average down over ranks instead of adding up."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from gradcomp.worker.local_group import spawn_gloo_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_gloo_ranks(_round_same_input, (tmp,), world=2)
+        first, second = json.loads(Path(tmp, "levels.json").read_text())
+    differ = sum(a != b for a, b in zip(first, second, strict=True))
+    assert differ > 100, differ  # of 4096 levels, each drawn at p(1 - p) = 0.2 on average

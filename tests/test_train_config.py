@@ -46,7 +46,10 @@ def test_spec_list_and_string_are_normalised() -> None:
         ({"name": "x", "dp": {"delta": 2}}, "dp.delta"),
         ({"name": "x", "schedule": {"name": "exp"}}, "schedule.name"),
         ({"name": "x", "dp": {}, "compression": "dp(clip=1, sigma=1)"}, "use the job's 'dp' section"),
-        ({"name": "x", "compression": "dp(clip=1, sigma=1) | rtopk(ratio=0.01, r=0.05)"}, "same noise on every worker"),
+        (
+            {"name": "x", "compression": "dp(clip=1, sigma=1) | rtopk(ratio=0.01, r=0.05)"},
+            "noise from the job's public seed",
+        ),
         ({"epochs": 1}, "name"),
     ],
 )
@@ -57,8 +60,8 @@ def test_bad_jobs_name_the_key(data: dict, needle: str) -> None:
 
 
 def test_ddp_hook_refuses_a_dp_stage() -> None:
-    """Its generator is seeded alike on every rank: the noise would be the same on all of them."""
-    with pytest.raises(SpecError, match="same noise on every rank"):
+    """Its generator is seeded from the job's public seed: anyone with the job file could subtract the noise."""
+    with pytest.raises(SpecError, match="job's public seed"):
         CompressionState.for_model(nn.Linear(3, 2), "randomk(ratio=0.5) | dp(clip=1.0, sigma=1.0) | ef")
 
 

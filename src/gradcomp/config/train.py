@@ -132,7 +132,7 @@ class TrainJob(StrictModel):
         if build(self.compression).dp is not None:
             raise ValueError(
                 "a dp stage in 'compression' is refused in data-parallel training: it would clip each DDP bucket "
-                "of the minibatch mean (not each example), add the same noise on every worker and report no "
+                "of the minibatch mean (not each example), draw its noise from the job's public seed and report no "
                 "epsilon; use the job's 'dp' section instead (example-level DP-SGD: dp: {clip, noise_multiplier, "
                 "delta}) and drop the dp stage from the spec"
             )

@@ -33,6 +33,11 @@ from gradcomp.worker.collectives import (
 )
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s pipeline generator: distinct per rank, fixed by the job seed."""
+    return (seed * 1_000_003 + rank) % 2**63
+
+
 @dataclass
 class StepTraffic:
     """What one rank handed to collectives since the last `take_traffic()`, in all
@@ -98,16 +103,21 @@ class CompressionState:
         warmup_steps: int = 0,
         group: dist.ProcessGroup | None = None,
     ) -> CompressionState:
-        """State for `model` (the DDP module or the module it wraps: names are normalised)."""
+        """State for `model` (the DDP module or the module it wraps: names are normalised).
+
+        The pipeline's generator is seeded by (`seed`, this rank), so stochastic stages (qsgd's rounding,
+        rtopk's pick) draw independently on each rank and their errors average down over ranks; what ranks
+        must agree on (randomk's positions) comes from the stage's own seed, key and step."""
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         names = {id(p): name for name, p in module.named_parameters()}
-        pipeline = build(spec, seed=seed)
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        pipeline = build(spec, seed=rank_seed(seed, rank))
         if pipeline.dp is not None:
-            # The pipeline's generator is seeded alike on every rank (randomk's shared positions need
-            # that), so a dp stage here would add the same noise on every rank: refused, not weakened.
+            # The pipeline's generator is seeded from the job's public seed, so noise drawn from it would
+            # be known to anyone holding the job file: refused, not weakened.
             raise SpecError(
-                f"a dp stage is refused in a data-parallel hook ({pipeline.spec}): it would add the same noise "
-                "on every rank; use example-level DP-SGD (`gradcomp train`'s dp section, worker/dp.py)"
+                f"a dp stage is refused in a data-parallel hook ({pipeline.spec}): its noise would come from the "
+                "job's public seed; use example-level DP-SGD (`gradcomp train`'s dp section, worker/dp.py)"
             )
         stage = pipeline.lowrank
         if stage is not None and warmup_steps:

@@ -14,10 +14,9 @@ Decoding refuses anything else: a level beyond s (it would scale a value past it
 norm), a norm that is negative or not finite, or sizes the header does not imply.
 
 Stochastic rounding draws from the pipeline's seeded generator (`ctx.generator`, as rtopk's
-random pick does): reproducible from the pipeline's seed, checkpointed with its state. The DDP
-hook seeds every rank's pipeline alike, so in `gradcomp train` the ranks round with the same
-uniforms: each rank's message stays unbiased, but their rounding errors are correlated and do
-not shrink as 1/world in the mean (federated clients get a seed per client and round).
+random pick does): reproducible from the pipeline's seed, checkpointed with its state. Senders
+round independently, so their errors average down: the DDP hook seeds each rank's pipeline by
+(job seed, rank), a federated client's by (job seed, client, round).
 """
 
 from __future__ import annotations

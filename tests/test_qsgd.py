@@ -303,3 +303,18 @@ def test_ranks_round_independently_in_the_ddp_hook() -> None:
         first, second = json.loads(Path(tmp, "levels.json").read_text())
     differ = sum(a != b for a, b in zip(first, second, strict=True))
     assert differ > 100, differ  # of 4096 levels, each drawn at p(1 - p) = 0.2 on average
+
+
+def test_the_audit_observes_what_the_qsgd_wire_delivers() -> None:
+    """`gradcomp audit` sees qsgd payloads through the real wire: every coordinate, dequantized."""
+    from gradcomp.audit.observe import make_setting, observe
+    from gradcomp.tasks import load_task
+
+    spec = "qsgd(levels=15, bucket=128)"
+    setting = make_setting(load_task("digits-mlp"), victims=2, seed=0)
+    obs, truth = observe(setting, spec, 1, seed=0)
+    assert obs.mask.all()
+    sent = build(spec, seed=0).compress(truth.gradient[0], key="victim-batch-0")
+    torch.testing.assert_close(obs.observed[0], sent.to_dense(), rtol=0, atol=0)
+    assert truth.wire_bytes == sent.nbytes == len(encode(sent))
+    assert not torch.equal(obs.observed[0], truth.gradient[0])  # quantised, not the raw gradient

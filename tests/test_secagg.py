@@ -208,3 +208,13 @@ def test_a_client_with_malformed_messages_counts_as_dropped_and_the_round_goes_o
     total = server.finish([clients[c].unmask(r) for c, r in unmask.items()])
     assert bad in server.refused and server.survivors == set(clients) - {cheat, bad}
     assert np.array_equal(total, np.full(3, sum(server.survivors), dtype=np.uint64))
+
+
+def test_in_the_driver_a_client_that_refuses_is_a_dropout() -> None:
+    """A client whose input is outside the ring refuses to mask it; the round goes on without it."""
+    params = SecAggParams(degree=4, threshold=3, min_survivors=4, bits=8)
+    inputs = {c: np.full(2, c, dtype=np.uint64) for c in range(7)}
+    inputs[3] = np.full(2, 300, dtype=np.uint64)
+    report = run_round(inputs, params)
+    assert set(report.refusals) == {3} and report.aborted is None
+    assert report.survivors == set(inputs) - {3} and np.array_equal(report.total, np.full(2, 21 - 3, dtype=np.uint64))

@@ -128,7 +128,11 @@ class SecAggClient:
         pair = {v: mask_key(self._s_sk, self._neighbours[v].s_pk, self.round_id, self.cid, v) for v in self._held}
         plus = [self._seed] + [k for v, k in pair.items() if v < self.cid]
         minus = [k for v, k in pair.items() if v > self.cid]
-        y = masks.apply(masks.check_ring(x, bits).copy(), plus, minus, bits)
+        try:
+            x = masks.check_ring(x, bits)
+        except ValueError as e:
+            raise self._refuse(f"its input is not in Z_(2^{bits}): {e}") from e
+        y = masks.apply(x.copy(), plus, minus, bits)
         return MaskedInput(self.cid, bits, y)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:

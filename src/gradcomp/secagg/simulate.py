@@ -3,7 +3,8 @@ every message passed through its byte encoding, dropouts at any phase, bytes and
 
 `completes[cid]` is how many phases a client finishes before it drops: 0 never advertises,
 1 drops after advertising, 2 after sending shares, 3 after its masked input (it then sends no
-unmasking shares); absent means it finishes the round.
+unmasking shares); absent means it finishes the round. A client that refuses a request leaves the
+round, which the coordinator sees as a dropout (`RoundReport.refusals` says who and why).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class RoundReport:
     unmask_requests: int = 0  # sent by the coordinator; 0 means no client revealed a share
     revealed_self: set[int] = field(default_factory=set)  # clients a share of whose b_u went out
     revealed_key: set[int] = field(default_factory=set)  # clients a share of whose s_sk went out
+    refusals: dict[int, str] = field(default_factory=dict)  # clients that refused a request, and why
 
 
 def _wire(msg: Any) -> tuple[Any, int]:
@@ -69,8 +71,13 @@ class _Driver:
             else:
                 request = None
             start = time.process_time()
-            msg = answer(self.clients[cid], request)
-            self.report.client_seconds[cid] += time.process_time() - start
+            try:
+                msg = answer(self.clients[cid], request)
+            except ProtocolError as e:  # the client leaves the round: to the coordinator, a dropout
+                self.report.refusals[cid] = str(e)
+                continue
+            finally:
+                self.report.client_seconds[cid] += time.process_time() - start
             msg, self.report.up[name][cid] = _wire(msg)
             out.append(msg)
         return out
@@ -106,6 +113,6 @@ def run_round(
             report.revealed_key.update(a.key_shares)
         report.total = d.server("unmask", server.finish, answers)
         report.survivors = frozenset(server.survivors)
-    except (RoundAborted, ProtocolError) as e:
+    except RoundAborted as e:
         report.aborted = str(e)
     return report

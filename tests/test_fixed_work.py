@@ -159,3 +159,12 @@ def test_a_padded_client_submits_no_earlier_than_its_padding(tmp_path: Path) -> 
         run.stop(0)
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(seen) if (a[0], b[0]) == ("task", "submit")]
     assert len(gaps) == 2 and min(gaps) >= 1.5
+
+
+def test_epoch_mode_resumes_checkpoints_written_before_local_steps() -> None:
+    """A checkpoint's job key from before `local.steps` has no such key: epoch mode still matches it,
+    fixed-work mode (another training algorithm) does not."""
+    job = {"task": {"name": "digits-mlp"}, "local": {"epochs": 2}}
+    assert "steps" not in FedJob.model_validate(job).resume_key()["local"]
+    fixed = FedJob.model_validate({**job, "local": {"epochs": 2, "steps": 5}}).resume_key()
+    assert fixed["local"]["steps"] == 5

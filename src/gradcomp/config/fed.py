@@ -282,6 +282,8 @@ class FedJob(StrictModel):
             data["round"].pop(key, None)
         data["privacy"].pop("epsilon_budget", None)
         data["privacy"].pop("unprotected_metrics", None)
+        if not data["local"].get("steps"):  # epoch mode, as every checkpoint from before local.steps: still theirs
+            data["local"].pop("steps", None)
         return data
 
     @model_validator(mode="after")

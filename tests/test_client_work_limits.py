@@ -28,7 +28,7 @@ from gradcomp._proto import fed_pb2_grpc
 from gradcomp.cli import build_parser
 from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.fedclient.config import LocalTrainingConfig, TaskRefused
-from gradcomp.fedclient.limits import WorkLimits
+from gradcomp.fedclient.limits import WorkLimits, memory_ceiling
 from gradcomp.fedclient.policy import ClientPolicy
 from gradcomp.fedclient.runtime import ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, client_batches, epoch_orders
@@ -96,6 +96,7 @@ def test_local_steps_and_limits_flags() -> None:
         assert f"(default {default:.15g})" in helps[name], (name, helps[name])
     with pytest.raises(ValueError, match="--max-epochs"):
         WorkLimits(max_epochs=0)
+    assert WorkLimits(max_memory_mib=0).max_memory_mib == 0 and memory_ceiling(0) is None  # 0: no ceiling
 
 
 # --- over gRPC, from a hostile coordinator -------------------------------------------------------------

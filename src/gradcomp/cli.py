@@ -166,7 +166,7 @@ def _add_work_limits(p: argparse.ArgumentParser) -> None:
         ("--max-task-arg", int, "largest number among the task's arguments (default 100000)"),
         ("--max-model-params", int, "parameters of the task's model (default 30000000)"),
         ("--max-round-seconds", float, "wall time of one round's local training (default 900)"),
-        ("--max-memory-mib", int, "address space the client may grow by, in MiB (default 8192)"),
+        ("--max-memory-mib", int, "address space the client may grow by, in MiB; 0: no ceiling (default 8192)"),
     ):
         g.add_argument(flag, type=kind, default=None, help=what)
 

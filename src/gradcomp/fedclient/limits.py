@@ -44,8 +44,9 @@ class WorkLimits:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if not getattr(self, f.name) > 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {getattr(self, f.name)}")
+            value, least = getattr(self, f.name), 0 if f.name == "max_memory_mib" else 1e-9  # 0 MiB: no ceiling
+            if not value >= least:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be {'>= 0' if least == 0 else '> 0'}, got {value}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkLimits:
@@ -107,7 +108,10 @@ class WorkLimits:
 def memory_ceiling(extra_mib: int) -> int | None:
     """Cap this process's address space at its current size plus `extra_mib` (RLIMIT_AS, where the
     platform has it); the limit set, or None. An allocation past it fails with MemoryError instead of
-    the machine swapping. For a whole `gradcomp client` process only: it applies to every thread."""
+    the machine swapping. For a whole `gradcomp client` process only: it applies to every thread.
+    0 sets none (address space is not memory: a GPU runtime reserves far more than it uses)."""
+    if extra_mib <= 0:
+        return None
     try:
         import resource
     except ImportError:

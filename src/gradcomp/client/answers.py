@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from gradcomp._proto import fed_pb2
-from gradcomp.config.fed import HEARTBEAT_SECONDS, MIN_CHUNK_BYTES
+from gradcomp.config.serve import HEARTBEAT_SECONDS, MIN_CHUNK_BYTES
 
 MAX_WAIT_SECONDS = 30.0  # a longer WAIT is cut short: the client asks again (the coordinator may answer WAIT)
 ACTIONS = (fed_pb2.PullTaskResponse.WAIT, fed_pb2.PullTaskResponse.TRAIN, fed_pb2.PullTaskResponse.DONE)
@@ -23,7 +23,7 @@ class ClientError(RuntimeError):
 
 
 def heartbeat_seconds(join: fed_pb2.JoinResponse) -> float:
-    """The heartbeat interval the coordinator asks for, within `config.fed.HEARTBEAT_SECONDS`."""
+    """The heartbeat interval the coordinator asks for, within `config.serve.HEARTBEAT_SECONDS`."""
     low, high = HEARTBEAT_SECONDS
     every = join.heartbeat_seconds
     if not low <= every <= high:  # NaN fails too
@@ -53,7 +53,7 @@ def check_action(task: fed_pb2.PullTaskResponse) -> None:
 
 def check_download(task: fed_pb2.PullTaskResponse, max_bytes: int) -> None:
     """The announced model size and chunk count of a TRAIN task, bounded by the task's model size
-    (`max_bytes`) and the smallest chunk a job may use (`config.fed.MIN_CHUNK_BYTES`)."""
+    (`max_bytes`) and the smallest chunk a job may use (`config.serve.MIN_CHUNK_BYTES`)."""
     size, chunks, what = task.model_bytes, task.num_chunks, f"model v{task.model_version}"
     if not 0 < size <= max_bytes:
         raise ClientError(f"{what}: announced {size} bytes; the task's model takes 1 to {max_bytes}")

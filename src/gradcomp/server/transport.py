@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from gradcomp.config.fed import LimitsSection
+from gradcomp.config.serve import LimitsSection
 
 log = logging.getLogger("gradcomp.server")
 

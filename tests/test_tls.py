@@ -83,7 +83,7 @@ def test_a_client_refuses_a_coordinator_whose_certificate_its_ca_did_not_sign(tm
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from gradcomp.config.fed import ServerSection
+    from gradcomp.config.serve import ServerSection
     from gradcomp.protocol.channel import channel_credentials
 
     real = generate(tmp_path / "real", ["localhost", "127.0.0.1"])

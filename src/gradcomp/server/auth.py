@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from gradcomp.config.fed import ServerSection
+from gradcomp.config.serve import ServerSection
 
 log = logging.getLogger("gradcomp.server")
 SERVICE_PREFIX = "/gradcomp.v1.Coordinator/"

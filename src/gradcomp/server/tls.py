@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gradcomp.config.fed import ServerSection
+from gradcomp.config.serve import ServerSection
 
 
 # --- gRPC credentials ---------------------------------------------------------------------------

@@ -8,22 +8,34 @@ without complaint) would fail."""
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from gradcomp.audit.observe import make_setting, observe
-from gradcomp.config.train import DPConfig
+from gradcomp.cli import main
+from gradcomp.config.common import ConfigError
+from gradcomp.config.train import DPConfig, TaskConfig, TrainJob
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import ClientData, dataset_view
 from gradcomp.fedclient.runtime import ClientRuntime
 from gradcomp.fedclient.train import SGDConfig, client_batches, train_one
 from gradcomp.sim.cohort import CohortClient, CohortTrainer
+from gradcomp.sim.setup import build_simulation, load_fedsim_job
 from gradcomp.tasks import Classification, NextToken, Objective, Task, load_task
 from gradcomp.worker.dp import ExampleDP
+from gradcomp.worker.launch import describe
+from gradcomp.worker.local_group import spawn_gloo_ranks
+from gradcomp.worker.loop import Session, train_worker
 
 INPUTS, OUTPUTS = 16, 2
 
@@ -48,11 +60,11 @@ class MeanSquaredError(Objective):
 
 
 def regression_task(examples: int = 192, test: int = 64, seed: int = 0) -> Task:
-    """y = 3 x W + 0.5 over 4x4 inputs in [0, 1) (square, so the audit can treat them as images)."""
+    """y = x W + 0.5 over 4x4 inputs in [0, 1) (square, so the audit can treat them as images)."""
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(INPUTS, OUTPUTS, generator=gen)
     x = torch.rand(examples + test, INPUTS, generator=gen)
-    y = 3.0 * x @ weight + 0.5
+    y = x @ weight + 0.5
 
     def make() -> nn.Module:
         return nn.Sequential(nn.Linear(INPUTS, 8), nn.Tanh(), nn.Linear(8, OUTPUTS))
@@ -183,3 +195,131 @@ def test_audit_attacks_the_gradient_of_the_tasks_loss() -> None:
         want = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         torch.testing.assert_close(truth.gradient[g], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(obs.observed, truth.gradient)
+
+
+# --- the data-parallel loop, in a real 2-rank gloo group ---------------------------------------
+
+TRAIN_JOBS: dict[str, dict[str, Any]] = {
+    "compressed": {"compression": "topk(ratio=0.5) | ef"},
+    "dense-fp32": {},
+    "dense-bf16": {"precision": "bf16"},
+    "dp-sgd": {"dp": {"clip": 1.0, "noise_multiplier": 0.3, "unprotected_metrics": True}},
+}
+
+
+def _train_job(key: str) -> TrainJob:
+    data = {
+        "name": key,
+        "task": {"name": ENTRY},
+        "epochs": 8,
+        "batch_size": 16,
+        "optimizer": {"name": "momentum", "lr": 0.1, "momentum": 0.5},
+        "checkpoint": {"every_epochs": 0},
+    }
+    return TrainJob.model_validate(data | TRAIN_JOBS[key])
+
+
+def _collect(events: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+    return lambda handed: events.extend(handed["events"])
+
+
+def _train_ranks(rank: int, out_dir: str) -> None:
+    out = {}
+    for key in TRAIN_JOBS:
+        events: list[dict[str, Any]] = []
+        session = Session(rank, 2, torch.device("cpu"), lambda m, d: None, progress=_collect(events))
+        train_worker(_train_job(key), session)
+        out[key] = [e for e in events if e["type"] == "epoch"]
+    if rank == 0:
+        Path(out_dir, "epochs.json").write_text(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def train_runs() -> dict[str, list[dict[str, Any]]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_gloo_ranks(_train_ranks, (tmp,), world=2)
+        return json.loads(Path(tmp, "epochs.json").read_text())
+
+
+def _initial_test_loss(job: TrainJob) -> float:
+    torch.manual_seed(job.seed)  # as the loop starts: the same initial model
+    task = load_task(job.task.name)
+    return task.evaluate(task.make_model())["loss"]
+
+
+@pytest.mark.parametrize("key", list(TRAIN_JOBS))
+def test_data_parallel_training_minimises_the_tasks_loss(train_runs: dict, key: str) -> None:
+    epochs = train_runs[key]
+    start = _initial_test_loss(_train_job(key))
+    assert len(epochs) == 8
+    last = epochs[-1]
+    assert "test_mae" in last and "test_accuracy" not in last  # the objective's own metrics
+    reached = 0.5 if key == "dp-sgd" else 0.25  # clipped and noised steps learn more slowly
+    assert last["test_loss"] < reached * start, (start, [e["test_loss"] for e in epochs])
+
+
+def test_bf16_autocasts_the_forward_and_sends_fp32_gradients(train_runs: dict) -> None:
+    fp32, bf16 = train_runs["dense-fp32"], train_runs["dense-bf16"]
+    # the same fp32 gradients on the wire: every byte of a dense fp32 all-reduce, counted alike
+    assert [e["bytes_sent"] for e in bf16] == [e["bytes_sent"] for e in fp32]
+    assert bf16[0]["bytes_sent"] == bf16[0]["dense_bytes"]
+    params = sum(p.numel() for p in load_task(ENTRY).make_model().parameters())
+    assert bf16[0]["dense_bytes"] == 2 * 6 * params * 4  # 2 ranks x 6 steps x fp32 values
+    # ... computed from a bf16 forward pass: close to fp32's training, but not the same numbers
+    assert bf16[-1]["train_loss"] != fp32[-1]["train_loss"]
+    assert bf16[-1]["test_loss"] == pytest.approx(fp32[-1]["test_loss"], rel=0.2)
+
+
+# --- models the functional paths cannot take: refused or routed when the job is loaded ---------
+
+
+def batchnorm_task() -> Task:
+    """The regression task on a model with batch normalisation (running statistics)."""
+    task = regression_task()
+    task.make_model = lambda: nn.Sequential(nn.Linear(INPUTS, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, OUTPUTS))
+    return task
+
+
+def _fed_job(tmp_path: Path, task: str, vectorize: str) -> Path:
+    data = {
+        "name": f"fed-{vectorize}",
+        "task": {"name": task},
+        "rounds": 3,
+        "clients": {"expected": 8},
+        "round": {"fraction": 0.5, "min_clients": 1},
+        "local": {"epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.5},
+        "compression": "randomk(ratio=0.5) | ef",
+        "simulation": {"actors": 0, "vectorize": vectorize},
+    }
+    path = tmp_path / f"{vectorize}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_fedsim_trains_the_tasks_loss_and_says_which_mode_ran(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    assert main(["fedsim", str(_fed_job(tmp_path, ENTRY, "auto")), "--runs-dir", str(runs)]) == 0
+    final = json.loads((runs / "fed-auto" / "results.json").read_text())["final"]
+    assert final["training"] == "vectorised" and final["sequential_reason"] is None
+    assert "mae" in final and "accuracy" not in final  # the objective's metrics of the global model
+    torch.manual_seed(0)
+    assert final["loss"] < _initial_test_loss(_train_job("dense-fp32"))
+
+
+def test_a_batchnorm_model_is_routed_or_refused_at_load(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bn = f"{__name__}:batchnorm_task"
+    with pytest.raises(ConfigError, match=r"vectorize is on, but layer '1' \(BatchNorm1d\).*GroupNorm"):
+        build_simulation(load_fedsim_job(_fed_job(tmp_path, bn, "on")), quiet=True)
+    runs = tmp_path / "runs"
+    assert main(["fedsim", str(_fed_job(tmp_path, bn, "auto")), "--runs-dir", str(runs)]) == 0
+    assert "clients train one at a time: layer '1' (BatchNorm1d)" in capsys.readouterr().out
+    final = json.loads((runs / "fed-auto" / "results.json").read_text())["final"]
+    assert final["training"] == "sequential" and "GroupNorm" in final["sequential_reason"]
+    # DP-SGD: refused when the job is described on the driver, and again on every rank before step 1
+    job = _train_job("dp-sgd").model_copy(update={"task": TaskConfig(name=bn)})
+    with pytest.raises(ConfigError, match=r"dp: layer '1' \(BatchNorm1d\) normalises with batch statistics.*GroupNorm"):
+        describe(job)
+    session = Session(0, 1, torch.device("cpu"), lambda m, d: None)
+    with pytest.raises(ConfigError, match="GroupNorm"):
+        train_worker(job, session)
+    assert describe(_train_job("dense-fp32").model_copy(update={"task": TaskConfig(name=bn)}))["parameters"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from gradcomp.config.train import TrainJob
 from gradcomp.worker.dp import linear_aggregation
 from gradcomp.worker.hook import CompressionState
 from gradcomp.worker.launch import describe, load_train_job
-from gradcomp.worker.loop import _schedule, shard_indices
+from gradcomp.worker.loop import shard_indices
+from gradcomp.worker.schedule import lr_schedule
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -87,12 +90,54 @@ def test_even_shards_cover_disjoint_equal_parts() -> None:
 
 def test_schedules() -> None:
     job = validate(TrainJob, {"name": "x", "epochs": 4, "schedule": {"name": "cosine", "warmup_steps": 10}})
-    f = _schedule(job, steps_per_epoch=25)
+    f = lr_schedule(job, steps_per_epoch=25)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(99) < 0.01
     job = validate(TrainJob, {"name": "x", "schedule": {"name": "step", "step_epochs": 2, "gamma": 0.5}})
-    f = _schedule(job, steps_per_epoch=10)
+    f = lr_schedule(job, steps_per_epoch=10)
     assert [f(s) for s in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def _factors(schedule: dict, epochs: int = 4, steps_per_epoch: int = 25) -> list[float]:
+    job = validate(TrainJob, {"name": "x", "epochs": epochs, "optimizer": {"lr": 0.1}, "schedule": schedule})
+    f = lr_schedule(job, steps_per_epoch=steps_per_epoch)
+    return [f(s) for s in range(epochs * steps_per_epoch)]
+
+
+def test_sigmoid_schedule_warms_up_then_decays_around_its_midpoint() -> None:
+    f = _factors({"name": "sigmoid", "warmup_steps": 10, "midpoint": 0.5, "steepness": 10})
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to lr
+    decay = f[10:]  # progress 0..1 over the 90 steps after the warm-up
+    assert decay[0] == pytest.approx(1.0)  # normalised: starts exactly at lr
+    assert all(a >= b for a, b in itertools.pairwise(decay))
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    for step in (0, 22, 45, 67, 89):  # lr * (1 - sigmoid(k (p - m))) / (1 - sigmoid(-k m))
+        p = min(step, 90) / 90
+        assert decay[step] == pytest.approx((1 - sig(10 * (p - 0.5))) / (1 - sig(-5)), rel=1e-9)
+    assert decay[45] == pytest.approx(0.5 / sig(5), rel=1e-9)  # the midpoint: about half the rate
+    # flat early, steep in the middle: above the cosine a quarter in, far below it three quarters in
+    cos = _factors({"name": "cosine", "warmup_steps": 10})[10:]
+    assert decay[22] > cos[22] + 0.05 and decay[67] < cos[67] - 0.05 and decay[-1] < 0.01
+    sharper = _factors({"name": "sigmoid", "warmup_steps": 10, "steepness": 30})[10:]
+    assert sharper[22] > decay[22] and sharper[67] < decay[67]
+    later = _factors({"name": "sigmoid", "midpoint": 0.8})
+    assert later[50] > 0.95 and later[80] == pytest.approx(0.5 / sig(8), rel=1e-9)
+
+
+def test_sigmoid_schedule_floor_and_bad_settings() -> None:
+    f = _factors({"name": "sigmoid", "min_lr": 0.01})
+    assert f[0] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=0.01) and min(f) >= 0.1
+    for bad in ({"midpoint": 0}, {"midpoint": 1.0}, {"steepness": 0}):
+        with pytest.raises(ConfigError):
+            validate(TrainJob, {"name": "x", "schedule": {"name": "sigmoid", **bad}})
+    with pytest.raises(ConfigError, match="sigmoid schedule would raise"):
+        validate(TrainJob, {"name": "x", "optimizer": {"lr": 0.1}, "schedule": {"name": "sigmoid", "min_lr": 0.5}})
+
+
+def test_step_schedule_shape() -> None:
+    f = _factors({"name": "step", "step_epochs": 1, "gamma": 0.5, "warmup_steps": 5}, epochs=3, steps_per_epoch=10)
+    assert f[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert f[5:10] == [1.0] * 5 and f[10:20] == [0.5] * 10 and f[20:] == [0.25] * 10
 
 
 def test_noise_placement_follows_linearity() -> None:

@@ -40,13 +40,17 @@ class ScheduleConfig(StrictModel):
 
     `warmup_steps` ramps the rate linearly from ~0 to `lr` first (combines with any schedule).
     `step`: multiply by `gamma` every `step_epochs` epochs. `cosine`: decay to `min_lr` at the end.
+    `sigmoid`: lr * (1 - sigmoid(steepness * (progress - midpoint))), normalised to start at lr,
+    towards `min_lr`; progress runs from 0 after the warm-up to 1 at the last step.
     """
 
-    name: Literal["none", "step", "cosine"] = Field("none", description="the schedule after warm-up")
+    name: Literal["none", "step", "cosine", "sigmoid"] = Field("none", description="the schedule after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up from ~0 to lr over this many steps first")
     step_epochs: int = Field(1, ge=1, description="step: multiply by gamma every this many epochs")
     gamma: float = Field(0.1, gt=0, le=1, description="step: the factor")
-    min_lr: float = Field(0.0, ge=0, description="cosine: the rate at the end")
+    min_lr: float = Field(0.0, ge=0, description="cosine, sigmoid: the rate decayed towards")
+    midpoint: float = Field(0.5, gt=0, lt=1, description="sigmoid: where the decay is steepest (0..1 of the steps)")
+    steepness: float = Field(10.0, gt=0, description="sigmoid: how sharp the decay is around the midpoint")
 
 
 class DPConfig(StrictModel):
@@ -111,6 +115,11 @@ class TrainJob(StrictModel):
     warmup_dense_steps: int = Field(0, ge=0, description="uncompressed all-reduce for the first N steps")
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
     dp: DPConfig | None = Field(None, description="example-level DP-SGD; off when absent (docs/privacy.md)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: forward pass and loss under torch.autocast (bfloat16); parameters, gradients, "
+        "compression and the bytes counted stay fp32",
+    )
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
@@ -159,10 +168,10 @@ class TrainJob(StrictModel):
 
     @model_validator(mode="after")
     def _schedule_decays(self) -> TrainJob:
-        if self.schedule.name == "cosine" and self.schedule.min_lr > self.optimizer.lr:
+        if self.schedule.name in ("cosine", "sigmoid") and self.schedule.min_lr > self.optimizer.lr:
             raise ValueError(
                 f"schedule.min_lr ({self.schedule.min_lr}) is above optimizer.lr ({self.optimizer.lr}): "
-                "a cosine schedule would raise the learning rate instead of decaying it"
+                f"a {self.schedule.name} schedule would raise the learning rate instead of decaying it"
             )
         return self
 

@@ -36,6 +36,7 @@ from gradcomp.fedclient.train import SGDConfig, epoch_orders, num_steps
 from gradcomp.sim.cohort_step import StepCache, grad_fn, train_step
 from gradcomp.strategies import ClientHalf, Correction
 from gradcomp.tasks import Objective, batch_of
+from gradcomp.tasks.checks import vectorize_blocker
 
 # Stacked parameters of one group stay under this many floats (x3 with gradients and momentum).
 MAX_GROUP_FLOATS = 32 * 1024 * 1024
@@ -62,15 +63,8 @@ class TrainedClient:
 
 
 def why_not_vectorizable(model: nn.Module) -> str | None:
-    """Why this model cannot be trained vectorised (None: it can)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            return f"{name or 'model'} ({type(module).__name__}) updates running statistics in place"
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            return f"{name or 'model'} ({type(module).__name__}) draws random masks in a different order"
-    if any(b.is_floating_point() for b in model.buffers()):
-        return "the model has floating-point buffers, which training may change in place"
-    return None
+    """Why this model cannot be trained vectorised (None: it can); see `tasks.checks`."""
+    return vectorize_blocker(model)
 
 
 def overhead_rows(num_params: int) -> float:

@@ -30,6 +30,7 @@ def peak_rss_bytes() -> int:
 class ClientPool(Protocol):
     size: int
     vectorized: bool  # cohorts are trained with torch.func (sim/cohort.py), not one client at a time
+    fallback: str | None  # why clients train one at a time (None when vectorized)
 
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
         """Train every job on the model of `version`; results in job order."""
@@ -53,6 +54,10 @@ class LocalPool:
     def vectorized(self) -> bool:
         return self.trainer.vectorized
 
+    @property
+    def fallback(self) -> str | None:
+        return self.trainer.fallback
+
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
         return self.trainer.run_many(jobs, model)
 
@@ -74,6 +79,9 @@ class _Runner:
 
     def vectorized(self) -> bool:
         return self.trainer.vectorized
+
+    def fallback(self) -> str | None:
+        return self.trainer.fallback
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
@@ -103,6 +111,7 @@ class RayPool:
         self.size = actors
         self._model_ref: tuple[int, object] | None = None
         self.vectorized = bool(ray.get(self.actors[0].vectorized.remote()))
+        self.fallback: str | None = ray.get(self.actors[0].fallback.remote())
 
     def _model(self, model: bytes, version: int) -> object:
         """The model as each call's argument: small ones inline (a put and a fetch per version cost

@@ -98,13 +98,14 @@ class RoundReport:
             "late_total": self.totals["late"],
             "actors": sim.pool.size if sim.sim.actors != 0 else 0,
             "vectorized": bool(getattr(sim.pool, "vectorized", False)),
+            "training": "vectorised" if getattr(sim.pool, "vectorized", False) else "sequential",
+            "sequential_reason": getattr(sim.pool, "fallback", None),
             "peak_rss_driver_bytes": peak_rss_bytes(),
             "peak_rss_actors_bytes": int(np.sum(actors_rss)) if actors_rss else 0,
             "client_state_bytes": sim.clients.nbytes(),
         }
-        last_eval = next((e for e in reversed(coord.log) if "test_accuracy" in e), None)
-        if last_eval is not None:
-            out["accuracy"] = last_eval["test_accuracy"]
-            out["loss"] = last_eval.get("test_loss")
+        last_eval = next((e for e in reversed(coord.log) if "test_loss" in e), None)
+        if last_eval is not None:  # the task's objective's metrics: accuracy, perplexity, ...
+            out.update({k.removeprefix("test_"): v for k, v in last_eval.items() if k.startswith("test_")})
         self.record.set_privacy(coord.epsilon, self.job.privacy.delta if coord.epsilon is not None else None)
         return out

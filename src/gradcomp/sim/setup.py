@@ -21,6 +21,7 @@ from gradcomp.protocol.model import initial_params, model_spec
 from gradcomp.raycluster import cluster_cpus
 from gradcomp.server.core import Coordinator
 from gradcomp.server.secure_round import plan_for
+from gradcomp.sim.cohort import why_not_vectorizable
 from gradcomp.sim.engine import Simulation, VirtualClock
 from gradcomp.sim.keys import coordinator_secret, simulation_secret
 from gradcomp.sim.pool import ClientPool, LocalPool, RayPool
@@ -94,10 +95,25 @@ def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
     return table, task
 
 
+def sequential_reason(sim: SimulationConfig, task: Task) -> str | None:
+    """Why the clients will train one after another (None: cohorts train vectorised). A model that
+    cannot train vectorised under `vectorize: on` is refused here, naming the layer, before any
+    pool or client starts."""
+    if sim.vectorize == "off":
+        return "simulation.vectorize is off"
+    reason = why_not_vectorizable(task.make_model())
+    if reason is not None and sim.vectorize == "on":
+        raise ConfigError(f"simulation.vectorize is on, but {reason}")
+    return reason
+
+
 def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool = False) -> tuple[Simulation, Any]:
     """Partition the data, make the clients, the coordinator and the pool; returns (simulation, task)."""
     sim = job.simulation or SimulationConfig()
     table, task = make_clients(job, quiet)
+    reason = sequential_reason(sim, task)
+    if reason is not None and not quiet:
+        print(f"clients train one at a time: {reason}", flush=True)
     eval_model = task.make_model()
     last = job.rounds
 

@@ -37,15 +37,24 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from gradcomp.compression import Pipeline
 from gradcomp.compression.stages import ErrorFeedback, NoneStage, RandomK
+from gradcomp.config.common import ConfigError
 from gradcomp.config.train import DPConfig
 from gradcomp.privacy import PrivacyLedger
 from gradcomp.tasks import Classification, Objective
+from gradcomp.tasks.checks import per_example_blocker
 from gradcomp.worker.sampling import RandomSource, normal_like, secret_source
 
 
 def linear_aggregation(pipeline: Pipeline) -> bool:
     """True when the averaged result depends on the ranks' vectors only through their sum."""
     return all(isinstance(s, NoneStage | ErrorFeedback | RandomK) for s in pipeline.stages)
+
+
+def refuse_unclippable(job_dp: DPConfig | None, model: nn.Module) -> None:
+    """Refuse, before training, a DP-SGD job whose model has no per-example gradients (batch norm)."""
+    reason = per_example_blocker(model) if job_dp is not None else None
+    if reason is not None:
+        raise ConfigError(f"dp: {reason}")
 
 
 class ExampleDP:

@@ -42,6 +42,7 @@ def load_train_job(path: str, overrides: list[str] | None = None, workers: int |
 def describe(job: TrainJob) -> dict[str, Any]:
     """Load the task once on the driver: catches bad task arguments before Ray starts."""
     from gradcomp.tasks import load_task
+    from gradcomp.worker.dp import refuse_unclippable
 
     task = load_task(job.task.name, **job.task.args)
     n_train = len(task.train_set)  # type: ignore[arg-type]
@@ -52,7 +53,9 @@ def describe(job: TrainJob) -> dict[str, Any]:
             f"batch_size {job.batch_size} x {world} workers needs at least {job.batch_size * world} "
             f"training examples; task {job.task.name!r} has {n_train}"
         )
-    params = sum(p.numel() for p in task.make_model().parameters())
+    model = task.make_model()
+    refuse_unclippable(job.dp, model)
+    params = sum(p.numel() for p in model.parameters())
     return {
         "train_examples": n_train,
         "parameters": params,

@@ -23,9 +23,10 @@ from torch import nn
 
 from gradcomp.config.train import TrainJob
 from gradcomp.tasks import Objective, Task, batch_of, load_task
-from gradcomp.worker.dp import ExampleDP, linear_aggregation
+from gradcomp.worker.dp import ExampleDP, linear_aggregation, refuse_unclippable
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
 from gradcomp.worker.sampling import PoissonPlan, RandomSource, secret_source
+from gradcomp.worker.schedule import lr_schedule
 
 STATE_FILE = "state.pt"
 
@@ -79,25 +80,6 @@ class StopTraining(Exception):
     """Raised inside the loop to end early (epsilon budget reached)."""
 
 
-def _schedule(job: TrainJob, steps_per_epoch: int) -> Callable[[int], float]:
-    s, total = job.schedule, job.epochs * steps_per_epoch
-    floor = s.min_lr / job.optimizer.lr
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / s.warmup_steps) if s.warmup_steps else 1.0
-        if s.name == "step":
-            base = s.gamma ** ((step // steps_per_epoch) // s.step_epochs)
-        elif s.name == "cosine":
-            after = max(0, step - s.warmup_steps)
-            span = max(1, total - s.warmup_steps)
-            base = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
-        else:
-            base = 1.0
-        return warm * base
-
-    return factor
-
-
 def make_optimizer(job: TrainJob, params: Any) -> torch.optim.Optimizer:
     """The job's optimizer over `params` (momentum/nesterov are SGD variants)."""
     o = job.optimizer
@@ -139,6 +121,7 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     torch.manual_seed(job.seed)
     task = load_task(job.task.name, **job.task.args)
     module = task.make_model().to(session.device)
+    refuse_unclippable(job.dp, module)
     n_train = len(task.train_set)  # type: ignore[arg-type]
     steps_per_epoch = (n_train // session.world) // job.batch_size
     if steps_per_epoch < 1:
@@ -152,7 +135,7 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     hook_state = CompressionState.for_model(module, job.compression, seed=job.seed, warmup_steps=job.warmup_dense_steps)
     model, dp = _wrap_model(job, session, module, hook_state, poisson, task.objective)
     optimizer = make_optimizer(job, module.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(job, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job, steps_per_epoch))
     inclusions = secret_source() if poisson is not None else None
     return _Run(
         job,
@@ -248,11 +231,13 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     (NaN for an empty Poisson batch, which still takes part in the exchange)."""
     run.optimizer.zero_grad(set_to_none=True)
     if run.dp is None:
-        loss_t = run.task.objective.mean(run.model(x), y)
+        with _precision(run):
+            loss_t = run.task.objective.mean(run.model(x), y)
         loss_t.backward()  # DDP's comm hook compresses and exchanges the buckets here
         loss = float(loss_t.detach())
     else:
-        flat, loss_sum = run.dp.gradient(x, y)
+        with _precision(run):
+            flat, loss_sum = run.dp.gradient(x, y)
         loss = loss_sum / len(y) if len(y) else math.nan
         mean = run.hook_state.reduce(flat, "dp-all").wait()
         run.hook_state.end_step()
@@ -261,6 +246,12 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     run.optimizer.step()
     run.scheduler.step()
     return loss
+
+
+def _precision(run: _Run) -> torch.autocast:
+    """The forward pass's precision: bf16 autocast under `precision: bf16`. The parameters stay fp32,
+    so their gradients, and everything compressed and sent from them, are fp32 either way."""
+    return torch.autocast(run.session.device.type, dtype=torch.bfloat16, enabled=run.job.precision == "bf16")
 
 
 def _log_step(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -323,3 +324,53 @@ def test_a_batchnorm_model_is_routed_or_refused_at_load(tmp_path: Path, capsys: 
     with pytest.raises(ConfigError, match="GroupNorm"):
         train_worker(job, session)
     assert describe(_train_job("dense-fp32").model_copy(update={"task": TaskConfig(name=bn)}))["parameters"] > 0
+
+
+# --- next-token objective through the functional paths (a bigram model on token windows) -------
+
+
+class _Bigram(nn.Module):
+    def __init__(self, vocab: int = 11, width: int = 6):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))  # [B, T, V]
+
+
+def _token_windows(n: int = 40, block: int = 5) -> TensorDataset:
+    stream = torch.randint(0, 11, (n + block + 1,), generator=torch.Generator().manual_seed(2))
+    windows = torch.stack([stream[i : i + block + 1] for i in range(n)])
+    return TensorDataset(windows[:, :-1], windows[:, 1:])
+
+
+def test_next_token_objective_in_the_cohort_and_dp_sgd() -> None:
+    data, objective = _token_windows(), NextToken(unit="byte")
+    torch.manual_seed(0)
+    model = _Bigram()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SGDConfig(epochs=1, batch_size=4, lr=0.5)
+    clients = [CohortClient(np.arange(0, 9), 1), CohortClient(np.arange(9, 30), 2)]
+    got = CohortTrainer(model, data, cfg, objective).train(start, clients)
+    for c, trained in zip(clients, got, strict=True):
+        model.load_state_dict(start)
+        train_one(model, ClientData(data, torch.from_numpy(c.indices)), cfg, c.seed, objective)
+        for k, v in trained.params.items():
+            torch.testing.assert_close(v, model.state_dict()[k], rtol=1e-5, atol=1e-6)
+    model.load_state_dict(start)
+    dp = ExampleDP(model, DPConfig(clip=0.1, noise_multiplier=0.0), world=1, split_noise=True, sample_rate=0.1,
+                   expected_batch=3.0, noise_seed=0, objective=objective)  # fmt: skip
+    x, y = data.tensors
+    flat, _ = dp.gradient(x[:3], y[:3])
+    want = torch.zeros_like(flat)
+    for i in range(3):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]).reshape(-1, 11), y[i]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        want += g * min(1.0, 0.1 / float(g.norm()))
+    torch.testing.assert_close(flat, want / 3, rtol=1e-5, atol=1e-7)
+    # precision: bf16 autocasts the forward passes; the clipped sum stays fp32, close to fp32's
+    dp.autocast = torch.bfloat16
+    low, _ = dp.gradient(x[:3], y[:3])
+    assert low.dtype == torch.float32 and not torch.equal(low, flat)
+    torch.testing.assert_close(low, flat, rtol=0.1, atol=2e-3)

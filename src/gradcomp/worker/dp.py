@@ -71,11 +71,15 @@ class ExampleDP:
         expected_batch: float,
         noise_seed: int | None = None,
         objective: Objective | None = None,
+        autocast: torch.dtype | None = None,
     ):
         """`noise_seed` None (training): secret OS entropy; an int makes the noise reproducible, which
         only an audit or a test may want (anyone who knows the seed can subtract the noise).
-        `objective`: the task's loss, taken one example at a time (default: classification)."""
+        `objective`: the task's loss, taken one example at a time (default: classification).
+        `autocast` (torch.bfloat16 under `precision: bf16`): the forward pass's precision; clipping,
+        summing and noise always run in the parameters' precision."""
         self.model = model
+        self.autocast = autocast
         self.objective = objective if objective is not None else Classification()
         self.cfg = cfg
         self.world = world
@@ -141,7 +145,9 @@ class ExampleDP:
             out = functional_call(model, (p, b), (xi.unsqueeze(0),))
             return objective.mean(out, yi.unsqueeze(0))
 
-        grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, None, 0, 0))(params, buffers, x, y)
+        low = torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+        with low:
+            grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, None, 0, 0))(params, buffers, x, y)
         batch = x.shape[0]
         flat = torch.cat([grads[n].reshape(batch, -1) for n in self.names], dim=1)
         return flat, float(losses.sum())

@@ -181,6 +181,7 @@ def _wrap_model(
         sample_rate=poisson.sample_rate,  # the accountant is charged exactly the sampler's q
         expected_batch=poisson.expected_local_batch,
         objective=objective,
+        autocast=torch.bfloat16 if job.precision == "bf16" else None,
     )
     return module, dp
 
@@ -235,9 +236,8 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
             loss_t = run.task.objective.mean(run.model(x), y)
         loss_t.backward()  # DDP's comm hook compresses and exchanges the buckets here
         loss = float(loss_t.detach())
-    else:
-        with _precision(run):
-            flat, loss_sum = run.dp.gradient(x, y)
+    else:  # under precision: bf16 the DP engine autocasts its forward passes only, never the clipping
+        flat, loss_sum = run.dp.gradient(x, y)
         loss = loss_sum / len(y) if len(y) else math.nan
         mean = run.hook_state.reduce(flat, "dp-all").wait()
         run.hook_state.end_step()

@@ -77,9 +77,13 @@ def make_pool(job: FedJob, actors: int | None) -> ClientPool:
 
 
 def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
-    """Partition the task's training set over the virtual clients (skew summary printed); (clients, task)."""
+    """Partition the task's training set over the virtual clients (skew summary printed); (clients, task).
+    A model the clients cannot train the way `simulation.vectorize` asks is refused or routed here."""
     sim = job.simulation or SimulationConfig()
     task = load_task(job.task.name, **job.task.args)
+    reason = sequential_reason(job, task)
+    if reason is not None and not quiet:
+        print(f"clients train one at a time: {reason}", flush=True)
     labels = task.labels().numpy()
     groups = task.groups.numpy() if task.groups is not None else None
     parts = partition(labels, job.clients.expected, sim.partition, seed=job.seed, groups=groups)
@@ -95,13 +99,16 @@ def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
     return table, task
 
 
-def sequential_reason(sim: SimulationConfig, task: Task) -> str | None:
-    """Why the clients will train one after another (None: cohorts train vectorised). A model that
-    cannot train vectorised under `vectorize: on` is refused here, naming the layer, before any
-    pool or client starts."""
+def sequential_reason(job: FedJob, task: Task) -> str | None:
+    """Why the clients will train one after another (None: cohorts train vectorised), as the pool's
+    runners will decide it (`sim/client.py`). A model that cannot train vectorised under
+    `vectorize: on` is refused here, naming the layer, before any pool or client starts."""
+    sim = job.simulation or SimulationConfig()
     if sim.vectorize == "off":
         return "simulation.vectorize is off"
     reason = why_not_vectorizable(task.make_model())
+    if reason is None and job.local.steps:
+        reason = "local.steps (fixed-work mode) trains one client at a time"
     if reason is not None and sim.vectorize == "on":
         raise ConfigError(f"simulation.vectorize is on, but {reason}")
     return reason
@@ -111,9 +118,6 @@ def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool
     """Partition the data, make the clients, the coordinator and the pool; returns (simulation, task)."""
     sim = job.simulation or SimulationConfig()
     table, task = make_clients(job, quiet)
-    reason = sequential_reason(sim, task)
-    if reason is not None and not quiet:
-        print(f"clients train one at a time: {reason}", flush=True)
     eval_model = task.make_model()
     last = job.rounds
 

@@ -56,14 +56,16 @@ def quantize(values: torch.Tensor, levels: int, bucket: int, gen: torch.Generato
     """(signed levels, float32 norm per bucket) of flat `values`, rounded stochastically."""
     n = values.numel()
     buckets = math.ceil(n / bucket)
-    v = F.pad(values, (0, buckets * bucket - n)).view(buckets, bucket)
+    pad = buckets * bucket - n
+    v = (F.pad(values, (0, pad)) if pad else values).reshape(buckets, bucket)
     norms = torch.linalg.vector_norm(v, dim=1).to(torch.float32)  # the scale as sent
     scale = torch.where(norms > 0, levels / norms.clamp_min(1e-30), torch.zeros_like(norms))
-    x = (v.abs() * scale.to(v.dtype)[:, None]).clamp_(max=levels)
-    low = torch.floor(x)
-    up = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) < (x - low)
-    signed = torch.sign(v) * (low + up.to(x.dtype))
-    return signed.reshape(-1)[:n].to(level_dtype(levels)), norms
+    x = v.abs().mul_(scale.to(v.dtype)[:, None]).clamp_(max=levels)
+    low = x.floor()
+    frac = x.sub_(low)  # in place, as every step below: few passes over a large gradient
+    up = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype).lt_(frac)  # 1.0: round up
+    magnitude = low.add_(up)
+    return magnitude.copysign_(v).reshape(-1)[:n].to(level_dtype(levels)), norms
 
 
 def dequantize(q: torch.Tensor, norms: torch.Tensor, levels: int, bucket: int) -> torch.Tensor:

@@ -11,12 +11,15 @@ import argparse
 import importlib
 import runpy
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gradcomp import __version__
+from gradcomp.errors import GradcompError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+# Shown as one line, exit 2: what the user gave was wrong. Anything else is an internal error (traceback, exit 1).
+USER_ERRORS: tuple[type[BaseException], ...] = (GradcompError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -267,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradcomp {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"gradcomp {args.verb}: internal error (the traceback above); please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

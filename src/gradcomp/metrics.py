@@ -25,6 +25,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from gradcomp.errors import UserError
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # Why an update was refused (label `reason` of gradcomp_fed_updates_rejected_total).
@@ -270,7 +272,7 @@ def exposed(
     try:
         endpoint = start(port, host)
     except OSError as err:  # in use, or not an address of this machine
-        raise ValueError(f"--metrics-port {port}: cannot serve on {host}: {err.strerror or err}") from None
+        raise UserError(f"--metrics-port {port}: cannot serve on {host}: {err.strerror or err}") from None
     print(f"{who}: metrics on http://{host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
     try:
         yield endpoint.port

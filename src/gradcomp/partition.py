@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradcomp.errors import GradcompError
+
 KINDS = ("iid", "dirichlet", "shards", "natural")
 
 
-class PartitionError(ValueError):
+class PartitionError(GradcompError, ValueError):
     """A partition that cannot be made (bad argument, more clients than examples, ...)."""
 
 

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from gradcomp.errors import GradcompError
 from gradcomp.exact_noise import GAUSSIAN_REACH, LAPLACE_REACH
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -93,7 +94,7 @@ def _bound(log_value: float) -> float:
     return 1.0 if log_value >= 0 else max(math.exp(log_value), _TINY)
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(GradcompError, RuntimeError):
     """Taking another step would spend more epsilon than the configured budget."""
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from gradcomp.errors import UserError
+
 
 @dataclass(frozen=True)
 class AuditConfig:
@@ -21,10 +23,10 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         if self.victims < 1 or self.iterations < 1:
-            raise ValueError(f"victims and iterations must be >= 1, got {self.victims} and {self.iterations}")
+            raise UserError(f"victims and iterations must be >= 1, got {self.victims} and {self.iterations}")
         for batch in self.batch_sizes:
             if not 1 <= batch <= self.victims:
-                raise ValueError(f"batch size {batch} must be between 1 and the number of victims ({self.victims})")
+                raise UserError(f"batch size {batch} must be between 1 and the number of victims ({self.victims})")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 
 from gradcomp.audit.gradients import GroupGradients
 from gradcomp.compression import build, decode, encode
+from gradcomp.errors import UserError
 from gradcomp.tasks import Objective, Task, batch_of
 
 
@@ -89,12 +90,12 @@ def make_setting(task: Task, victims: int, seed: int) -> Setting:
 
     Inputs keep their dtype when they are not floating point (token ids: the text attack's setting)."""
     if task.test_set is None:
-        raise ValueError("the audit needs the task's test set: its victims come from it")
+        raise UserError("the audit needs the task's test set: its victims come from it")
     n_test, n_train = len(task.test_set), min(len(task.train_set), MEAN_EXAMPLES)  # type: ignore[arg-type]
     test_x, test_y = batch_of(task.test_set, torch.arange(n_test))
     train_x = batch_of(task.train_set, torch.arange(n_train))[0]
     if not 1 <= victims <= n_test:
-        raise ValueError(f"--victims must be between 1 and the test set's {n_test} examples, got {victims}")
+        raise UserError(f"--victims must be between 1 and the test set's {n_test} examples, got {victims}")
     if test_x.is_floating_point():
         test_x, train_x = test_x.float(), train_x.float()
     torch.manual_seed(seed)
@@ -112,7 +113,7 @@ def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observa
     """
     groups = len(setting.victim_ids) // batch
     if groups < 1:
-        raise ValueError(f"batch size {batch} needs at least {batch} victims, got {len(setting.victim_ids)}")
+        raise UserError(f"batch size {batch} needs at least {batch} victims, got {len(setting.victim_ids)}")
     ids = setting.victim_ids[: groups * batch].view(groups, batch)
     x = setting.test_x[ids]
     labels = setting.test_y[ids]

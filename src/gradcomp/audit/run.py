@@ -22,6 +22,7 @@ from gradcomp.audit.cosine import cosine_attack
 from gradcomp.audit.dlg import l2_attack
 from gradcomp.audit.observe import Observation, Setting, make_setting, observe
 from gradcomp.audit.text import audit_text
+from gradcomp.errors import UserError
 from gradcomp.tasks import load_task
 
 Attack = Callable[[Observation, int, int], torch.Tensor]
@@ -121,7 +122,7 @@ def _task_args(args: argparse.Namespace) -> dict[str, Any]:
     for item in getattr(args, "task_arg", None) or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--task-arg wants KEY=VALUE, got {item!r}")
+            raise UserError(f"--task-arg wants KEY=VALUE, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
 

@@ -17,6 +17,7 @@ from gradcomp.audit import metrics
 from gradcomp.audit.config import AuditConfig, SpecAudit
 from gradcomp.audit.observe import Setting, observe
 from gradcomp.audit.tokens import embedding_name, precision_recall, token_attack, token_sets
+from gradcomp.errors import UserError
 
 NOT_JUDGED = "not judged"
 IMAGE_ATTACKS_NA = "inputs are discrete tokens (the text attack runs instead)"
@@ -28,7 +29,7 @@ def audit_text(setting: Setting, spec: str, config: AuditConfig, image_attacks: 
     vocab = _vocab(setting)
     name = embedding_name(setting.model, vocab)
     if name is None:
-        raise ValueError(f"the text attack needs an nn.Embedding over the task's {vocab} tokens; the model has none")
+        raise UserError(f"the text attack needs an nn.Embedding over the task's {vocab} tokens; the model has none")
     by_batch: dict[str, dict[str, Any]] = {}
     cosines: dict[str, float] = {}
     for batch in config.batch_sizes:

@@ -12,12 +12,13 @@ import math
 
 from gradcomp._proto import fed_pb2
 from gradcomp.config.serve import HEARTBEAT_SECONDS, MIN_CHUNK_BYTES
+from gradcomp.errors import GradcompError
 
 MAX_WAIT_SECONDS = 30.0  # a longer WAIT is cut short: the client asks again (the coordinator may answer WAIT)
 ACTIONS = (fed_pb2.PullTaskResponse.WAIT, fed_pb2.PullTaskResponse.TRAIN, fed_pb2.PullTaskResponse.DONE)
 
 
-class ClientError(RuntimeError):
+class ClientError(GradcompError, RuntimeError):
     """A non-retryable failure (bad token, protocol mismatch, a coordinator answer the client refuses,
     retries exhausted)."""
 

@@ -58,6 +58,7 @@ from gradcomp.client.answers import (
 )
 from gradcomp.client.credentials import printable, resolve_token
 from gradcomp.client.retry import Backoff, is_transient
+from gradcomp.errors import UserError
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
 from gradcomp.fedclient.ledger import BudgetSpent, ClientLedger, ledger_path, release_id
@@ -105,9 +106,9 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like I/N (e.g. 0/3), got {text!r}") from None
+        raise UserError(f"--shard must look like I/N (e.g. 0/3), got {text!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= I < N")
+        raise UserError(f"--shard {text}: need 0 <= I < N")
     return i, n
 
 
@@ -125,7 +126,7 @@ class FLClient:
         if args.tls_ca or args.tls_cert:
             self._creds = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
         elif not getattr(args, "insecure", False) and not is_local_target(args.server):
-            raise ValueError(
+            raise UserError(
                 f"refusing to connect without TLS to {args.server}, which is not a loopback address: the token "
                 "and the updates would cross the network in clear text. Pass --tls-ca (and --tls-cert/--tls-key "
                 "for mutual TLS), or accept clear text with --insecure"

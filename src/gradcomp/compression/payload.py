@@ -20,6 +20,8 @@ from typing import ClassVar, TypeVar
 
 import torch
 
+from gradcomp.errors import GradcompError
+
 # Stable wire codes; never renumber (they are part of the protocol).
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1,
@@ -41,7 +43,7 @@ DIM_BYTES = 8
 EXTRA_LEN_BYTES = 4  # u32 length of `extra`, on the wire only when a kind sends extra bytes
 
 
-class WireError(ValueError):
+class WireError(GradcompError, ValueError):
     """Bytes or fields that do not describe a valid payload."""
 
 

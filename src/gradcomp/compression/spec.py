@@ -11,10 +11,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gradcomp.errors import GradcompError
+
 _STAGE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
 
 
-class SpecError(ValueError):
+class SpecError(GradcompError, ValueError):
     """A compression spec that cannot be built; the message names the stage and argument."""
 
 

@@ -13,10 +13,12 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gradcomp.errors import GradcompError
+
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(GradcompError, ValueError):
     """A job file or override that cannot be used; the message says what and where."""
 
 

@@ -9,16 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradcomp._proto import fed_pb2
+from gradcomp.errors import GradcompError
 from gradcomp.fedclient.secure import EncodingRefused, encoding_from_pb
 from gradcomp.secagg.plan import ClientEncoding
 from gradcomp.strategies import ClientHalf, SettingsRefused, client_half
 
 
-class TaskRefused(ValueError):
+class TaskRefused(GradcompError, ValueError):
     """A client's own check refused the coordinator's task (e.g. a task not on its allowlist)."""
 
 
-class BadTrainingConfig(ValueError):
+class BadTrainingConfig(GradcompError, ValueError):
     """A `TrainingConfig` no job file could produce (malformed task arguments, a batch size of 0, ...)."""
 
 

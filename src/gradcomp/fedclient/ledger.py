@@ -22,11 +22,12 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from gradcomp.errors import GradcompError
 from gradcomp.privacy import PrivacyLedger
 from gradcomp.results import atomic_write_bytes
 
 
-class BudgetSpent(ValueError):
+class BudgetSpent(GradcompError, ValueError):
     """One more release would pass the client's --max-epsilon."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from gradcomp.errors import UserError
 from gradcomp.fedclient.config import LocalTrainingConfig, TaskRefused
 from gradcomp.tasks import Task
 
@@ -46,7 +47,7 @@ class WorkLimits:
         for f in fields(self):
             value, least = getattr(self, f.name), 0 if f.name == "max_memory_mib" else 1e-9  # 0 MiB: no ceiling
             if not value >= least:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be {'>= 0' if least == 0 else '> 0'}, got {value}")
+                raise UserError(f"--{f.name.replace('_', '-')} must be {'>= 0' if least == 0 else '> 0'}, got {value}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkLimits:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from gradcomp import __version__
+from gradcomp.errors import GradcompError
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import ClientData
 from gradcomp.keyed_random import KEY_BYTES, check_key, new_key, subkey
@@ -138,7 +139,7 @@ def default_key_path() -> Path:
     return Path(base) / "gradcomp" / "client-noise.key"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(GradcompError, ValueError):
     """A key file that must not be used (readable by others, wrong size, not hex)."""
 
 

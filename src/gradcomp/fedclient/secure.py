@@ -20,6 +20,7 @@ import numpy as np
 
 from gradcomp._proto import fed_pb2
 from gradcomp.compression import Payload
+from gradcomp.errors import GradcompError
 from gradcomp.keyed_random import KeyedStream, subkey
 from gradcomp.secagg.ddp import conditional_round
 from gradcomp.secagg.plan import ClientEncoding
@@ -29,7 +30,7 @@ MAX_SCALED_CLIP = 2.0**40
 MAX_SIGMA_PARTS = 2**62
 
 
-class EncodingRefused(ValueError):
+class EncodingRefused(GradcompError, ValueError):
     """A secure encoding from the coordinator a client will not use."""
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from gradcomp._proto import fed_pb2
 from gradcomp.compression import Fields, Payload, to_fields
 from gradcomp.config.fed import FedJob
+from gradcomp.errors import GradcompError
 from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
 from gradcomp.secagg.plan import ClientEncoding
 from gradcomp.strategies import strategy_class
@@ -27,7 +28,7 @@ PROTOCOL_VERSION = 2
 PRIVATE_EXAMPLE_COUNT = 1
 
 
-class DuplicateTensor(ValueError):
+class DuplicateTensor(GradcompError, ValueError):
     """An update that names one tensor twice (the coordinator answers INVALID_ARGUMENT)."""
 
 

@@ -23,6 +23,7 @@ from gradcomp._proto import fed_pb2
 from gradcomp.compression import WireError, from_fields
 from gradcomp.compression.payload import DTYPE_CODES
 from gradcomp.compression.wire import KIND_DENSE
+from gradcomp.errors import GradcompError
 from gradcomp.protocol.codec import pb_to_fields, serialize_model
 from gradcomp.protocol.model import TensorSpec, model_params, model_spec
 
@@ -30,7 +31,7 @@ Params = dict[str, torch.Tensor]
 MAX_VERSION = 2**64 - 1  # the longest version varint: the bound holds for every version
 
 
-class ModelMismatch(ValueError):
+class ModelMismatch(GradcompError, ValueError):
     """Received model bytes that are not a model of the client's task."""
 
 

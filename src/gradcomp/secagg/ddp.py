@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from gradcomp.errors import GradcompError
 from gradcomp.keyed_random import KeyedStream
 from gradcomp.secagg.quantise import stochastic_round
 
@@ -48,7 +49,7 @@ ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80
 MAX_ROUNDING_TRIES = 64
 
 
-class RoundingFailed(RuntimeError):
+class RoundingFailed(GradcompError, RuntimeError):
     """Conditional rounding found no draw within the bound (probability <= beta per try)."""
 
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradcomp.errors import GradcompError
 from gradcomp.keyed_random import KeyedStream
 from gradcomp.secagg.masks import reduce
 
 
-class WrapError(ValueError):
+class WrapError(GradcompError, ValueError):
     """Settings under which the modular sum could wrap around."""
 
 

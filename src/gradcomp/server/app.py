@@ -28,6 +28,7 @@ import torch
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2_grpc
 from gradcomp.config.fed import FedJob, load_fed_job
+from gradcomp.errors import UserError
 from gradcomp.protocol.channel import is_loopback_host
 from gradcomp.protocol.model import initial_params
 from gradcomp.results import RunRecord, atomic_write_json, human_bytes, print_summary
@@ -83,7 +84,7 @@ def resolve_host(job: FedJob, cli_host: str | None) -> str:
     if host is None:
         return "0.0.0.0" if job.server.tls else "127.0.0.1"
     if not job.server.tls and not job.server.insecure_plaintext and not is_loopback_host(host):
-        raise ValueError(
+        raise UserError(
             f"refusing to serve without TLS on {host}, which is not a loopback address: tokens, updates and the "
             "model would cross the network in clear text. Set server.tls_cert and server.tls_key "
             "(python -m gradcomp.server.tls makes them), bind 127.0.0.1, or accept clear text with "
@@ -192,7 +193,7 @@ def start(
     creds = server_credentials(job.server)
     ckpt = run_dir / store.FILENAME
     if ckpt.exists() and not resume:
-        raise ValueError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
+        raise UserError(f"{ckpt} exists from an earlier run: pass --resume to continue it, or remove {run_dir}")
     task = load_task(job.task.name, **job.task.args)
     params = initial_params(task, job.seed)
     saved = store.load_state(run_dir) if resume else None  # verified before anything is written
@@ -218,7 +219,7 @@ def start(
         except RuntimeError:
             port = 0
         if port == 0:
-            raise ValueError(f"cannot bind gRPC to {address} (in use or not a local address)")
+            raise UserError(f"cannot bind gRPC to {address} (in use or not a local address)")
         mport = job.server.metrics_port
         metrics_port = metrics.serve(mport, job.server.metrics_host) if mport is not None else None
     except BaseException:

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from gradcomp.config.serve import ServerSection
+from gradcomp.errors import UserError
 
 log = logging.getLogger("gradcomp.server")
 SERVICE_PREFIX = "/gradcomp.v1.Coordinator/"
@@ -62,11 +63,11 @@ def parse_tokens_text(text: str, source: str) -> dict[str, ClientIdentity]:
     out: dict[str, ClientIdentity] = {}
     for i, (name, token, ident) in enumerate(_token_entries(text, source), 1):
         if len(token) < 8:
-            raise ValueError(f"{source}: token of {name!r} is shorter than 8 characters")
+            raise UserError(f"{source}: token of {name!r} is shorter than 8 characters")
         if token in out:
-            raise ValueError(f"{source}: clients {out[token].name!r} and {name!r} share a token")
+            raise UserError(f"{source}: clients {out[token].name!r} and {name!r} share a token")
         if any(c.name == name for c in out.values()):
-            raise ValueError(f"{source}: client {name!r} has two tokens")
+            raise UserError(f"{source}: client {name!r} has two tokens")
         if weak_token(token):
             log.warning("%s: the token of client %r (entry %d) is weak: use %d+ random characters "
                         "(python -m gradcomp.server.tls makes some)", source, name, i, STRONG_TOKEN_CHARS)  # fmt: skip
@@ -80,13 +81,13 @@ def _token_entries(text: str, source: str) -> Iterator[tuple[str, str, str | Non
         if len(raw.split()) > 1:  # a tokens-file line: fields separated by white space
             parts = raw.split()
             if len(parts) > 3:
-                raise ValueError(f"{source}: line must be 'client-name token [cert-identity]', got {len(parts)} fields")
+                raise UserError(f"{source}: line must be 'client-name token [cert-identity]', got {len(parts)} fields")
             yield parts[0], parts[1], parts[2] if len(parts) == 3 else None
             continue
         for item in filter(None, raw.split(",")):
             name, eq, token = item.partition("=")
             if not (name and eq and token):
-                raise ValueError(f"{source}: an entry is neither 'client-name=token' nor 'client-name token'")
+                raise UserError(f"{source}: an entry is neither 'client-name=token' nor 'client-name token'")
             yield name, token, None
 
 
@@ -111,7 +112,7 @@ def load_tokens(server: ServerSection) -> dict[str, ClientIdentity]:
     else:
         tokens = parse_tokens_text(os.environ.get(server.tokens_env, ""), f"${server.tokens_env}")
     if not tokens:
-        raise ValueError(
+        raise UserError(
             f"no client tokens: set server.tokens_file (lines 'client-name token [cert-identity]') or "
             f"${server.tokens_env}='name=token,name=token' (generate some with python -m gradcomp.server.tls)"
         )

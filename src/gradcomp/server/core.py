@@ -43,6 +43,7 @@ import torch
 from gradcomp import metrics
 from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
+from gradcomp.errors import UserError
 from gradcomp.keyed_random import check_key, new_key
 from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.protocol.model import model_spec
@@ -199,7 +200,7 @@ class Coordinator:
         if msg is None:
             return True
         if starting and not self.log:
-            raise ValueError(f"refusing to start: {msg}")
+            raise UserError(f"refusing to start: {msg}")
         self._stop(BUDGET_EXHAUSTED, msg)
         return False
 
@@ -541,7 +542,7 @@ class Coordinator:
             check_same_job(state.get("job"), self.job.resume_key())
             spec = model_spec(state["params"])
             if spec != self.spec:
-                raise ValueError("checkpoint does not match the job's model (different tensors or shapes)")
+                raise UserError("checkpoint does not match the job's model (different tensors or shapes)")
             if state.get("secret") is not None:  # the run's own sampling and noise keys
                 self.secret = check_key(bytes.fromhex(state["secret"]), "coordinator secret")
                 self.strategy = strategy_for_job(self.job, self.secret)

@@ -25,6 +25,7 @@ import grpc
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
+from gradcomp.errors import UserError
 from gradcomp.protocol.messages import PROTOCOL_VERSION, DuplicateTensor, training_config, update_fields
 from gradcomp.server.auth import TokenBook
 from gradcomp.server.core import Coordinator
@@ -88,7 +89,7 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
 
     def __init__(self, coord: Coordinator, job: FedJob, book: TokenBook, cache: ModelCache | None = None):
         if job.secure_aggregation is not None:
-            raise ValueError(
+            raise UserError(
                 "secure_aggregation runs in `gradcomp fedsim` (in-process clients, real SecAgg+ messages); the gRPC "
                 "protocol of `gradcomp serve`/`client` does not carry its rounds yet: remove secure_aggregation or "
                 "simulate the job"

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from gradcomp._proto import checkpoint_pb2
+from gradcomp.errors import GradcompError, UserError
 from gradcomp.protocol.codec import named_to_pb, pb_to_named
 from gradcomp.results import atomic_write_bytes
 
@@ -44,7 +45,7 @@ SECRET_HEX = 64  # the coordinator's 32-byte secret, hex (format 4 on)
 MAX_ROUND = 2**31 - 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GradcompError, ValueError):
     """A checkpoint that must not start a coordinator; the message names the file and the problem."""
 
 
@@ -203,12 +204,12 @@ def check_same_job(saved: Any, current: dict[str, Any]) -> None:
     """A checkpoint continues only the job that wrote it: another strategy would misread its state,
     another seed, task or privacy setting would make one run out of two (and its epsilon wrong)."""
     if not isinstance(saved, dict):
-        raise ValueError(
+        raise UserError(
             "checkpoint records no job (written by an older gradcomp): cannot check that it belongs to this job"
         )
     changed = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
     if changed:
-        raise ValueError(
+        raise UserError(
             f"checkpoint was written for a different job (changed: {', '.join(changed)}); "
             "resume with the job file it was started with, or start a new run"
         )

@@ -16,12 +16,13 @@ import torch
 
 from gradcomp.compression import Fields, Payload, WireError, dense_nbytes, from_fields
 from gradcomp.compression.payload import DTYPE_CODES
+from gradcomp.errors import GradcompError
 from gradcomp.protocol.model import TensorSpec
 
 Params = dict[str, torch.Tensor]
 
 
-class Rejected(ValueError):
+class Rejected(GradcompError, ValueError):
     """An update that must not touch the model; `reason` is a metrics label."""
 
     def __init__(self, reason: str, message: str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradcomp.errors import UserError
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import ClientData, dataset_view
 from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
@@ -64,7 +65,7 @@ class SimClientRunner:
         if self.fallback is None and cfg.steps:
             self.fallback = "local.steps (fixed-work mode) trains one client at a time"
         if vectorize == "on" and self.fallback is not None:
-            raise ValueError(f"simulation.vectorize is on, but {self.fallback}")
+            raise UserError(f"simulation.vectorize is on, but {self.fallback}")
         objective = self.runtime.task.objective
         self.cohort = (
             CohortTrainer(model, self.data.dataset, SGDConfig.of(cfg), objective, self.runtime.half)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import resource
 from typing import Protocol
 
+from gradcomp.errors import UserError
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.sim.client import ClientJob, ClientResult, SimClientRunner
 
@@ -105,7 +106,7 @@ class RayPool:
         import ray
 
         if actors < 1:
-            raise ValueError(f"a Ray pool needs at least one actor, got {actors}")
+            raise UserError(f"a Ray pool needs at least one actor, got {actors}")
         remote = ray.remote(num_cpus=1)(_Runner)
         self.actors = [remote.remote(cfg, secret, vectorize) for _ in range(actors)]
         self.size = actors

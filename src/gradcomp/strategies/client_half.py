@@ -22,12 +22,14 @@ from typing import ClassVar
 
 import torch
 
+from gradcomp.errors import GradcompError
+
 Params = dict[str, torch.Tensor]
 
 MAX_SETTINGS = 16
 
 
-class SettingsRefused(ValueError):
+class SettingsRefused(GradcompError, ValueError):
     """Strategy settings a client will not train with."""
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from gradcomp.config.common import validate
 from gradcomp.config.train import TrainJob
+from gradcomp.errors import GradcompError
 from gradcomp.sim.run import simulate
 from gradcomp.sim.setup import fedsim_job
 from gradcomp.worker.launch import describe, train
@@ -24,7 +25,7 @@ class CellRunner(Protocol):
     def run(self, job: dict[str, Any], source: str, runs_dir: Path, address: str | None) -> None: ...
 
 
-class CellFailed(RuntimeError):
+class CellFailed(GradcompError, RuntimeError):
     """The cell's run ended, but not as finished (its results.json says why)."""
 
 

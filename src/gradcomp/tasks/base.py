@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from gradcomp.errors import GradcompError
 from gradcomp.tasks.batches import batch_of
 from gradcomp.tasks.objective import Classification, Objective
 
 
-class TaskError(ValueError):
+class TaskError(GradcompError, ValueError):
     """A task name, argument or entry point that cannot be loaded."""
 
 

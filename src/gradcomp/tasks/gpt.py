@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gradcomp.tasks.base import TaskError
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -27,7 +29,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise TaskError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
     def as_dict(self) -> dict[str, int | bool]:
         return asdict(self)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradcomp.tasks.base import TaskError
+
 NORMS = ("group", "batch")
 
 
@@ -44,11 +46,11 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
+            raise TaskError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
         if norm not in NORMS:
-            raise ValueError(f"resnet norm must be one of {', '.join(NORMS)}, got {norm!r}")
+            raise TaskError(f"resnet norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if width < 4 or width % 4:
-            raise ValueError(f"resnet width must be a multiple of 4, got {width}")
+            raise TaskError(f"resnet width must be a multiple of 4, got {width}")
         n = (depth - 2) // 6
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), _norm(norm, width), nn.ReLU()

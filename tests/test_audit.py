@@ -117,6 +117,7 @@ def test_cli_flags_none_and_unit_and_passes_dp(tmp_path: Path) -> None:
     out = tmp_path / "audit.json"
     specs = ["none", "unit", "dp(clip=1.0, sigma=0.5)"]
     argv = ["audit", *[a for s in specs for a in ("--spec", s)], "--victims", "4", "--iterations", "40"]
+    argv += ["--setting", "init"]  # the other settings: tests/test_audit_settings.py
     assert main([*argv, "--batch-size", "1", "--batch-size", "4", "--out", str(out)]) == 0
     entries = json.loads(out.read_text())
     assert [e["spec"] for e in entries] == specs

@@ -247,7 +247,7 @@ def test_leakage_column_audits_each_distinct_spec_once(tmp_path: Path, monkeypat
         specs=["none"],
         privacy=[{"name": "non-private"}, local],
         seeds=[0, 1],
-        leakage={"victims": 4, "batch_sizes": [1], "iterations": 20},
+        leakage={"victims": 4, "batch_sizes": [1], "iterations": 20, "settings": ["init"]},
     )
     assert sweep_mod.run_sweep(_args(path, tmp_path)) == 0
     assert len(audited) == 2 and "none" in audited and audited[1].startswith("dp(clip=1.0, sigma=0.5")  # 4 cells

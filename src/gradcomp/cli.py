@@ -55,6 +55,15 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--victims", type=int, default=8, help="test images attacked per batch size")
     p.add_argument("--iterations", type=int, default=200, help="optimisation steps of the cosine and L2 attacks")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, victim choice and attack starts")
+    p.add_argument(
+        "--setting",
+        action="append",
+        choices=("init", "trained", "federated"),
+        default=None,
+        help="setting to attack in (repeatable; default all three: the verdict takes the worst)",
+    )
+    p.add_argument("--trained-epochs", type=int, default=3, help="'trained': epochs of training before the attack")
+    p.add_argument("--local-epochs", type=int, default=5, help="'federated': the client's local epochs per round")
     p.add_argument("--out", default="runs/audit/audit.json", help="JSON file; the PNG grid goes beside it")
     p.set_defaults(handler="gradcomp.audit.run:run_audit")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gradcomp.audit.gradients import GroupGradients
-from gradcomp.compression import build, decode, encode
+from gradcomp.compression import Payload, build, decode, encode
 from gradcomp.errors import UserError
 from gradcomp.tasks import Objective, Task, batch_of
 
@@ -111,10 +111,8 @@ def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observa
     The whole gradient is one flat vector in parameter order, as a DDP bucket (and a whole
     client update) carries it; every group is a separate sender (its own pipeline key).
     """
-    groups = len(setting.victim_ids) // batch
-    if groups < 1:
-        raise UserError(f"batch size {batch} needs at least {batch} victims, got {len(setting.victim_ids)}")
-    ids = setting.victim_ids[: groups * batch].view(groups, batch)
+    ids = victim_groups(setting, batch)
+    groups = len(ids)
     x = setting.test_x[ids]
     labels = setting.test_y[ids]
     params = dict(setting.model.named_parameters())
@@ -126,13 +124,27 @@ def observe(setting: Setting, spec: str, batch: int, seed: int) -> tuple[Observa
     wire_bytes = 0
     for g in range(groups):
         data = encode(pipe.compress(true[g], key=f"victim-batch-{g}"))
-        received = decode(data)
         wire_bytes = wire_bytes or len(data)
-        observed[g] = received.to_dense().to(true.dtype)
-        positions = received.positions
-        if positions is None:
-            mask[g] = True
-        else:
-            mask[g, positions.long()] = True
+        observed[g], mask[g] = received(decode(data))
     obs = Observation(grads, observed, mask, tuple(x.shape[2:]), setting.bounds)
     return obs, Truth(x, ids, true, wire_bytes)
+
+
+def victim_groups(setting: Setting, batch: int) -> torch.Tensor:
+    """[G, batch] test-set positions: the victims cut into as many whole batches as they fill."""
+    groups = len(setting.victim_ids) // batch
+    if groups < 1:
+        raise UserError(f"batch size {batch} needs at least {batch} victims, got {len(setting.victim_ids)}")
+    return setting.victim_ids[: groups * batch].view(groups, batch)
+
+
+def received(payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoded payload as the attacker holds it: flat values (zero off the sent coordinates) and
+    the bool mask of the sent coordinates."""
+    dense = payload.to_dense().reshape(-1).float()
+    positions = payload.positions
+    if positions is None:
+        return dense, torch.ones_like(dense, dtype=torch.bool)
+    mask = torch.zeros_like(dense, dtype=torch.bool)
+    mask[positions.long()] = True
+    return dense, mask

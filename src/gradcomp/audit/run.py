@@ -20,7 +20,8 @@ from gradcomp.audit.analytic import analytic_attack, applicable
 from gradcomp.audit.config import AuditConfig, SpecAudit
 from gradcomp.audit.cosine import cosine_attack
 from gradcomp.audit.dlg import l2_attack
-from gradcomp.audit.observe import Observation, Setting, make_setting, observe
+from gradcomp.audit.observe import Observation, make_setting
+from gradcomp.audit.settings import Scenario, scenarios
 from gradcomp.audit.text import audit_text
 from gradcomp.errors import UserError
 from gradcomp.tasks import load_task
@@ -46,25 +47,69 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def audit_specs(specs: Sequence[str], config: AuditConfig = AuditConfig()) -> list[SpecAudit]:
-    """Audit each spec in the same setting (model, victims); one `SpecAudit` per spec, in order."""
+    """Audit each spec in the same settings (models, victims); one `SpecAudit` per spec, in order."""
     task = load_task(config.task, **config.task_args)
     setting = make_setting(task, config.victims, config.seed)
     with _threads(1):
-        return [audit_one(setting, spec, config) for spec in specs]
+        if not setting.test_x.is_floating_point():  # token ids: the text attack, at initialisation only
+            return [audit_text(setting, spec, config, list(ATTACKS)) for spec in specs]
+        settings = scenarios(task, setting, config)
+        return [audit_one(settings, spec, config) for spec in specs]
 
 
-def audit_one(setting: Setting, spec: str, config: AuditConfig) -> SpecAudit:
-    """All attacks at every batch size on one spec, the baseline, cosine, epsilon and verdict."""
-    if not setting.test_x.is_floating_point():  # token ids: the text attack, not the image attacks
-        return audit_text(setting, spec, config, list(ATTACKS))
+def audit_one(settings: Sequence[Scenario], spec: str, config: AuditConfig) -> SpecAudit:
+    """All attacks at every batch size in every setting on one spec; the headline figures and the
+    verdict are the worst setting's (highest re-identification, then PSNR)."""
     t0 = time.perf_counter()
-    attacks: dict[str, dict[str, Any]] = {name: {"by_batch_size": {}} for name in ATTACKS}
     images: dict[tuple[str, int], torch.Tensor] = {}
+    by_setting: dict[str, dict[str, Any]] = {}
+    for scenario in settings:
+        by_setting[scenario.name] = _attack_setting(scenario, spec, config, images)
+    base = next(iter(by_setting.values()))["baseline_mean_image"]  # the same victims in every setting
+    worst_setting = max(by_setting, key=lambda n: (by_setting[n]["reidentification"], by_setting[n]["psnr_db"]))
+    worst = by_setting[worst_setting]
+    reid = max(f["reidentification"] for f in by_setting.values())
+    psnr = max(f["psnr_db"] for f in by_setting.values())
+    entry = {
+        "spec": spec,
+        "verdict": metrics.verdict(reid, psnr, base["psnr_db"]),
+        "reidentification": reid,
+        "psnr_db": psnr,
+        "worst_attack": worst["worst_attack"],
+        "worst_setting": worst_setting,
+        "attacks": worst["attacks"],
+        "settings": by_setting,
+        "baseline_mean_image": base,
+        "gradient_cosine": worst["gradient_cosine"],
+        "dp": metrics.dp_epsilon(spec),
+        "thresholds": metrics.THRESHOLDS,
+        "setup": {
+            "task": config.task,
+            "task_args": config.task_args,
+            "victims": len(settings[0].setting.victim_ids),
+            "batch_sizes": list(config.batch_sizes),
+            "iterations": config.iterations,
+            "seed": config.seed,
+            "settings": {s.name: s.facts for s in settings},
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    base_setting = settings[0].setting
+    return SpecAudit(entry, base_setting.test_x[base_setting.victim_ids], images)
+
+
+def _attack_setting(
+    scenario: Scenario, spec: str, config: AuditConfig, images: dict[tuple[str, int], torch.Tensor]
+) -> dict[str, Any]:
+    """One setting's figures: every attack at every batch size, its worst case, baseline and verdict;
+    the matched reconstructions go into `images` under ("<setting> <attack>", batch size)."""
+    setting = scenario.setting
+    attacks: dict[str, dict[str, Any]] = {name: {"by_batch_size": {}} for name in ATTACKS}
     cosines: dict[str, float] = {}
     base: dict[str, float] = {}
     span = setting.bounds[1] - setting.bounds[0]
     for batch in config.batch_sizes:
-        obs, truth = observe(setting, spec, batch, config.seed)
+        obs, truth = scenario.observe(spec, batch)
         cosines[str(batch)] = truth.cosine(obs.observed)
         base = metrics.baseline(setting.mean_image, truth.victims, truth.victim_ids, setting.test_x, span)
         for name, attack in ATTACKS.items():
@@ -76,12 +121,12 @@ def audit_one(setting: Setting, spec: str, config: AuditConfig) -> SpecAudit:
             recon = attack(obs, config.iterations, config.seed)
             figures = metrics.score(recon, truth.victims, truth.victim_ids, setting.test_x, span)
             attacks[name]["by_batch_size"][str(batch)] = {**figures, "seconds": round(time.perf_counter() - t, 3)}
-            images[(name, batch)] = metrics.match(recon, truth.victims).reshape(-1, *obs.input_shape)
+            matched = metrics.match(recon, truth.victims)
+            images[(f"{scenario.name} {name}", batch)] = matched.reshape(-1, *obs.input_shape)
     for figures in attacks.values():
         _summarise(figures)
     reid, psnr, worst_attack = metrics.worst(attacks)
-    entry = {
-        "spec": spec,
+    return {
         "verdict": metrics.verdict(reid, psnr, base["psnr_db"]),
         "reidentification": reid,
         "psnr_db": psnr,
@@ -89,19 +134,7 @@ def audit_one(setting: Setting, spec: str, config: AuditConfig) -> SpecAudit:
         "attacks": attacks,
         "baseline_mean_image": base,
         "gradient_cosine": cosines,
-        "dp": metrics.dp_epsilon(spec),
-        "thresholds": metrics.THRESHOLDS,
-        "setup": {
-            "task": config.task,
-            "task_args": config.task_args,
-            "victims": len(setting.victim_ids),
-            "batch_sizes": list(config.batch_sizes),
-            "iterations": config.iterations,
-            "seed": config.seed,
-        },
-        "seconds": round(time.perf_counter() - t0, 2),
     }
-    return SpecAudit(entry, setting.test_x[setting.victim_ids], images)
 
 
 def _summarise(figures: dict[str, Any]) -> None:
@@ -138,6 +171,9 @@ def run_audit(args: argparse.Namespace) -> int:
         victims=args.victims,
         iterations=args.iterations,
         seed=args.seed,
+        settings=tuple(args.setting or AuditConfig.settings),
+        trained_epochs=args.trained_epochs,
+        local_epochs=args.local_epochs,
     )
     for spec in args.spec:  # fail on a bad spec before any attack runs
         metrics.dp_epsilon(spec)

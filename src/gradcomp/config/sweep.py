@@ -98,6 +98,11 @@ class LeakageConfig(StrictModel):
         default_factory=lambda: [1, 4], min_length=1, description="images per sent gradient, each <= victims"
     )
     iterations: int = Field(200, ge=1, le=10_000, description="optimisation steps of each attack")
+    settings: list[Literal["init", "trained", "federated"]] = Field(
+        default_factory=lambda: ["init", "trained", "federated"],
+        min_length=1,
+        description="settings each spec is attacked in (model at init, trained model, federated update); worst counts",
+    )
 
     @model_validator(mode="after")
     def _batches_fit(self) -> LeakageConfig:
@@ -134,7 +139,8 @@ class SweepJob(StrictModel):
     )
     baseline: str | None = Field(default=None, description="spec name of the dense baseline (default: spec 'none')")
     leakage: Annotated[LeakageConfig | None, BeforeValidator(_leakage_flag)] = Field(
-        default=None, description="audit each distinct spec once (true, or {victims, batch_sizes, iterations})"
+        default=None,
+        description="audit each distinct spec once (true, or {victims, batch_sizes, iterations, settings})",
     )
 
     @field_validator("grid")

@@ -20,7 +20,7 @@ from gradcomp.results import atomic_write_json
 from gradcomp.study.cells import Cell
 
 LEAKAGE_FILE = "leakage.json"
-SUMMARY_KEYS = ("verdict", "reidentification", "psnr_db", "worst_attack")
+SUMMARY_KEYS = ("verdict", "reidentification", "psnr_db", "worst_attack", "worst_setting")
 
 
 def _task(cell: Cell) -> tuple[str, dict[str, Any]]:
@@ -31,7 +31,11 @@ def _task(cell: Cell) -> tuple[str, dict[str, Any]]:
 
 
 def _key(task: str, args: dict[str, Any], spec: str, cfg: LeakageConfig) -> str:
-    return json.dumps([task, args, spec, cfg.model_dump(mode="json")], sort_keys=True)
+    """The cache key: everything the audit's figures depend on, its fixed settings included (an entry
+    cached by an audit that attacked fewer settings is not reused)."""
+    fixed = AuditConfig()
+    settings = [fixed.trained_epochs, fixed.local_epochs, fixed.local_batch_size, fixed.local_lr]
+    return json.dumps([task, args, spec, cfg.model_dump(mode="json"), settings], sort_keys=True)
 
 
 def leakage_by_cell(cells: Sequence[Cell], cfg: LeakageConfig, root: Path) -> dict[str, dict[str, Any]]:
@@ -53,8 +57,9 @@ def leakage_by_cell(cells: Sequence[Cell], cfg: LeakageConfig, root: Path) -> di
             batch_sizes=tuple(cfg.batch_sizes),
             victims=cfg.victims,
             iterations=cfg.iterations,
+            settings=tuple(dict.fromkeys(cfg.settings)),
         )
         entry = audit_specs([spec], config)[0].entry
-        cache[key] = {k: entry[k] for k in ("spec", *SUMMARY_KEYS)}
+        cache[key] = {k: entry.get(k) for k in ("spec", *SUMMARY_KEYS)}
         atomic_write_json(path, cache)  # after every audit: an interrupted sweep keeps what it audited
     return {cell_id: cache[key] for cell_id, key in by_cell.items()}

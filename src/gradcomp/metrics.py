@@ -122,6 +122,30 @@ FED_RPCS = Counter(
     "gradcomp_fed_rpcs", "Coordinator RPCs handled, by method and gRPC status code", ["method", "code"],
     registry=REGISTRY,
 )  # fmt: skip
+# Secure aggregation over gRPC (server/secure_session.py): phase = advertise | share | masked | unmask.
+FED_SECAGG_PHASE_SECONDS = Histogram(
+    "gradcomp_fed_secagg_phase_duration_seconds",
+    "Time a SecAgg+ phase of a secure round stayed open (advertise includes local training)",
+    ["phase"],
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+FED_SECAGG_UNMASK_SECONDS = Histogram(
+    "gradcomp_fed_secagg_unmask_duration_seconds",
+    "Coordinator time to rebuild the secrets and unmask a secure round's sum",
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+FED_SECAGG_DROPOUTS_RECOVERED = Counter(
+    "gradcomp_fed_secagg_dropouts_recovered",
+    "Clients that dropped after sharing their keys in a secure round whose sum was still unmasked",
+    registry=REGISTRY,
+)
+FED_SECAGG_ABORTED = Counter(
+    "gradcomp_fed_secagg_rounds_aborted",
+    "Secure-round attempts aborted without unmasking (too few survivors, holders, or a split graph)",
+    registry=REGISTRY,
+)
 
 
 # --- data-parallel training (gradcomp train; set on the driver from the workers' progress events) ---

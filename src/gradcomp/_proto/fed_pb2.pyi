@@ -79,18 +79,24 @@ class TrainingConfig(_message.Message):
     def __init__(self, task: _Optional[str] = ..., task_args_json: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., compression: _Optional[str] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ..., local_steps: _Optional[int] = ..., secure: _Optional[_Union[SecureEncoding, _Mapping]] = ...) -> None: ...
 
 class SecureEncoding(_message.Message):
-    __slots__ = ("bits", "clip", "scale", "norm_bound", "sigma_sq")
+    __slots__ = ("bits", "clip", "scale", "norm_bound", "sigma_sq", "degree", "threshold", "min_survivors")
     BITS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     NORM_BOUND_FIELD_NUMBER: _ClassVar[int]
     SIGMA_SQ_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     bits: int
     clip: float
     scale: float
     norm_bound: float
     sigma_sq: str
-    def __init__(self, bits: _Optional[int] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., norm_bound: _Optional[float] = ..., sigma_sq: _Optional[str] = ...) -> None: ...
+    degree: int
+    threshold: int
+    min_survivors: int
+    def __init__(self, bits: _Optional[int] = ..., clip: _Optional[float] = ..., scale: _Optional[float] = ..., norm_bound: _Optional[float] = ..., sigma_sq: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., min_survivors: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version")
@@ -121,7 +127,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ...) -> None: ...
 
 class PullTaskResponse(_message.Message):
-    __slots__ = ("action", "round", "model_version", "model_bytes", "num_chunks", "config", "retry_after_seconds", "deadline_seconds", "message")
+    __slots__ = ("action", "round", "model_version", "model_bytes", "num_chunks", "config", "retry_after_seconds", "deadline_seconds", "message", "secure_session", "secure_id")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[PullTaskResponse.Action]
@@ -139,6 +145,8 @@ class PullTaskResponse(_message.Message):
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SECURE_ID_FIELD_NUMBER: _ClassVar[int]
     action: PullTaskResponse.Action
     round: int
     model_version: int
@@ -148,7 +156,9 @@ class PullTaskResponse(_message.Message):
     retry_after_seconds: float
     deadline_seconds: float
     message: str
-    def __init__(self, action: _Optional[_Union[PullTaskResponse.Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., model_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    secure_session: bytes
+    secure_id: int
+    def __init__(self, action: _Optional[_Union[PullTaskResponse.Action, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., model_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ..., secure_session: _Optional[bytes] = ..., secure_id: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("version", "chunk")
@@ -230,3 +240,49 @@ class LeaveRequest(_message.Message):
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("round", "session", "phase", "message")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NONE: _ClassVar[SecAggRequest.Phase]
+        ADVERTISE: _ClassVar[SecAggRequest.Phase]
+        SHARE_KEYS: _ClassVar[SecAggRequest.Phase]
+        MASKED_INPUT: _ClassVar[SecAggRequest.Phase]
+        UNMASK: _ClassVar[SecAggRequest.Phase]
+    NONE: SecAggRequest.Phase
+    ADVERTISE: SecAggRequest.Phase
+    SHARE_KEYS: SecAggRequest.Phase
+    MASKED_INPUT: SecAggRequest.Phase
+    UNMASK: SecAggRequest.Phase
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    session: bytes
+    phase: SecAggRequest.Phase
+    message: bytes
+    def __init__(self, round: _Optional[int] = ..., session: _Optional[bytes] = ..., phase: _Optional[_Union[SecAggRequest.Phase, str]] = ..., message: _Optional[bytes] = ...) -> None: ...
+
+class SecAggResponse(_message.Message):
+    __slots__ = ("state", "message", "retry_after_seconds", "detail")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        WAIT: _ClassVar[SecAggResponse.State]
+        READY: _ClassVar[SecAggResponse.State]
+        DROPPED: _ClassVar[SecAggResponse.State]
+        ABORTED: _ClassVar[SecAggResponse.State]
+    WAIT: SecAggResponse.State
+    READY: SecAggResponse.State
+    DROPPED: SecAggResponse.State
+    ABORTED: SecAggResponse.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    state: SecAggResponse.State
+    message: bytes
+    retry_after_seconds: float
+    detail: str
+    def __init__(self, state: _Optional[_Union[SecAggResponse.State, str]] = ..., message: _Optional[bytes] = ..., retry_after_seconds: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...

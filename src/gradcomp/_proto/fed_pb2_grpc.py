@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=gradcomp_dot_v1_dot_fed__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=gradcomp_dot_v1_dot_fed__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/gradcomp.v1.Coordinator/SecAgg',
+                request_serializer=gradcomp_dot_v1_dot_fed__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=gradcomp_dot_v1_dot_fed__pb2.SecAggResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=gradcomp_dot_v1_dot_fed__pb2.LeaveRequest.FromString,
                     response_serializer=gradcomp_dot_v1_dot_fed__pb2.LeaveResponse.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=gradcomp_dot_v1_dot_fed__pb2.SecAggRequest.FromString,
+                    response_serializer=gradcomp_dot_v1_dot_fed__pb2.SecAggResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Coordinator:
             '/gradcomp.v1.Coordinator/Leave',
             gradcomp_dot_v1_dot_fed__pb2.LeaveRequest.SerializeToString,
             gradcomp_dot_v1_dot_fed__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradcomp.v1.Coordinator/SecAgg',
+            gradcomp_dot_v1_dot_fed__pb2.SecAggRequest.SerializeToString,
+            gradcomp_dot_v1_dot_fed__pb2.SecAggResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import math
 
 from gradcomp._proto import fed_pb2
 from gradcomp.config.serve import HEARTBEAT_SECONDS, MIN_CHUNK_BYTES
-from gradcomp.errors import GradcompError
+from gradcomp.errors import GradcompError, UserError
 
 MAX_WAIT_SECONDS = 30.0  # a longer WAIT is cut short: the client asks again (the coordinator may answer WAIT)
 ACTIONS = (fed_pb2.PullTaskResponse.WAIT, fed_pb2.PullTaskResponse.TRAIN, fed_pb2.PullTaskResponse.DONE)
@@ -78,3 +78,15 @@ def check_chunk(chunk: fed_pb2.ModelChunk, task: fed_pb2.PullTaskResponse, index
         )
     if have > task.model_bytes:
         raise ClientError(f"{what}: {have} bytes received, more than the {task.model_bytes} announced")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like I/N (e.g. 0/3), got {text!r}") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= I < N")
+    return i, n

@@ -54,10 +54,12 @@ from gradcomp.client.answers import (
     check_chunk,
     check_download,
     heartbeat_seconds,
+    parse_shard,
     wait_seconds,
 )
 from gradcomp.client.credentials import printable, resolve_token
 from gradcomp.client.retry import Backoff, is_transient
+from gradcomp.client.secure_rounds import take_part
 from gradcomp.errors import UserError
 from gradcomp.fedclient.config import ConfigCheck, LocalTrainingConfig, TaskRefused
 from gradcomp.fedclient.data import ClientData, iid_shard
@@ -100,18 +102,6 @@ def _ledger(key_file: Path, args: argparse.Namespace) -> ClientLedger:
         raise ClientError(f"privacy ledger {ledger_path(key_file)} is unreadable ({err}); move it aside") from None
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard must look like I/N (e.g. 0/3), got {text!r}") from None
-    if not 0 <= i < n:
-        raise UserError(f"--shard {text}: need 0 <= I < N")
-    return i, n
-
-
 class FLClient:
     """One participant; `run()` returns when the job is done."""
 
@@ -131,7 +121,7 @@ class FLClient:
                 "and the updates would cross the network in clear text. Pass --tls-ca (and --tls-cert/--tls-key "
                 "for mutual TLS), or accept clear text with --insecure"
             )
-        self.shard = _parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
+        self.shard = parse_shard(args.shard)  # before the channel opens, so a bad --shard leaks nothing
         key_file = Path(getattr(args, "noise_key_file", None) or default_key_path())
         self.noise_keys = _noise_keys(key_file)
         self.ledger = _ledger(key_file, args)
@@ -144,6 +134,7 @@ class FLClient:
         self.data: ClientData | None = None
         self.memory = ClientMemory()
         self.last_request: fed_pb2.SubmitUpdateRequest | None = None
+        self.last_secure, self.on_secure_phase = None, None  # secure input (resent if redone); test hook per phase
         self.rounds_done = 0
         self._stop = threading.Event()
         self._beat_lock = threading.Lock()
@@ -295,7 +286,7 @@ class FLClient:
             )  # fmt: skip
         except RoundTooLong as err:
             raise ClientError(f"refusing round {task.round}: {err} (--max-round-seconds)") from None
-        self.memory, self.last_request = out.memory, out.request
+        self.memory, self.last_request, self.last_secure = out.memory, out.request, out.secure_input
         return out.request
 
     def _charge(self, runtime: ClientRuntime, task: fed_pb2.PullTaskResponse) -> None:
@@ -338,6 +329,13 @@ class FLClient:
         self.log(f"round {req.round}: update accepted ({resp.received} in the round so far)")
         return True
 
+    def secure(self, task: fed_pb2.PullTaskResponse) -> None:
+        """Send this round's input through secure aggregation's phases (`client/secure_rounds.py`); `on_secure_phase`,
+        when set, is called with each phase answered (tests kill a client there)."""
+        outcome = take_part(lambda r: self._rpc("SecAgg", r), task, self.last_secure, self.on_secure_phase)
+        self.rounds_done += outcome == "sent"
+        self.log(f"round {task.round}: secure aggregation {outcome}")
+
     def run(self) -> int:
         """Take part until the coordinator says DONE. Closes the client on every exit path."""
         try:
@@ -366,7 +364,10 @@ class FLClient:
                         continue  # the model moved on while we fetched it; pull again
                     raise
                 self._pad(started, task.round)
-                self.submit(req)
+                if task.config.HasField("secure"):
+                    self.secure(task)
+                else:
+                    self.submit(req)
         finally:
             self.stop_heartbeat()
         with contextlib.suppress(grpc.RpcError):

@@ -62,6 +62,7 @@ class RoundUpdate:
     train_loss: float
     memory: ClientMemory  # the client's memory after this round
     seconds: float  # local training + compression time
+    secure_input: np.ndarray | None = None  # under secure aggregation: the input for the SecAgg round
 
 
 class ClientRuntime:
@@ -205,6 +206,7 @@ class ClientRuntime:
         t0 = time.perf_counter()
         result = self.train(client, round, data, memory.strategy_state)
         request, payloads, kept = self.build_update(client, round, model_version, result, memory, data)
+        secure = self.secure_input(client, round, model_version, payloads, data) if self.config.secure else None
         return RoundUpdate(
             request=request,
             payload_bytes=sum(p.nbytes for p in payloads.values()),
@@ -212,6 +214,7 @@ class ClientRuntime:
             train_loss=result.train_loss,
             memory=kept,
             seconds=time.perf_counter() - t0,
+            secure_input=secure,
         )
 
 

@@ -15,14 +15,16 @@ from gradcomp.compression import Fields, Payload, to_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.errors import GradcompError
 from gradcomp.protocol.codec import fields_to_pb, pb_to_fields
+from gradcomp.secagg.params import SecAggParams
 from gradcomp.secagg.plan import ClientEncoding
 from gradcomp.strategies import strategy_class
 
 # Bumped on any change a peer of the previous version would misread or refuse (see
 # docs/architecture.md, "Protocol version"). 2: payload kinds are open (Tensor.extra, qsgd), and
 # TrainingConfig names the strategy and its client settings (fields 9, 10) and the fixed-work mode's
-# local_steps (11), which a client must apply.
-PROTOCOL_VERSION = 2
+# local_steps (11), which a client must apply. 3: secure aggregation runs over the protocol (the SecAgg
+# RPC, PullTaskResponse.secure_session/secure_id, SecureEncoding's graph settings).
+PROTOCOL_VERSION = 3
 # The example count a local-DP client claims (and the coordinator keeps in local DP, whatever is
 # claimed): its true count would reach the coordinator, the adversary there, without noise.
 PRIVATE_EXAMPLE_COUNT = 1
@@ -32,10 +34,12 @@ class DuplicateTensor(GradcompError, ValueError):
     """An update that names one tensor twice (the coordinator answers INVALID_ARGUMENT)."""
 
 
-def training_config(job: FedJob, secure: ClientEncoding | None = None) -> fed_pb2.TrainingConfig:
+def training_config(
+    job: FedJob, secure: ClientEncoding | None = None, graph: SecAggParams | None = None
+) -> fed_pb2.TrainingConfig:
     """What every client of `job` trains with: task, local SGD settings, the client spec, the seed,
     the strategy's client half with its settings, and under secure aggregation the encoding of the
-    clients' inputs (the coordinator's plan: `server.secure_round.plan_for`)."""
+    clients' inputs and the SecAgg+ graph settings (the coordinator's plan: `server.secure_round.plan_for`)."""
     msg = fed_pb2.TrainingConfig(
         task=job.task.name,
         task_args_json=json.dumps(job.task.args, sort_keys=True),
@@ -55,6 +59,12 @@ def training_config(job: FedJob, secure: ClientEncoding | None = None) -> fed_pb
             fed_pb2.SecureEncoding(
                 bits=e.bits, clip=e.clip, scale=e.scale, norm_bound=e.norm_bound, sigma_sq=e.sigma_sq
             )
+        )
+    if secure is not None and graph is not None:
+        msg.secure.degree, msg.secure.threshold, msg.secure.min_survivors = (
+            graph.degree,
+            graph.threshold,
+            graph.min_survivors,
         )
     return msg
 

@@ -36,6 +36,7 @@ from gradcomp.server import store
 from gradcomp.server.auth import AuthGate, TokenBook, load_tokens
 from gradcomp.server.core import FAILED, Coordinator
 from gradcomp.server.health import NOT_SERVING, Health
+from gradcomp.server.secure_rounds import SecureRounds
 from gradcomp.server.service import CoordinatorService
 from gradcomp.server.tls import server_credentials
 from gradcomp.server.transport import connection_cap, raise_file_limit, server_options
@@ -68,6 +69,7 @@ class Running:
     metrics_port: int | None
     run_dir: Path
     record: RunRecord
+    secure: SecureRounds | None = None  # secure aggregation's sessions, ticked by the round loop
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving; calls still open after `grace` (health Watch streams among them) are cancelled.
@@ -231,14 +233,15 @@ def start(
     atomic_write_json(
         run_dir / "endpoint.json", {"host": host, "port": port, "metrics_port": metrics_port, "tls": creds is not None}
     )
-    return Running(coord, server, health_servicer, port, metrics_port, run_dir, record)
+    return Running(coord, server, health_servicer, port, metrics_port, run_dir, record, service.secure)
 
 
 def round_loop(run: Running, stop: threading.Event, verbose: bool = True) -> None:
     """Drive rounds until the job ends or `stop` is set."""
     coord = run.coord
     while not coord.done and not stop.is_set():
-        result = coord.tick()
+        result = run.secure.tick() if run.secure is not None else None
+        result = result or coord.tick()
         if result is not None and verbose:
             e = result.entry
             acc = f" acc {e['test_accuracy']:.3f}" if "test_accuracy" in e else ""

@@ -11,6 +11,9 @@ refusal carries a precise status code and a message that says what was wrong:
   update over the size limit  RESOURCE_EXHAUSTED
   malformed / wrong shape / wrong dtype / NaN or Inf   INVALID_ARGUMENT
   unknown model version       NOT_FOUND;  chunk index out of range  OUT_OF_RANGE
+  SecAgg: a phase not open, an attempt that is over, an update sent in the clear   FAILED_PRECONDITION;
+  a message that does not decode, is over its phase's size or names another client   INVALID_ARGUMENT;
+  a second answer in one phase   ALREADY_EXISTS   (server/secure_session.py)
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import grpc
 from gradcomp import metrics
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.config.fed import FedJob
-from gradcomp.errors import UserError
 from gradcomp.protocol.messages import PROTOCOL_VERSION, DuplicateTensor, training_config, update_fields
 from gradcomp.server.auth import TokenBook
 from gradcomp.server.core import Coordinator
 from gradcomp.server.model_cache import ModelCache
+from gradcomp.server.secure_rounds import SecureRounds
+from gradcomp.server.secure_session import StepRefused
 from gradcomp.server.updates import Rejected
 
 log = logging.getLogger("gradcomp.server")
@@ -52,6 +56,19 @@ REASON_CODES: dict[str, grpc.StatusCode] = {
     "bad_shape": grpc.StatusCode.INVALID_ARGUMENT,
     "bad_dtype": grpc.StatusCode.INVALID_ARGUMENT,
     "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+STEP_CODES: dict[str, grpc.StatusCode] = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "exists": grpc.StatusCode.ALREADY_EXISTS,
+}
+SECAGG_STATES: dict[str, int] = {
+    "wait": fed_pb2.SecAggResponse.WAIT,
+    "ready": fed_pb2.SecAggResponse.READY,
+    "dropped": fed_pb2.SecAggResponse.DROPPED,
+    "aborted": fed_pb2.SecAggResponse.ABORTED,
 }
 
 
@@ -88,17 +105,13 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
     """gRPC face of a `Coordinator`; `book` says which client a bearer token names."""
 
     def __init__(self, coord: Coordinator, job: FedJob, book: TokenBook, cache: ModelCache | None = None):
-        if job.secure_aggregation is not None:
-            raise UserError(
-                "secure_aggregation runs in `gradcomp fedsim` (in-process clients, real SecAgg+ messages); the gRPC "
-                "protocol of `gradcomp serve`/`client` does not carry its rounds yet: remove secure_aggregation or "
-                "simulate the job"
-            )
         self.coord = coord
         self.job = job
         self.book = book
         self.cache = cache or ModelCache(job.limits.chunk_bytes)
-        self._config = training_config(job)
+        plan = coord.secure_plan
+        self.secure = SecureRounds(coord) if plan is not None else None
+        self._config = training_config(job, plan.encoding, plan.params) if plan is not None else training_config(job)
 
     # --- helpers ---------------------------------------------------------------------------
     def _client(self, context: grpc.ServicerContext) -> str | None:
@@ -141,6 +154,12 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
             deadline_seconds=task.deadline_in,
             message=task.message,
         )
+        if task.action == "train" and self.secure is not None:
+            s = self.secure.session()
+            if s is None or not s.may_train(name):  # this attempt is past training for this client
+                return fed_pb2.PullTaskResponse(action=fed_pb2.PullTaskResponse.WAIT, round=task.round,
+                                                retry_after_seconds=0.2)  # fmt: skip
+            resp.secure_session, resp.secure_id = s.session, s.ids[name]
         if task.action == "train":
             version, params = self.coord.snapshot()
             if version != task.model_version:  # a round closed in between; ask again shortly
@@ -184,6 +203,9 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
         if name is None:
             err = self.coord.reject("unauthenticated", "missing or unknown bearer token")
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        if self.secure is not None:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this job runs secure aggregation: the coordinator "
+                           "takes no update in the clear; send it through the SecAgg RPC")  # fmt: skip
         try:
             update = update_fields(request)
         except DuplicateTensor as dup:
@@ -203,6 +225,24 @@ class CoordinatorService(fed_pb2_grpc.CoordinatorServicer):
         name = self._auth(context)
         self.coord.touch(name)
         return fed_pb2.HeartbeatResponse(round=self.coord.version, done=self.coord.done)
+
+    @_rpc("SecAgg")
+    def SecAgg(self, request: fed_pb2.SecAggRequest, context: grpc.ServicerContext) -> fed_pb2.SecAggResponse:
+        name = self._auth(context)
+        self.coord.touch(name)
+        if self.secure is None:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "this job does not run secure aggregation")
+        try:
+            s = self.secure.lookup(request.session, request.round)
+            if request.message:
+                reply = s.answer(name, int(request.phase), request.message)
+            else:
+                reply = s.poll(name, int(request.phase))
+        except StepRefused as err:
+            raise RpcError(STEP_CODES[err.code], str(err)) from None
+        self.secure.settle(s)
+        return fed_pb2.SecAggResponse(state=SECAGG_STATES[reply.state], message=reply.message,
+                                      retry_after_seconds=reply.retry_after, detail=reply.detail)  # fmt: skip
 
     @_rpc("Leave")
     def Leave(self, request: fed_pb2.LeaveRequest, context: grpc.ServicerContext) -> fed_pb2.LeaveResponse:

@@ -216,6 +216,11 @@ def simulate_over_grpc(
     """Start a private coordinator, drive every virtual client against it until the job ends, stop it.
 
     `pool` (default: the job's) is closed on return. Returns the stopped coordinator and the driver."""
+    if job.secure_aggregation is not None:
+        raise ValueError(
+            "fedsim --grpc drives plaintext updates only; a secure_aggregation job runs in fedsim without --grpc "
+            "(in-process SecAgg+ clients) or over gRPC with `gradcomp serve` and `gradcomp client`"
+        )
     job, tokens = private_coordinator(job)
     table, _task = make_clients(job, quiet=not show)
     stale = run_dir / store.FILENAME

@@ -330,8 +330,7 @@ class FLClient:
         return True
 
     def secure(self, task: fed_pb2.PullTaskResponse) -> None:
-        """Send this round's input through secure aggregation's phases (`client/secure_rounds.py`); `on_secure_phase`,
-        when set, is called with each phase answered (tests kill a client there)."""
+        """Send this round's input through secure aggregation's phases (`client/secure_rounds.py`)."""
         outcome = take_part(lambda r: self._rpc("SecAgg", r), task, self.last_secure, self.on_secure_phase)
         self.rounds_done += outcome == "sent"
         self.log(f"round {task.round}: secure aggregation {outcome}")

@@ -22,7 +22,9 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from gradcomp.audit.config import AuditConfig
 from gradcomp.audit.observe import make_setting, observe
+from gradcomp.audit.run import audit_specs
 from gradcomp.cli import main
 from gradcomp.config.common import ConfigError
 from gradcomp.config.train import DPConfig, TaskConfig, TrainJob
@@ -196,6 +198,10 @@ def test_audit_attacks_the_gradient_of_the_tasks_loss() -> None:
         want = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         torch.testing.assert_close(truth.gradient[g], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(obs.observed, truth.gradient)
+    # the whole audit runs on this task: on the uncompressed gradient the attacks find every victim
+    config = AuditConfig(task=ENTRY, victims=4, batch_sizes=(1,), iterations=20)
+    (entry,) = [a.entry for a in audit_specs(["none"], config)]
+    assert entry["reidentification"] == 1.0 and entry["verdict"] == "leaks"
 
 
 # --- the data-parallel loop, in a real 2-rank gloo group ---------------------------------------

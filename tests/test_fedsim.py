@@ -218,6 +218,7 @@ def test_grpc_mode_against_the_real_service(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())
     final = res["final"]
     assert res["kind"] == "fedsim" and final["transport"] == "grpc" and final["rounds"] == 2
+    assert final["training"] == "vectorised" and final["sequential_reason"] is None
     assert final["updates_accepted"] == 8 and final["updates_trained"] == 8, final
     # what the clients put on the wire is what the coordinator counted
     assert res["bytes_sent"] == final["uplink_sent_bytes_total"]

@@ -282,4 +282,6 @@ def _finish(run: app.Running, driver: GrpcDriver) -> dict[str, Any]:
         downlink_bytes_total=clients.downlink_bytes,
         peak_rss_driver_bytes=rss[0],
         peak_rss_actors_bytes=int(np.sum(rss[1:])) if len(rss) > 1 else 0,
+        training="vectorised" if driver.pool.vectorized else "sequential",
+        sequential_reason=driver.pool.fallback,
     )

@@ -35,6 +35,7 @@ from gradcomp.fedclient.train import SGDConfig, client_batches, train_one
 from gradcomp.sim.cohort import CohortClient, CohortTrainer
 from gradcomp.sim.setup import build_simulation, load_fedsim_job
 from gradcomp.tasks import Classification, NextToken, Objective, Task, load_task
+from gradcomp.tasks.images import ImageSet
 from gradcomp.worker.dp import ExampleDP
 from gradcomp.worker.launch import describe
 from gradcomp.worker.local_group import spawn_gloo_ranks
@@ -122,6 +123,10 @@ def test_a_task_evaluates_with_its_own_metrics() -> None:
     assert "accuracy" not in got
     assert load_task("digits-mlp").objective.class_labels and not task.objective.class_labels
     assert task.labels().unique().tolist() == [0]  # no classes: a partitioner sees one label
+    # a dataset that gathers its own batches: labels read a chunk at a time, in order
+    labels = torch.arange(5000) % 7
+    images = ImageSet(torch.zeros(5000, 1, 2, 2, dtype=torch.uint8), labels, (0.5,), (0.5,))
+    assert torch.equal(Task("images", nn.Flatten, images).labels(), labels)
 
 
 def test_federated_client_trains_the_tasks_loss() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradcomp.errors import GradcompError
-from gradcomp.tasks.batches import batch_of
+from gradcomp.tasks.batches import batch_of, index_batches
 from gradcomp.tasks.objective import Classification, Objective
 
 
@@ -43,7 +43,9 @@ class Task:
         n = len(self.train_set)  # type: ignore[arg-type]
         if not self.objective.class_labels:
             return torch.zeros(n, dtype=torch.long)
-        return batch_of(self.train_set, torch.arange(n))[1]
+        # a chunk at a time: only the targets are kept, never the whole set's inputs at once
+        chunks = [batch_of(self.train_set, idx)[1] for idx in index_batches(n, 4096)]
+        return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
 
     def evaluate(
         self,

@@ -14,7 +14,7 @@ Parts (--parts, default all):
              ~1M-parameter synthetic MLP: where vectorising stops paying off
   accuracy   test accuracy at round 50 for 3 seeds, vectorised vs sequential
   breakdown  milliseconds per round of each part of a gradcomp round (steps, request building,
-             the coordinator's parsing and decoding, Ray round trips; benchmarks/_round_timers.py),
+             the coordinator's parsing and decoding, Ray round trips; gradcomp.sim.timing),
              and against it what 10x pfl-research's measured updates/s leaves per round
 
 pfl-research and Flower live in their own virtual environments under runs/bench/, created on
@@ -45,7 +45,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, markdown_table, write_json
-from _round_timers import instrument, per_round
 
 BENCH_DIR = Path("runs/bench")
 ANCHOR_DIR = Path(__file__).parent / "anchors"
@@ -220,6 +219,7 @@ def gradcomp_worker(args: argparse.Namespace) -> None:
 
     from gradcomp.raycluster import connect
     from gradcomp.sim.setup import build_simulation, load_fedsim_job
+    from gradcomp.sim.timing import NO_TIMINGS, Timings
 
     if args.actors:
         connect(None, num_cpus=args.actors)
@@ -227,16 +227,17 @@ def gradcomp_worker(args: argparse.Namespace) -> None:
         yaml.safe_dump(gradcomp_job(args), fh)
     job = load_fedsim_job(fh.name)
     os.unlink(fh.name)
-    sim, _ = build_simulation(job, quiet=True)
-    ends, counts, accuracy, timers = [], [], None, None
+    timings = Timings() if args.breakdown else NO_TIMINGS
+    sim, _ = build_simulation(job, quiet=True, timings=timings)
+    ends, counts, accuracy = [], [], None
     while not sim.coord.done:
         entry, _ = sim.run_round()
         ends.append(time.perf_counter())
         counts.append(sim.updates_trained)
         if entry is not None and "test_accuracy" in entry:
             accuracy = entry["test_accuracy"]
-        if args.breakdown and timers is None:  # after the first round, as steady throughput
-            timers = instrument(sim)
+        if len(ends) == 1:  # parts are measured after the first round, as steady throughput
+            timings.reset()
     steady = ends[-1] - ends[0]
     updates = counts[-1] - counts[0]
     out = {
@@ -248,10 +249,20 @@ def gradcomp_worker(args: argparse.Namespace) -> None:
         "vectorized": sim.pool.vectorized,
         "actors": args.actors,
     }
-    if timers is not None:
-        out["breakdown"] = per_round(timers, len(ends) - 1)
+    if timings.enabled:
+        out["breakdown"] = per_round(timings, len(ends) - 1)
     sim.pool.close()
     print("RESULT " + json.dumps(out), flush=True)
+
+
+def per_round(timings: Any, rounds: int) -> dict[str, Any]:
+    """Milliseconds per round for each part (gradcomp.sim.timing), and the step count and cost when
+    steps were timed."""
+    out: dict[str, Any] = {label: round(s / rounds * 1e3, 3) for label, s in timings.seconds.items()}
+    if timings.calls["steps"]:
+        out["steps per round"] = round(timings.calls["steps"] / rounds, 2)
+        out["us per step"] = round(timings.seconds["steps"] / timings.calls["steps"] * 1e6, 1)
+    return out
 
 
 # --- the parts -------------------------------------------------------------------------------
@@ -363,7 +374,7 @@ BREAKDOWN_RUNS = {  # label: (clients, per round, mode)
 
 
 def breakdown(rounds: int, scale_rounds: int) -> dict[str, Any]:
-    """Milliseconds per round of each part of a gradcomp round (benchmarks/_round_timers.py)."""
+    """Milliseconds per round of each part of a gradcomp round (gradcomp.sim.timing)."""
     out = {}
     for label, (clients, per_round_, mode) in BREAKDOWN_RUNS.items():
         n = rounds if clients == 100 else scale_rounds

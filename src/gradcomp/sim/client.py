@@ -26,6 +26,7 @@ from gradcomp.fedclient.train import SGDConfig, TrainResult
 from gradcomp.sim.cohort import CohortClient, CohortTrainer, why_not_vectorizable
 from gradcomp.sim.keys import ClientKeys
 from gradcomp.sim.state import client_name, pack_residuals, unpack_residuals, unpack_shaped
+from gradcomp.sim.timing import NO_TIMINGS, Timings
 
 
 @dataclass
@@ -56,8 +57,16 @@ class SimClientRunner:
     """Runs virtual clients' rounds for one job; reused across thousands of clients. `secret` is the
     simulation secret each client's noise key derives from (`sim/keys.py`)."""
 
-    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto", threads: int = 1):
+    def __init__(
+        self,
+        cfg: LocalTrainingConfig,
+        secret: bytes,
+        vectorize: str = "auto",
+        threads: int = 1,
+        timings: Timings = NO_TIMINGS,
+    ):
         torch.set_num_threads(threads)
+        self.timings = timings  # build requests; the cohort's steps and schedules (sim/timing.py)
         self.runtime = ClientRuntime(cfg, noise_keys=ClientKeys(secret))
         self.data = dataset_view(self.runtime.task.train_set)
         model = self.model = self.runtime.task.make_model()
@@ -68,7 +77,7 @@ class SimClientRunner:
             raise UserError(f"simulation.vectorize is on, but {self.fallback}")
         objective = self.runtime.task.objective
         self.cohort = (
-            CohortTrainer(model, self.data.dataset, SGDConfig.of(cfg), objective, self.runtime.half)
+            CohortTrainer(model, self.data.dataset, SGDConfig.of(cfg), objective, self.runtime.half, timings)
             if self.fallback is None
             else None
         )
@@ -114,6 +123,10 @@ class SimClientRunner:
         self, job: ClientJob, result: TrainResult, seconds: float, data: ClientData | None = None
     ) -> ClientResult:
         """The runtime builds the update: local - global, compressed with the client's error feedback."""
+        with self.timings.part("build requests"):
+            return self._build(job, result, seconds, data)
+
+    def _build(self, job: ClientJob, result: TrainResult, seconds: float, data: ClientData | None) -> ClientResult:
         rt = self.runtime
         t0 = time.perf_counter()
         memory = ClientMemory(

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from gradcomp.fedclient.train import SGDConfig, epoch_orders, num_steps
 from gradcomp.sim.cohort_step import StepCache, grad_fn, train_step
+from gradcomp.sim.timing import NO_TIMINGS, Timings
 from gradcomp.strategies import ClientHalf, Correction
 from gradcomp.tasks import Objective, batch_of
 from gradcomp.tasks.checks import vectorize_blocker
@@ -202,12 +203,18 @@ class CohortTrainer:
     """Trains cohorts of clients of one model on one train set (see module docstring)."""
 
     def __init__(
-        self, model: nn.Module, dataset: Dataset, cfg: SGDConfig, objective: Objective, half: ClientHalf | None = None
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        cfg: SGDConfig,
+        objective: Objective,
+        half: ClientHalf | None = None,
+        timings: Timings = NO_TIMINGS,
     ):
         reason = why_not_vectorizable(model)
         if reason is not None:
             raise ValueError(f"cannot train this model vectorised: {reason}")
-        self.dataset, self.cfg = dataset, cfg
+        self.dataset, self.cfg, self.timings = dataset, cfg, timings
         self.trainable = [k for k, p in model.named_parameters() if p.requires_grad]
         self.fixed = [k for k in model.state_dict() if k not in self.trainable]
         self.num_params = sum(p.numel() for _, p in model.named_parameters() if p.requires_grad)
@@ -240,7 +247,8 @@ class CohortTrainer:
     def _train_group(
         self, start: dict[str, torch.Tensor], clients: Sequence[CohortClient], rows: int | None
     ) -> list[TrainedClient]:
-        sched = _schedule(clients, self.cfg, rows)
+        with self.timings.part("schedules"):
+            sched = _schedule(clients, self.cfg, rows)
         self.shapes.add((sched.index.shape[1], sched.index.shape[2]))
         rows = sched.active.shape[1]
         frozen = [start[k] for k in self.fixed]
@@ -252,7 +260,7 @@ class CohortTrainer:
         anchors = self._anchors(clients, rows)
         state = (*params, *buffers, *frozen, *anchors)
         first = (xs[0], ys[0], sched.weight[0], sched.active[0], loss_sum)
-        replay = self.step.replay(params, buffers, frozen, anchors, *first)
+        replay = self.timings.wrap("steps", self.step.replay(params, buffers, frozen, anchors, *first))
         for batch in zip(xs.unbind(0), ys.unbind(0), sched.weight.unbind(0), sched.active.unbind(0), strict=True):
             replay(*state, *batch, loss_sum)
         return [

@@ -27,12 +27,14 @@ from gradcomp.config.fed import FedJob, SimulationConfig
 from gradcomp.protocol.messages import update_fields
 from gradcomp.server.core import Coordinator
 from gradcomp.server.model_cache import ModelCache
+from gradcomp.server.rounds import RoundResult
 from gradcomp.server.updates import Rejected
 from gradcomp.sim.client import ClientJob, ClientResult
 from gradcomp.sim.fate import client_fate
 from gradcomp.sim.pool import ClientPool
 from gradcomp.sim.secure import run_secure
 from gradcomp.sim.state import ClientTable, client_id, client_name
+from gradcomp.sim.timing import NO_TIMINGS, Timings
 
 
 class VirtualClock:
@@ -66,8 +68,10 @@ class Simulation:
         clock: VirtualClock,
         pool: ClientPool,
         clients: ClientTable,
+        timings: Timings = NO_TIMINGS,
     ):
         self.job, self.sim, self.coord, self.clock, self.pool, self.clients = job, sim, coord, clock, pool, clients
+        self.timings = timings  # pool call, accept updates, close round (sim/timing.py)
         self.cache = ModelCache(job.limits.chunk_bytes)
         self.names = [client_name(i) for i in range(len(clients))]
         self.updates_trained = 0
@@ -94,7 +98,8 @@ class Simulation:
         model = self.cache.get(*self.coord.snapshot())
         assert model is not None
         t0 = time.perf_counter()
-        results = self.pool.run(jobs, model, self.coord.version)
+        with self.timings.part("pool call"):
+            results = self.pool.run(jobs, model, self.coord.version)
         stats.train_seconds += time.perf_counter() - t0
         for res in results:
             c = self.clients[res.cid]
@@ -109,6 +114,14 @@ class Simulation:
         return sorted(zip(arrivals, results, strict=True), key=lambda ar: (ar[0], ar[1].cid))
 
     def _submit(self, at: float, res: ClientResult, stats: RoundStats) -> None:
+        with self.timings.part("accept updates"):
+            self._accept(at, res, stats)
+
+    def _finish_round(self, now: float) -> RoundResult | None:
+        with self.timings.part("close round"):
+            return self.coord.finish_round(now)
+
+    def _accept(self, at: float, res: ClientResult, stats: RoundStats) -> None:
         self.clock.now = max(self.clock.now, at)
         msg = fed_pb2.SubmitUpdateRequest.FromString(res.request)
         try:
@@ -143,13 +156,13 @@ class Simulation:
             if inflight and inflight[0][0] <= r.deadline:
                 at, res = inflight.pop(0)
                 self._submit(at, res, stats)
-                result = self.coord.finish_round(at)
+                result = self._finish_round(at)
                 continue
             # nothing more arrives before the deadline: let the coordinator decide
             self.clock.now = max(self.clock.now, r.deadline)
             self._heartbeat()
             attempt = r.attempt
-            result = self.coord.finish_round(self.clock.now)
+            result = self._finish_round(self.clock.now)
             cur = self.coord.open_round()
             if result is None and cur is not None and cur.attempt > attempt:  # retried: train the new picks
                 fresh = sorted(set(cur.selected) - tried)
@@ -181,7 +194,7 @@ class Simulation:
             stats.rejected["secure_aborted"] += 1
             self.clock.now = max(self.clock.now, r.deadline)
             self._heartbeat()
-            result = self.coord.finish_round(self.clock.now)  # a retry asks other clients, or the job fails
+            result = self._finish_round(self.clock.now)  # a retry asks other clients, or the job fails
         return (result.entry if result is not None else None), stats
 
     def run(self, on_round: Callable[[dict[str, Any], RoundStats], None] | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 from gradcomp.errors import UserError
 from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.sim.client import ClientJob, ClientResult, SimClientRunner
+from gradcomp.sim.timing import NO_TIMINGS, Timings
 
 # Ray's default limit for inline call arguments: a model up to this size travels with each call.
 INLINE_MODEL_BYTES = 100 * 1024
@@ -47,8 +48,8 @@ class ClientPool(Protocol):
 class LocalPool:
     """Clients trained one after another in the driver process."""
 
-    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto"):
-        self.trainer = SimClientRunner(cfg, secret, vectorize, threads=1)
+    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, vectorize: str = "auto", timings: Timings = NO_TIMINGS):
+        self.trainer = SimClientRunner(cfg, secret, vectorize, threads=1, timings=timings)
         self.size = 1
 
     @property
@@ -102,7 +103,15 @@ def split_cohort(jobs: list[ClientJob], parts: int) -> list[list[int]]:
 class RayPool:
     """A fixed set of actors; every round sends each actor one chunk of the cohort."""
 
-    def __init__(self, cfg: LocalTrainingConfig, secret: bytes, actors: int, vectorize: str = "auto"):
+    def __init__(
+        self,
+        cfg: LocalTrainingConfig,
+        secret: bytes,
+        actors: int,
+        vectorize: str = "auto",
+        timings: Timings = NO_TIMINGS,
+    ):
+        """`timings` gets "actor busy": the busiest actor's seconds inside its call, per round."""
         import ray
 
         if actors < 1:
@@ -110,6 +119,7 @@ class RayPool:
         remote = ray.remote(num_cpus=1)(_Runner)
         self.actors = [remote.remote(cfg, secret, vectorize) for _ in range(actors)]
         self.size = actors
+        self.timings = timings
         self._model_ref: tuple[int, object] | None = None
         self.vectorized = bool(ray.get(self.actors[0].vectorized.remote()))
         self.fallback: str | None = ray.get(self.actors[0].fallback.remote())
@@ -133,9 +143,12 @@ class RayPool:
         chunks = split_cohort(jobs, self.size)
         calls = [a.run_many.remote([jobs[i] for i in c], ref) for a, c in zip(self.actors, chunks, strict=False)]
         out: list[ClientResult | None] = [None] * len(jobs)
-        for chunk, results in zip(chunks, ray.get(calls), strict=True):
+        answers = ray.get(calls)
+        for chunk, results in zip(chunks, answers, strict=True):
             for pos, res in zip(chunk, results, strict=True):
                 out[pos] = res
+        if self.timings.enabled:
+            self.timings.add("actor busy", max(sum(r.seconds for r in results) for results in answers))
         return [r for r in out if r is not None]
 
     def peak_rss(self) -> list[int]:

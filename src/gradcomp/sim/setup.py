@@ -26,6 +26,7 @@ from gradcomp.sim.engine import Simulation, VirtualClock
 from gradcomp.sim.keys import coordinator_secret, simulation_secret
 from gradcomp.sim.pool import ClientPool, LocalPool, RayPool
 from gradcomp.sim.state import ClientTable, client_name
+from gradcomp.sim.timing import NO_TIMINGS, Timings
 from gradcomp.tasks import Task, load_task
 
 
@@ -66,14 +67,15 @@ def client_config(job: FedJob) -> LocalTrainingConfig:
     return LocalTrainingConfig.from_pb(training_config(job, plan.encoding if plan is not None else None))
 
 
-def make_pool(job: FedJob, actors: int | None) -> ClientPool:
-    """`actors` 0: in the driver; None: one Ray actor per CPU of the cluster (at most one per client)."""
+def make_pool(job: FedJob, actors: int | None, timings: Timings = NO_TIMINGS) -> ClientPool:
+    """`actors` 0: in the driver; None: one Ray actor per CPU of the cluster (at most one per client).
+    `timings` gets the pool's parts (sim/timing.py)."""
     vectorize = (job.simulation or SimulationConfig()).vectorize
     secret = simulation_secret(job)
     if actors == 0:
-        return LocalPool(client_config(job), secret, vectorize)
+        return LocalPool(client_config(job), secret, vectorize, timings)
     n = actors if actors is not None else cluster_cpus()
-    return RayPool(client_config(job), secret, max(1, min(n, job.clients.expected)), vectorize)
+    return RayPool(client_config(job), secret, max(1, min(n, job.clients.expected)), vectorize, timings)
 
 
 def make_clients(job: FedJob, quiet: bool = False) -> tuple[ClientTable, Task]:
@@ -114,8 +116,11 @@ def sequential_reason(job: FedJob, task: Task) -> str | None:
     return reason
 
 
-def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool = False) -> tuple[Simulation, Any]:
-    """Partition the data, make the clients, the coordinator and the pool; returns (simulation, task)."""
+def build_simulation(
+    job: FedJob, *, pool: ClientPool | None = None, quiet: bool = False, timings: Timings = NO_TIMINGS
+) -> tuple[Simulation, Any]:
+    """Partition the data, make the clients, the coordinator and the pool; returns (simulation, task).
+    `timings` gets every part of a round, the pool's included when the pool is made here (sim/timing.py)."""
     sim = job.simulation or SimulationConfig()
     table, task = make_clients(job, quiet)
     eval_model = task.make_model()
@@ -136,8 +141,8 @@ def build_simulation(job: FedJob, *, pool: ClientPool | None = None, quiet: bool
     for name in names:
         coord.register(name, clock.now)
     if pool is None:
-        pool = make_pool(job, sim.actors)
-    return Simulation(job, sim, coord, clock, pool, table), task
+        pool = make_pool(job, sim.actors, timings)
+    return Simulation(job, sim, coord, clock, pool, table, timings), task
 
 
 def release(pool: ClientPool | None, started_ray: bool) -> None:

@@ -34,23 +34,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradcomp import metrics
-from gradcomp.compression import Fields, Payload
 from gradcomp.config.fed import FedJob
 from gradcomp.errors import UserError
 from gradcomp.keyed_random import check_key, new_key
-from gradcomp.protocol.messages import PRIVATE_EXAMPLE_COUNT
 from gradcomp.protocol.model import model_spec
 from gradcomp.server.accounting import FedAccounting, round_sample_rate
+from gradcomp.server.intake import UpdateIntake
 from gradcomp.server.liveness import Bench, prefer
 from gradcomp.server.membership import ClientInfo, Membership, gauge_connected
-from gradcomp.server.round_report import add_evaluation, count_accepted, round_closed, round_entry
+from gradcomp.server.persistence import Persistence
+from gradcomp.server.round_report import add_evaluation, round_closed, round_entry
 from gradcomp.server.rounds import (
     BUDGET_EXHAUSTED,
     FAILED,
@@ -60,25 +59,19 @@ from gradcomp.server.rounds import (
     RoundResult,
     RoundState,
     Task,
-    submit_refusal,
 )
-from gradcomp.server.secure_round import checked_sum, plan_for
-from gradcomp.server.store import check_same_job
+from gradcomp.server.secure_round import plan_for
 from gradcomp.server.updates import (
     Params,
-    Rejected,
-    client_metrics_problem,
-    decode_update,
     dense_update_nbytes,
-    update_nbytes,
 )
 from gradcomp.strategies import ClientUpdate, Strategy, strategy_for_job
-from gradcomp.strategies.aggregate import capped_shares, clip_update
+from gradcomp.strategies.aggregate import capped_shares
 
 __all__ = ["BUDGET_EXHAUSTED", "FAILED", "FINISHED", "RUNNING", "ClientInfo", "Coordinator", "OpenRound", "Task"]
 
 
-class Coordinator:
+class Coordinator(UpdateIntake, Persistence):
     """Thread-safe round bookkeeping for one federated job (see module docstring)."""
 
     def __init__(
@@ -263,95 +256,6 @@ class Coordinator:
                 return Task("wait", r.number if r else self.version + 1, self.version, retry_after=0.2)
             return Task("train", r.number, self.version, deadline_in=max(0.0, r.deadline - now))
 
-    def _reject(self, reason: str, message: str, r: RoundState | None = None) -> Rejected:
-        metrics.FED_UPDATES_REJECTED.labels(reason=reason).inc()
-        self.totals["rejected"] += 1
-        if r is not None:
-            r.rejected[reason] += 1
-        return Rejected(reason, message)
-
-    def reject(self, reason: str, message: str) -> Rejected:
-        """Count an update refused before it reached the core (e.g. a bad token) and return the error."""
-        with self._lock:
-            return self._reject(reason, message, self.current)
-
-    def accept_update(
-        self,
-        name: str,
-        round_id: int,
-        num_examples: int,
-        update: Mapping[str, Fields | Payload],
-        metrics_: Mapping[str, float] | None = None,
-        now: float | None = None,
-        model_version: int | None = None,
-    ) -> int:
-        """Validate and store one client's update for the open round (see module docstring).
-        `model_version`, when given, must be the model the round handed out."""
-        with self._lock:
-            self.touch(name, self._now(now))
-            r = self._open_round_for(name, round_id, model_version)
-            count, kept_metrics = self._claims(num_examples, metrics_ or {}, r)
-            r.pending.add(name)
-        # Decoding is the expensive part: done outside the lock so clients are validated in parallel.
-        # Any failure must drop the pending mark, or `_all_in` would wait for this client until the deadline.
-        try:
-            dense, norm = self._decode(update)
-            nbytes = update_nbytes(update)
-        except Rejected as err:
-            with self._lock:
-                r.pending.discard(name)
-                raise self._reject(err.reason, str(err), r) from None
-        except BaseException:
-            with self._lock:
-                r.pending.discard(name)
-                self._changed.notify_all()
-            raise
-        with self._lock:
-            r.pending.discard(name)
-            if self.current is not r:  # the round closed while we decoded
-                raise self._reject("stale_round", f"round {round_id} closed before the update was decoded")
-            r.received[name] = (count, dense)
-            r.client_metrics[name] = kept_metrics
-            count_accepted(r, nbytes, self.dense_update_bytes, clipped=norm > self.job.limits.max_update_norm)
-            self.totals["accepted"] += 1
-            self._changed.notify_all()
-            return len(r.received)
-
-    def _open_round_for(self, name: str, round_id: int, model_version: int | None) -> RoundState:
-        """The open round, if `name` may submit to it now (under the lock); otherwise the refusal."""
-        if self.done:
-            raise self._reject("job_done", f"the job is over ({self.status}); no more updates")
-        refusal = submit_refusal(self.current, self.version, name, round_id, model_version)
-        if refusal is not None:
-            raise self._reject(*refusal, self.current)
-        assert self.current is not None
-        return self.current
-
-    def _claims(self, num_examples: int, metrics_: Mapping[str, float], r: RoundState) -> tuple[int, dict[str, float]]:
-        """Validate what an update says besides its tensors; what the round keeps of it.
-
-        Local DP keeps neither: the example count and the loss would reach the coordinator, the
-        adversary there, without noise (a local-DP client sends `PRIVATE_EXAMPLE_COUNT` and no
-        loss), so every update weighs the same. A request out of bounds is refused in every mode."""
-        if not 1 <= num_examples <= self.job.limits.max_examples:
-            raise self._reject(
-                "malformed",
-                f"num_examples must be in [1, {self.job.limits.max_examples}] (limits.max_examples), "
-                f"got {num_examples}",
-                r,
-            )
-        problem = client_metrics_problem(metrics_)
-        if problem:
-            raise self._reject("malformed", problem, r)
-        if self.client_ledger is not None:
-            return PRIVATE_EXAMPLE_COUNT, {}
-        return int(num_examples), {k: float(v) for k, v in metrics_.items()}
-
-    def _decode(self, update: Mapping[str, Fields | Payload]) -> tuple[Params, float]:
-        """The validated dense update scaled to norm <= limits.max_update_norm, and its norm as sent."""
-        dense = decode_update(update, self.update_spec, max_bytes=self.job.limits.max_update_bytes)
-        return clip_update(dense, self.job.limits.max_update_norm)
-
     def _all_in(self, r: RoundState) -> bool:
         """Every selected client reported or left (received is a subset of selected, so a full count
         settles it without a scan; otherwise the scan stops at the first client still awaited)."""
@@ -421,36 +325,6 @@ class Coordinator:
             metrics.FED_EPSILON.set(out["epsilon"])
         return out
 
-    def accept_sum(
-        self,
-        round_id: int,
-        survivors: Sequence[str],
-        total: np.ndarray,
-        uplink_bytes: int,
-        now: float | None = None,
-    ) -> RoundResult:
-        """Secure aggregation: release the open round from the unmasked ring sum of `survivors`' inputs
-        (all the coordinator sees of their updates; `uplink_bytes`: what the protocol cost them)."""
-        with self._lock:
-            now = self._now(now)
-            r = self.current
-            if self.done or r is None or r.number != round_id or self.secure_plan is None:
-                raise self._reject("stale_round", f"no secure round {round_id} is open", r)
-            try:
-                mean = checked_sum(r, self.secure_plan, survivors, total, self.spec, self.job.client_spec())
-            except Rejected as err:
-                raise self._reject(err.reason, str(err), r) from None
-            for name in survivors:
-                r.received[name] = (1, mean)
-                count_accepted(r, uplink_bytes // len(survivors), self.dense_update_bytes, clipped=False)
-            self.totals["accepted"] += len(survivors)
-            t0 = time.perf_counter()
-            self.params = self.strategy.apply(self.params, mean)
-            privacy = self.accounting.charge_sum(len(survivors))
-            if "epsilon" in privacy:
-                metrics.FED_EPSILON.set(privacy["epsilon"])
-            return self._release(r, privacy, now, time.perf_counter() - t0)
-
     def _aggregate(self, r: RoundState, now: float) -> RoundResult:
         t0 = time.perf_counter()
         names = sorted(r.received)
@@ -516,50 +390,3 @@ class Coordinator:
         """Sleep until something changes (an update, a join, a leave) or `timeout` passes."""
         with self._changed:
             self._changed.wait(timeout)
-
-    # --- persistence -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume after the last completed round, and who was already charged
-        for the open one (tensors are cloned)."""
-        with self._lock:
-            return {
-                "job": self.job.resume_key(),
-                "version": self.version,
-                "status": self.status,
-                "reason": self.reason,
-                "params": {k: v.clone() for k, v in self.params.items()},
-                "strategy": self.strategy.state_dict(),
-                **self.accounting.state_dict(),  # ledger, client_ledger, charged_round
-                "log": [dict(e) for e in self.log],
-                "totals": dict(self.totals),
-                "liveness": self.bench.state_dict(),
-                "secret": self.secret.hex(),
-            }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from `state`; refused (ValueError) when it was written for another job."""
-        with self._lock:
-            check_same_job(state.get("job"), self.job.resume_key())
-            spec = model_spec(state["params"])
-            if spec != self.spec:
-                raise UserError("checkpoint does not match the job's model (different tensors or shapes)")
-            if state.get("secret") is not None:  # the run's own sampling and noise keys
-                self.secret = check_key(bytes.fromhex(state["secret"]), "coordinator secret")
-                self.strategy = strategy_for_job(self.job, self.secret)
-            # else a checkpoint from before the secret (format 2, 3): this coordinator's fresh secret goes on
-            self.version = int(state["version"])
-            self.status = state.get("status", RUNNING)
-            self.reason = state.get("reason", "")
-            self.params = {k: v.clone().float() for k, v in state["params"].items()}
-            self.strategy.load_state_dict(state["strategy"])
-            self.accounting.load_state_dict(state, self.version)
-            self.log = [dict(e) for e in state.get("log", [])]
-            self.totals.update(state.get("totals", {}))
-            self.bench.load_state_dict(state.get("liveness"))
-            self.current = None
-            self._idle_since = self.clock()
-            metrics.FED_ROUND.set(self.version)
-            if self.epsilon is not None:
-                metrics.FED_EPSILON.set(self.epsilon)
-            if self.status == RUNNING and self.version >= self.job.rounds:
-                self.status = FINISHED

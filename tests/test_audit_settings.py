@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from gradcomp.audit import AuditConfig, audit_specs, metrics
+from gradcomp.audit.cosine import cosine_attack
+from gradcomp.audit.federated import federated_observe
 from gradcomp.audit.observe import make_setting, observe
-from gradcomp.audit.settings import federated_observe, trained_setting
+from gradcomp.audit.secure_view import secagg_observe
+from gradcomp.audit.settings import trained_setting
 from gradcomp.cli import main
 from gradcomp.tasks import load_task
 
@@ -83,3 +86,23 @@ def test_init_alone_is_todays_audit_and_the_cli_takes_the_settings(tmp_path: Pat
     assert main([*argv, "--setting", "trained", "--trained-epochs", "0"]) == 2  # refused before any attack
     with pytest.raises(ValueError, match="at least one setting"):
         AuditConfig(settings=())
+
+
+def test_the_coordinator_under_secure_aggregation_sees_nothing_it_can_invert() -> None:
+    """The secagg setting: each victim client's masked input from a real SecAgg+ round (whose unmasked
+    sum is checked to be the inputs' sum) re-identifies no victim, while the same client's unmasked
+    secure input (the control: the encoding alone, clipped and rounded) is inverted as before."""
+    task = load_task("digits-mlp")
+    base = make_setting(task, victims=4, seed=0)
+    config = AuditConfig(victims=4)
+    span = base.bounds[1] - base.bounds[0]
+    for masked, cosine_bound in ((False, None), (True, 0.05)):
+        obs, truth = secagg_observe(task, base, "none", 1, config, masked=masked)
+        recon = cosine_attack(obs, 40, 0)
+        figures = metrics.score(recon, truth.victims, truth.victim_ids, base.test_x, span)
+        if cosine_bound is None:
+            assert truth.cosine(obs.observed) > 0.99 and figures["reidentification"] == 1.0
+        else:
+            assert abs(truth.cosine(obs.observed)) < cosine_bound and figures["reidentification"] == 0.0
+    entry = audit_specs(["none"], AuditConfig(victims=4, batch_sizes=(1,), iterations=20, settings=("secagg",)))
+    assert entry[0].entry["verdict"] == "resists" and entry[0].entry["reidentification"] == 0.0

@@ -58,9 +58,10 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--setting",
         action="append",
-        choices=("init", "trained", "federated"),
+        choices=("init", "trained", "federated", "secagg"),
         default=None,
-        help="setting to attack in (repeatable; default all three: the verdict takes the worst)",
+        help="setting to attack in (repeatable; default init, trained, federated: the verdict takes the worst; "
+        "secagg: the coordinator's view of a client's masked input under secure aggregation)",
     )
     p.add_argument("--trained-epochs", type=int, default=3, help="'trained': epochs of training before the attack")
     p.add_argument("--local-epochs", type=int, default=5, help="'federated': the client's local epochs per round")

@@ -18,7 +18,6 @@ takes the worst setting.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,23 +26,17 @@ from typing import Any
 import torch
 
 from gradcomp.audit.config import AuditConfig
-from gradcomp.audit.gradients import GroupGradients
-from gradcomp.audit.observe import Observation, Setting, Truth, observe, received, victim_groups
-from gradcomp.compression import from_fields
+from gradcomp.audit.federated import federated_observe
+from gradcomp.audit.observe import Observation, Setting, Truth, observe
+from gradcomp.audit.secure_view import secagg_observe
 from gradcomp.errors import UserError
-from gradcomp.fedclient.config import LocalTrainingConfig
 from gradcomp.fedclient.data import dataset_view
-from gradcomp.fedclient.noisekey import OneKey
-from gradcomp.fedclient.runtime import ClientMemory, ClientRuntime
-from gradcomp.fedclient.train import SGDConfig, num_steps, train_one
-from gradcomp.protocol.codec import serialize_model
-from gradcomp.protocol.messages import update_fields
+from gradcomp.fedclient.train import SGDConfig, train_one
 from gradcomp.tasks import Task
 
-SETTINGS = ("init", "trained", "federated")
+SETTINGS = ("init", "trained", "federated", "secagg")  # the default: all but secagg
 # How the `trained` model is trained (centralised SGD, the digits examples' settings).
 TRAIN_BATCH, TRAIN_LR, TRAIN_MOMENTUM = 32, 0.1, 0.9
-GLOBAL_VERSION = 1  # the federated round's global model version (any; the client only checks it)
 
 Observe = Callable[[str, int], tuple[Observation, Truth]]
 _TRAINED: dict[str, dict[str, torch.Tensor]] = {}  # trained state dicts, so a process trains each model once
@@ -74,6 +67,8 @@ def scenarios(task: Task, base: Setting, config: AuditConfig) -> list[Scenario]:
             out.append(
                 Scenario(name, base, lambda spec, batch: federated_observe(task, base, spec, batch, config), facts)
             )
+        elif name == "secagg":
+            out.append(Scenario(name, base, lambda spec, batch: secagg_observe(task, base, spec, batch, config), {}))
         else:
             raise UserError(f"unknown audit setting {name!r}; known: {', '.join(SETTINGS)}")
     return out
@@ -99,44 +94,3 @@ def trained_setting(task: Task, base: Setting, config: AuditConfig) -> tuple[Set
     metrics = task.objective.evaluate(model, task.test_set)
     facts = {"trained_epochs": config.trained_epochs, **{f"test_{k}": round(v, 4) for k, v in metrics.items()}}
     return dataclasses.replace(base, model=model), facts
-
-
-def federated_observe(
-    task: Task, setting: Setting, spec: str, batch: int, config: AuditConfig
-) -> tuple[Observation, Truth]:
-    """Each group of `batch` victims is one client's shard for one round of the real client runtime;
-    its compressed `local - global` is read back from the request as a pseudo-gradient."""
-    ids = victim_groups(setting, batch)
-    local = LocalTrainingConfig(
-        task=config.task,
-        epochs=config.local_epochs,
-        batch_size=config.local_batch_size,
-        lr=config.local_lr,
-        momentum=0.0,
-        spec=spec,
-        seed=config.seed,
-        task_args=dict(config.task_args),
-    )
-    key = hashlib.sha256(f"gradcomp-audit-client-{config.seed}".encode()).digest()  # a seeded audit, not a secret
-    runtime = ClientRuntime(local, task=task, noise_keys=OneKey(key))
-    global_params = {k: v.detach() for k, v in setting.model.named_parameters()}
-    runtime.load_global(GLOBAL_VERSION, serialize_model(global_params, GLOBAL_VERSION))
-    victims = dataset_view(task.test_set)  # type: ignore[arg-type]
-    true, observed, mask = [], [], []
-    wire_bytes = 0
-    for g, group in enumerate(ids):
-        client, data = f"victim-client-{g}", victims.subset(group)
-        result = runtime.train(client, GLOBAL_VERSION, data)
-        request, _, _ = runtime.build_update(client, GLOBAL_VERSION, GLOBAL_VERSION, result, ClientMemory(), data)
-        wire_bytes = wire_bytes or request.ByteSize()
-        scale = -1.0 / (config.local_lr * num_steps(data.num_examples, SGDConfig.of(local)))
-        true.append(torch.cat([(result.params[k] - v).reshape(-1) for k, v in global_params.items()]) * scale)
-        fields = update_fields(request)
-        seen = [received(from_fields(fields[k])) for k in global_params]
-        observed.append(torch.cat([values for values, _ in seen]) * scale)
-        mask.append(torch.cat([sent for _, sent in seen]))
-    labels = setting.test_y[ids]
-    grads = GroupGradients(setting.model, global_params, labels, setting.objective)
-    x = setting.test_x[ids]
-    obs = Observation(grads, torch.stack(observed), torch.stack(mask), tuple(x.shape[2:]), setting.bounds)
-    return obs, Truth(x, ids, torch.stack(true).detach(), wire_bytes)

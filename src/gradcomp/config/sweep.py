@@ -98,7 +98,7 @@ class LeakageConfig(StrictModel):
         default_factory=lambda: [1, 4], min_length=1, description="images per sent gradient, each <= victims"
     )
     iterations: int = Field(200, ge=1, le=10_000, description="optimisation steps of each attack")
-    settings: list[Literal["init", "trained", "federated"]] = Field(
+    settings: list[Literal["init", "trained", "federated", "secagg"]] = Field(
         default_factory=lambda: ["init", "trained", "federated"],
         min_length=1,
         description="settings each spec is attacked in (model at init, trained model, federated update); worst counts",

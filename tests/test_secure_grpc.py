@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import socket
 import threading
 import time
 from pathlib import Path
@@ -27,11 +29,13 @@ from gradcomp._proto import fed_pb2, fed_pb2_grpc
 from gradcomp.client.grpc_client import FLClient
 from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.messages import update_fields
-from gradcomp.protocol.model import model_spec
+from gradcomp.protocol.model import initial_params, model_spec
 from gradcomp.secagg.messages import Advertise
 from gradcomp.secagg.quantise import from_ring
 from gradcomp.server.app import Running, round_loop, start
+from gradcomp.server.core import Coordinator
 from gradcomp.server.updates import decode_update
+from gradcomp.tasks import load_task
 
 pytestmark = pytest.mark.server
 Phase = fed_pb2.SecAggRequest
@@ -80,9 +84,10 @@ class Fleet:
         self.threads: list[threading.Thread] = []
         self.killed: list[str] = []
 
-    def add(self, name: str, token: str, shard: int, kill_after: int | None = None) -> None:
+    def add(self, name: str, token: str, shard: int, kill_after: int | None = None, hook=None) -> None:  # type: ignore[no-untyped-def]
         c = FLClient(client_args(self.run.port, token, f"{shard}/{self.n}"))
         self.clients[name] = c
+        c.on_secure_phase = hook  # set before the client runs
         if kill_after is not None:
             c.on_secure_phase = lambda phase: self._kill(name, phase, kill_after)
 
@@ -195,8 +200,7 @@ def test_a_round_below_min_survivors_aborts_unrevealed_and_is_retried_afresh(tmp
 
     try:
         for i, (name, tok) in enumerate(tokens(n).items()):
-            fleet.add(name, tok, i)
-            fleet.clients[name].on_secure_phase = kill_first(name)
+            fleet.add(name, tok, i, hook=kill_first(name))
         fleet.join()
     finally:
         fleet.close()
@@ -259,3 +263,57 @@ def test_bad_secagg_requests_get_precise_status_codes(tmp_path: Path) -> None:
     finally:
         channel.close()
         fleet.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_coordinator_crash_mid_protocol_restarts_the_round_with_fresh_masks(tmp_path: Path) -> None:
+    n = 5
+    job = make_job(tmp_path, n, {"clip": 5.0, "degree": 4, "threshold": 3, "min_survivors": 4}, rounds=2)
+    job.server.port = _free_port()
+    run = start(job, tmp_path / "r")
+    fleet = Fleet(run, n)
+    crash, seen = threading.Event(), []
+
+    def hook(name: str, phase: int) -> None:  # round 2, once c0 has sent its shares: the coordinator dies
+        s = fleet.run.secure.current if fleet.run.secure else None
+        if s is not None and s.number == 2 and all(s is not x for x in seen):
+            seen.append(s)
+        if name == "c0" and phase == Phase.SHARE_KEYS and fleet.run.coord.version == 1 and not crash.is_set():
+            crash.set()
+
+    try:
+        for i, (name, tok) in enumerate(tokens(n).items()):
+            fleet.add(name, tok, i, hook=functools.partial(hook, name))
+        assert crash.wait(60), "round 2 never reached the share phase"
+        fleet.close()  # the coordinator stops dead mid-protocol; its clients keep retrying
+        run = fleet.run = start(job, tmp_path / "r", resume=True)
+        assert run.coord.version == 1 and run.secure is not None and run.secure.current is None
+        begin = {k: v.clone() for k, v in run.coord.params.items()}
+        fleet.stop = threading.Event()
+        fleet.loop = threading.Thread(target=round_loop, args=(run, fleet.stop, False), daemon=True)
+        fleet.loop.start()
+        fleet.join()
+    finally:
+        fleet.close()
+    assert run.coord.status == "finished" and run.coord.version == 2, run.coord.reason
+    # round 2 ran again under a fresh session, and the first attempt after the restart completed
+    assert len(seen) == 2 and seen[0].session != seen[1].session and seen[1].attempt == 0
+    assert len(seen[1].survivors) >= 4 and run.coord.log[-1]["clients"] == len(seen[1].survivors)
+    _check_release(fleet, begin, seen[1].survivors)  # the inputs, re-sent under fresh masks
+
+
+def test_a_secure_round_opens_only_with_min_survivors_connected(tmp_path: Path) -> None:
+    """A resumed coordinator opens a round with one connected client; a secure round that few could only abort."""
+    job = make_job(tmp_path, 5, {"clip": 5.0, "degree": 4, "threshold": 3, "min_survivors": 4},
+                   clients={"expected": 5, "min": 1})  # fmt: skip
+    coord = Coordinator(job, initial_params(load_task(job.task.name, **job.task.args), job.seed))
+    for name in ("c0", "c1", "c2"):
+        coord.register(name)
+    assert coord.select_clients() is None and coord.open_round() is None
+    coord.register("c3")
+    assert sorted(coord.select_clients() or []) == ["c0", "c1", "c2", "c3"]

@@ -208,6 +208,8 @@ class Coordinator(UpdateIntake, Persistence):
         them), or None while too few are connected to open it."""
         pool = self.connected(now)
         need = max(self.job.round.min_clients, self.job.clients.min if self.version == 0 else 1)
+        if self.secure_plan is not None:  # fewer could only abort: a secure round needs min_survivors inputs
+            need = max(need, self.secure_plan.params.min_survivors)
         if len(pool) < need:
             return None
         return prefer(pool, self.bench.benched(number), need)

@@ -245,15 +245,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     fed.add_argument("--per-round", type=int, default=12)
     fed.add_argument("--rounds", type=int, default=30)
     fed.add_argument("--client-lr", type=float, default=0.5)
-    image = sub.add_parser("image", help="runs _workload_image.py with the remaining arguments")
-    image.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("image", help="_workload_image.py with the arguments that follow (see its --help)")
     return parser.parse_args(argv)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["image"]:  # its own harness (a namespace, worker processes) takes the other arguments
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("_workload_image.py")), *sys.argv[2:]])
     args = parse()
-    if args.table == "image":
-        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("_workload_image.py")), *args.rest])
     start = time.perf_counter()
     result = run_dp(args) if args.table == "dp" else run_fed(args)
     settings = {k: v for k, v in vars(args).items() if k != "out"}

@@ -41,7 +41,8 @@ class TaskConfig(StrictModel):
 
     name: str = Field(
         "digits-mlp",
-        description="a built-in task (`digits-mlp`, `digits-cnn`, `synthetic`) or your `module:function`, which "
+        description="a built-in task (`digits-mlp`, `digits-cnn`, `synthetic`, `lm`, `resnet`) or your "
+        "`module:function`, which "
         "returns a `gradcomp.tasks.Task` or `(model_factory, train_set, test_set)`",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task function")

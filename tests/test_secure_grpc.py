@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import socket
 import threading
 import time
@@ -30,6 +31,7 @@ from gradcomp.client.grpc_client import FLClient
 from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.messages import update_fields
 from gradcomp.protocol.model import initial_params, model_spec
+from gradcomp.secagg.ddp import planned_epsilon
 from gradcomp.secagg.messages import Advertise
 from gradcomp.secagg.quantise import from_ring
 from gradcomp.server.app import Running, round_loop, start
@@ -120,7 +122,7 @@ def _flat(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in params.values()])
 
 
-def _check_release(fleet: Fleet, start: dict[str, torch.Tensor], survivors: list[str]) -> None:
+def _check_release(fleet: Fleet, start: dict[str, torch.Tensor], survivors: list[str], plain: bool = True) -> None:
     """The released delta is the ring sum of the survivors' inputs over their count (bit for bit up to float32),
     and within one rounding step of the mean of their plaintext updates."""
     coord, plan = fleet.run.coord, fleet.run.coord.secure_plan
@@ -129,6 +131,8 @@ def _check_release(fleet: Fleet, start: dict[str, torch.Tensor], survivors: list
     ring = sum(fleet.clients[n].last_secure.astype(np.uint64) for n in survivors) & np.uint64(plan.params.modulus_mask)
     exact = torch.from_numpy(from_ring(ring, plan.encoding.bits) / plan.encoding.scale) / len(survivors)
     assert float((got - exact).abs().max()) <= 1e-6
+    if not plain:  # noised inputs: the plaintext mean is not expected
+        return
     spec = model_spec(start)
     plain = [_flat(decode_update(update_fields(fleet.clients[n].last_request), spec)) for n in survivors]
     mean = torch.stack(plain).double().mean(0)
@@ -317,3 +321,25 @@ def test_a_secure_round_opens_only_with_min_survivors_connected(tmp_path: Path) 
     assert coord.select_clients() is None and coord.open_round() is None
     coord.register("c3")
     assert sorted(coord.select_clients() or []) == ["c0", "c1", "c2", "c3"]
+
+
+def test_distributed_dp_over_grpc_charges_the_survivors_and_reports_delta(tmp_path: Path) -> None:
+    n = 5
+    privacy = {"mode": "distributed", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    job = make_job(tmp_path, n, {"degree": 4, "threshold": 3, "min_survivors": 4}, privacy=privacy)
+    run = start(job, tmp_path / "r")
+    fleet, begin = Fleet(run, n), {k: v.clone() for k, v in run.coord.params.items()}
+    try:
+        for i, (name, tok) in enumerate(tokens(n).items()):
+            fleet.add(name, tok, i)
+        fleet.join()
+    finally:
+        fleet.close()
+    coord, plan = run.coord, run.coord.secure_plan
+    assert coord.status == "finished" and plan is not None, coord.reason
+    _check_release(fleet, begin, sorted(tokens(n)), plain=False)  # noise and all, bit for bit
+    e = plan.encoding
+    want = planned_epsilon(1, e.norm_bound, float(e.noise_sigma_sq()), n, plan.dim, 1e-5)
+    assert coord.log[0]["epsilon"] == pytest.approx(want, rel=1e-9)
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["epsilon"] == pytest.approx(want, rel=1e-9) and results["delta"] == 1e-5

@@ -122,7 +122,7 @@ def checkpointer(job: FedJob, run_dir: Path, record: RunRecord) -> Callable[[Coo
         store.save_state(run_dir, state)  # the round becomes durable here
         totals = state["totals"]
         record.replace_history(state["log"], bytes_sent=totals["uplink_bytes"], dense_bytes=totals["dense_bytes"])
-        record.set_privacy(c.epsilon, job.privacy.delta if c.ledger else None)
+        record.set_privacy(c.epsilon, job.privacy.delta if c.epsilon is not None else None)
         record.save()
 
     return checkpoint

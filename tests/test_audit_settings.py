@@ -105,4 +105,6 @@ def test_the_coordinator_under_secure_aggregation_sees_nothing_it_can_invert() -
         else:
             assert abs(truth.cosine(obs.observed)) < cosine_bound and figures["reidentification"] == 0.0
     entry = audit_specs(["none"], AuditConfig(victims=4, batch_sizes=(1,), iterations=20, settings=("secagg",)))
+    secagg = entry[0].entry["settings"]["secagg"]
     assert entry[0].entry["verdict"] == "resists" and entry[0].entry["reidentification"] == 0.0
+    assert secagg["reidentification"] <= secagg["chance"]["reidentification"] + 0.25  # at most 1 victim above chance

@@ -71,7 +71,14 @@ def _per_setting(settings: dict[str, Any] | None) -> str:
     """Each setting's worst re-identification / PSNR, e.g. 'init 0.50/9.8, trained 0.88/13.6'."""
     if not settings:
         return "-"
-    return ", ".join(f"{name} {s['reidentification']:.2f}/{s['psnr_db']:.1f}" for name, s in settings.items())
+    return ", ".join(
+        f"{name} {s['reidentification']:.2f}/{s['psnr_db']:.1f}{_chance(s)}" for name, s in settings.items()
+    )
+
+
+def _chance(setting: dict[str, Any]) -> str:
+    chance = setting.get("chance")
+    return "" if chance is None else f" (chance {chance['reidentification']:.2f}/{chance['psnr_db']:.1f})"
 
 
 def _tokens(recovery: dict[str, Any] | None) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from gradcomp.audit.analytic import analytic_attack, applicable
 from gradcomp.audit.config import AuditConfig, SpecAudit
 from gradcomp.audit.cosine import cosine_attack
 from gradcomp.audit.dlg import l2_attack
-from gradcomp.audit.observe import Observation, make_setting
+from gradcomp.audit.observe import Observation, Setting, Truth, make_setting
 from gradcomp.audit.settings import Scenario, scenarios
 from gradcomp.audit.text import audit_text
 from gradcomp.errors import UserError
@@ -33,6 +35,7 @@ ATTACKS: dict[str, Attack] = {
     "dlg-l2": l2_attack,
 }
 NOT_APPLICABLE: dict[str, Callable[[Observation], str | None]] = {"analytic": applicable}
+CHANCE_DRAWS = 3  # noise payloads the chance control attacks
 
 
 @contextlib.contextmanager
@@ -108,8 +111,10 @@ def _attack_setting(
     cosines: dict[str, float] = {}
     base: dict[str, float] = {}
     span = setting.bounds[1] - setting.bounds[0]
+    seen = []
     for batch in config.batch_sizes:
         obs, truth = scenario.observe(spec, batch)
+        seen.append((obs, truth))
         cosines[str(batch)] = truth.cosine(obs.observed)
         base = metrics.baseline(setting.mean_image, truth.victims, truth.victim_ids, setting.test_x, span)
         for name, attack in ATTACKS.items():
@@ -126,7 +131,7 @@ def _attack_setting(
     for figures in attacks.values():
         _summarise(figures)
     reid, psnr, worst_attack = metrics.worst(attacks)
-    return {
+    figures = {
         "verdict": metrics.verdict(reid, psnr, base["psnr_db"]),
         "reidentification": reid,
         "psnr_db": psnr,
@@ -135,6 +140,30 @@ def _attack_setting(
         "baseline_mean_image": base,
         "gradient_cosine": cosines,
     }
+    if scenario.chance_control:
+        figures["chance"] = _chance(seen, setting, config, span)
+    return figures
+
+
+def _chance(
+    seen: list[tuple[Observation, Truth]], setting: Setting, config: AuditConfig, span: float
+) -> dict[str, float]:
+    """The attacks' worst figures when seeded Gaussian vectors (no client data at all) replace the observed
+    payloads, highest over CHANCE_DRAWS draws (each with its own attack start): what they reach on these
+    victims by chance, as the same worst-case statistic the setting reports."""
+    best = {"reidentification": 0.0, "psnr_db": -math.inf}
+    for draw in range(CHANCE_DRAWS):
+        gen = torch.Generator().manual_seed(config.seed + draw)
+        for obs, truth in seen:
+            noise = torch.randn(obs.observed.shape, generator=gen) * obs.observed.std()
+            blind = dataclasses.replace(obs, observed=noise, mask=torch.ones_like(obs.mask))
+            for name, attack in ATTACKS.items():
+                if name in NOT_APPLICABLE and NOT_APPLICABLE[name](blind) is not None:
+                    continue
+                recon = attack(blind, config.iterations, config.seed + draw)
+                figures = metrics.score(recon, truth.victims, truth.victim_ids, setting.test_x, span)
+                best = {k: max(best[k], figures[k]) for k in best}
+    return {**best, "draws": CHANCE_DRAWS}
 
 
 def _summarise(figures: dict[str, Any]) -> None:

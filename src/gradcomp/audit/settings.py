@@ -50,6 +50,9 @@ class Scenario:
     setting: Setting
     observe: Observe
     facts: dict[str, Any]
+    # Also attack a payload of pure noise in the observation's place: the attacks' chance level on these
+    # victims (what they "re-identify" from no information), for a setting whose claim is chance.
+    chance_control: bool = False
 
 
 def scenarios(task: Task, base: Setting, config: AuditConfig) -> list[Scenario]:
@@ -68,7 +71,8 @@ def scenarios(task: Task, base: Setting, config: AuditConfig) -> list[Scenario]:
                 Scenario(name, base, lambda spec, batch: federated_observe(task, base, spec, batch, config), facts)
             )
         elif name == "secagg":
-            out.append(Scenario(name, base, lambda spec, batch: secagg_observe(task, base, spec, batch, config), {}))
+            masked = lambda spec, batch: secagg_observe(task, base, spec, batch, config)  # noqa: E731
+            out.append(Scenario(name, base, masked, {}, chance_control=True))
         else:
             raise UserError(f"unknown audit setting {name!r}; known: {', '.join(SETTINGS)}")
     return out

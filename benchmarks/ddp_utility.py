@@ -24,6 +24,7 @@ then has exactly its planned participants, so the ledgers charge exactly what th
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -121,21 +122,25 @@ def cell(args: argparse.Namespace, target: float, seed: int, log: Any) -> dict[s
     return runs
 
 
-def summarise(per_seed: dict[int, dict[str, dict[str, Any]]], reference: str) -> dict[str, Any]:
-    """Mean ± SE over seeds of each run's accuracy and loss, with paired differences from `reference`."""
+def summarise(per_seed: dict[Any, dict[str, dict[str, Any]]], reference: str) -> dict[str, Any]:
+    """Mean ± SE over seeds of each run's accuracy and loss, with paired differences from `reference`;
+    with a same-z run, also distributed DP's paired difference from it (secure aggregation's own cost)."""
     out: dict[str, Any] = {}
     for metric in ("accuracy", "loss"):
-        values: dict[str, dict[int, float]] = {}
+        values: dict[str, dict[Any, float]] = {}
         for seed, runs in per_seed.items():
             for name, run in runs.items():
                 values.setdefault(name, {})[seed] = run[metric]
         rows = compare(values, reference)
         out[metric] = rows | {"note": noise_note(rows)}
+        if SAME_Z in values:
+            out[f"{metric}_distributed_vs_same_z"] = compare(values, SAME_Z)["distributed"]
     return out
 
 
 def table(results: dict[str, Any], baseline: dict[str, Any] | None) -> str:
-    headers = ["epsilon", "run", "z", "ledger epsilon", "test accuracy", "vs central", "test loss", "uplink MiB"]
+    headers = ["epsilon", "run", "z", "ledger epsilon", "test accuracy", "vs central", "vs central at same z",
+               "test loss", "uplink MiB"]  # fmt: skip
     rows = []
     for target, res in results.items():
         acc, loss, seeds = res["summary"]["accuracy"], res["summary"]["loss"], list(res["seeds"].values())
@@ -145,12 +150,13 @@ def table(results: dict[str, Any], baseline: dict[str, Any] | None) -> str:
             z = sum(s[name]["z"] for s in seeds) / len(seeds)
             eps = sum(s[name]["epsilon"] for s in seeds) / len(seeds)
             mib = sum(s[name]["uplink_bytes"] for s in seeds) / len(seeds) / 2**20
-            a = acc[name]
-            rows.append([target, name, round(z, 3), round(eps, 3), fmt(a["mean"], a["se"]), fmt_diff(a),
+            a, same = acc[name], res["summary"].get("accuracy_distributed_vs_same_z")
+            same_z = fmt_diff(same) if name == "distributed" and same else "-"
+            rows.append([target, name, round(z, 3), round(eps, 3), fmt(a["mean"], a["se"]), fmt_diff(a), same_z,
                          fmt(loss[name]["mean"], loss[name]["se"]), round(mib, 2)])  # fmt: skip
     if baseline is not None:
         a, lo = baseline["accuracy"], baseline["loss"]
-        rows.append(["-", "no DP", "-", "-", fmt(a["mean"], a["se"]), "-", fmt(lo["mean"], lo["se"]), "-"])
+        rows.append(["-", "no DP", "-", "-", fmt(a["mean"], a["se"]), "-", "-", fmt(lo["mean"], lo["se"]), "-"])
     return markdown_table(headers, rows)
 
 
@@ -167,6 +173,10 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             "ddp_minus_local": ddp - local,
             "ddp_resolved_from_central": bool(acc["distributed"].get("exceeds_2se")),
         }
+        same = res["summary"].get("accuracy_distributed_vs_same_z")
+        if same is not None:  # what secure aggregation costs at equal noise, apart from the accounting
+            out[target] |= {"ddp_minus_central_same_z": same.get("diff"), "same_z_se": same.get("diff_se"),
+                            "same_z_resolved": bool(same.get("exceeds_2se"))}  # fmt: skip
     return out
 
 
@@ -184,12 +194,30 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=32)
     p.add_argument("--no-same-z", dest="same_z", action="store_false", help="skip central DP at the ddp z")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the non-private runs")
+    p.add_argument("--summarise", metavar="JSON", default=None,
+                   help="re-derive the summaries and table from an earlier run's JSON instead of running")  # fmt: skip
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
+def resummarise(path: str) -> dict[str, Any]:
+    """An earlier run's JSON with its summaries, targets and table recomputed from its per-seed runs."""
+    report = json.loads(Path(path).read_text())
+    for res in report["results"].values():  # JSON made the seeds strings
+        res["summary"] = summarise({int(k): v for k, v in res["seeds"].items()}, "central")
+    if report.get("no_dp"):
+        plain = {int(k): v for k, v in report["no_dp"]["seeds"].items()}
+        report["no_dp"] = {m: summarise(plain, "none")[m]["none"] for m in ("accuracy", "loss")} | {"seeds": plain}
+    report["targets"] = verdicts(report["results"])
+    print(table(report["results"], report.get("no_dp")), file=sys.stderr)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
+    if args.summarise:
+        write_json(args.out, resummarise(args.summarise))
+        return 0
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for target in args.epsilons:

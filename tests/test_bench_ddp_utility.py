@@ -63,9 +63,22 @@ def test_json_structure_and_epsilons_match_targets(report: dict) -> None:
     acc = res["summary"]["accuracy"]
     assert acc["central"]["se"] is not None and "diff_se" in acc["distributed"] and "note" in acc
     assert set(report["targets"]["8.0"]) == {
-        "ddp_minus_central", "within_target", "ddp_minus_local", "ddp_resolved_from_central"
+        "ddp_minus_central", "within_target", "ddp_minus_local", "ddp_resolved_from_central",
+        "ddp_minus_central_same_z", "same_z_se", "same_z_resolved",
     }  # fmt: skip
     assert report["no_dp"]["accuracy"]["mean"] > 0
+
+
+def test_summarise_recomputes_the_same_report(report: dict, tmp_path: Path) -> None:
+    from ddp_utility import resummarise
+
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(report))
+    again = json.loads(json.dumps(resummarise(str(path))))
+    assert again["targets"] == report["targets"]
+    assert again["results"]["8.0"]["summary"] == report["results"]["8.0"]["summary"]
+    same = again["results"]["8.0"]["summary"]["accuracy_distributed_vs_same_z"]
+    assert same["seeds"] == [0, 1] and "diff" in same
 
 
 def test_participations_replay_the_coordinators_sampler() -> None:

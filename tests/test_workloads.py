@@ -132,13 +132,14 @@ def test_example_fedsim_trains_on_the_natural_partition(tmp_path: Path, capsys: 
 
 
 def test_example_sweep_runs_every_cell(tmp_path: Path) -> None:
-    overrides = ["set.rounds=1", "set.clients.expected=4", SPECS]
+    overrides = ["set.rounds=1", "set.clients.expected=4", SPECS, "leakage={victims: 4}"]
     args = argparse.Namespace(
         sweep=str(EXAMPLES / "sweep-lm.yaml"), address=None, check=False, runs_dir=str(tmp_path), overrides=overrides
     )
     assert run_sweep(args) == 0
     report = (tmp_path / "lm-study" / "results.csv").read_text().splitlines()
     assert len(report) == 1 + 4  # 2 specs x 2 privacy settings
+    assert "not judged (tokens P 1.00 / R 1.00" in (tmp_path / "lm-study" / "report.md").read_text()
 
 
 def test_audit_recovers_the_token_set_and_dp_hides_it() -> None:

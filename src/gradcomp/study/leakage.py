@@ -20,7 +20,7 @@ from gradcomp.results import atomic_write_json
 from gradcomp.study.cells import Cell
 
 LEAKAGE_FILE = "leakage.json"
-SUMMARY_KEYS = ("verdict", "reidentification", "psnr_db", "worst_attack", "worst_setting")
+SUMMARY_KEYS = ("verdict", "reidentification", "psnr_db", "worst_attack", "worst_setting", "token_recovery")
 
 
 def _task(cell: Cell) -> tuple[str, dict[str, Any]]:

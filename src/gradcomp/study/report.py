@@ -163,6 +163,12 @@ def settings_table(
 def _leak_cell(leakage: dict[str, Any] | None) -> str:
     if leakage is None:
         return "-"
+    tokens = leakage.get("token_recovery")
+    if leakage.get("reidentification") is None and tokens:  # a token task: not judged, its attack's figures
+        return (f"{leakage['verdict']} (tokens P {tokens['precision']:.2f} / R {tokens['recall']:.2f}, "
+                f"base rate {tokens['base_rate']:.2f})")  # fmt: skip
+    if leakage.get("reidentification") is None:
+        return str(leakage["verdict"])
     return f"{leakage['verdict']} (re-id {leakage['reidentification']:.2f}, {leakage['psnr_db']:.0f} dB)"
 
 

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
-from _dp_calibrate import TOLERANCE, calibrate, with_noise
+from _dp_calibrate import TOLERANCE, calibrate, participations, with_noise
 from _stats import compare, fmt, fmt_diff, noise_note
 
 from gradcomp.sim.setup import build_simulation, fedsim_job, release
@@ -114,6 +114,8 @@ def cell(args: argparse.Namespace, target: float, seed: int, log: Any) -> dict[s
         data = job_data(args, mode, seed)
         z, planned = calibrated(data, mode, target)
         runs[mode] = checked(run_job(with_noise(data, z)), target) | {"z": z, "planned_epsilon": planned}
+        if mode == "local":  # the releases its epsilon is charged for (the busiest client's)
+            runs[mode]["busiest_client_rounds"] = max(participations(data).values())
         print(f"eps {target} seed {seed} {mode}: {runs[mode]}", file=log, flush=True)
     if args.same_z:
         z = runs["distributed"]["z"]

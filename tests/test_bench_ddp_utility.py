@@ -56,6 +56,7 @@ def test_json_structure_and_epsilons_match_targets(report: dict) -> None:
             assert 0.0 <= run["accuracy"] <= 1.0 and run["loss"] > 0 and run["uplink_bytes"] > 0
             assert 8.0 * (1 - TOLERANCE) <= run["epsilon"] <= 8.0
             assert run["epsilon"] == pytest.approx(run["planned_epsilon"], rel=1e-9)
+        assert runs["local"]["busiest_client_rounds"] == 1  # one round: every asked client once
         same = runs["central@ddp-z"]
         assert same["z"] == runs["distributed"]["z"]
         # central DP at the same z is charged less: amplification by sampling (q = 4/8) that SecAgg's q = 1 lacks

@@ -23,10 +23,12 @@ from torch.utils.data import TensorDataset
 from gradcomp.config.train import DPConfig, TrainJob
 from gradcomp.privacy import gaussian_epsilon
 from gradcomp.tasks import Task, load_task
+from gradcomp.worker.checkpoint import release_bound
 from gradcomp.worker.dp import ExampleDP
 from gradcomp.worker.local_group import spawn_gloo_ranks
-from gradcomp.worker.loop import STATE_FILE, Session, _release_bound, rank_file, train_worker
+from gradcomp.worker.loop import Session, train_worker
 from gradcomp.worker.sampling import PoissonPlan
+from gradcomp.worker.session import STATE_FILE, rank_file
 
 
 def _model() -> nn.Module:
@@ -299,4 +301,4 @@ def test_release_bound_is_the_distance_to_the_next_checkpoint(
     checkpoint = {"every_steps": every_steps, "every_epochs": every_epochs}
     job = TrainJob.model_validate({"name": "b", "epochs": epochs, "checkpoint": checkpoint})
     run = SimpleNamespace(job=job, steps_per_epoch=steps_per_epoch)
-    assert _release_bound(run, *at) == bound  # type: ignore[arg-type]
+    assert release_bound(run, *at) == bound  # type: ignore[arg-type]

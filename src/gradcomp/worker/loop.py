@@ -10,10 +10,8 @@ a report (and a checkpoint every N epochs/steps) that every rank joins.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from gradcomp.config.train import TrainJob
-from gradcomp.tasks import Objective, Task, batch_of, load_task
+from gradcomp.tasks import Objective, batch_of, load_task
+from gradcomp.worker.checkpoint import report_checkpoint, restore_checkpoint
 from gradcomp.worker.dp import ExampleDP, linear_aggregation, refuse_unclippable
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
-from gradcomp.worker.sampling import PoissonPlan, RandomSource, secret_source
+from gradcomp.worker.sampling import PoissonPlan, secret_source
 from gradcomp.worker.schedule import lr_schedule
-
-STATE_FILE = "state.pt"
-
-
-def rank_file(rank: int) -> str:
-    """Name of one rank's own checkpoint file (EF memory, the DP ledgers): EF memory differs per rank."""
-    return f"rank-{rank}.pt"
-
-
-@dataclass
-class Session:
-    """How the loop talks to whatever launched it.
-
-    `report(metrics, checkpoint_dir)` must be called by every rank the same number of times
-    (Ray Train's report is a barrier); `restore` is a directory holding the last checkpoint.
-    `before_step(global_step, rank)`, if given, runs before every step: tests inject worker
-    faults with it; `gradcomp train` never sets it.
-    """
-
-    rank: int
-    world: int
-    device: torch.device
-    report: Callable[[dict[str, Any], Path | None], None]
-    restore: Path | None = None
-    progress: Callable[[dict[str, Any]], None] | None = None
-    before_step: Callable[[int, int], None] | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-    last_flush: float = field(default=0.0, repr=False)  # time.monotonic() of the last progress hand-off
-
-
-@dataclass
-class _Run:
-    """The per-run training objects, passed as one: reports, checkpoints and restores need all of them."""
-
-    job: TrainJob
-    session: Session
-    task: Task
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    hook_state: CompressionState
-    dp: ExampleDP | None
-    model: nn.Module  # what the step calls: DDP around `module`, or `module` itself under DP
-    n_train: int
-    steps_per_epoch: int
-    poisson: PoissonPlan | None  # DP-SGD's batch sampling (None: shuffled fixed-size batches)
-    inclusions: RandomSource | None  # DP-SGD: the rank's secret source of Poisson inclusions
+from gradcomp.worker.session import Run, Session
 
 
 class StopTraining(Exception):
@@ -101,7 +54,9 @@ def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> torch
 def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     """Train `job` on this rank; returns rank 0's last epoch entry (empty on other ranks)."""
     run = _setup(job, session)
-    start_epoch, start_step, global_step = (0, 0, 0) if session.restore is None else _restore(run, session.restore)
+    start_epoch, start_step, global_step = (
+        (0, 0, 0) if session.restore is None else restore_checkpoint(run, session.restore)
+    )
     last: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch, job.epochs):
@@ -116,7 +71,7 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     return last if session.rank == 0 else {}
 
 
-def _setup(job: TrainJob, session: Session) -> _Run:
+def _setup(job: TrainJob, session: Session) -> Run:
     """Task, model (DDP + compression hook, or per-example DP), optimizer and schedule for this rank."""
     torch.manual_seed(job.seed)
     task = load_task(job.task.name, **job.task.args)
@@ -137,7 +92,7 @@ def _setup(job: TrainJob, session: Session) -> _Run:
     optimizer = make_optimizer(job, module.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(job, steps_per_epoch))
     inclusions = secret_source() if poisson is not None else None
-    return _Run(
+    return Run(
         job,
         session,
         task,
@@ -186,7 +141,7 @@ def _wrap_model(
     return module, dp
 
 
-def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tuple[dict[str, Any], int]:
+def _train_epoch(run: Run, epoch: int, first_step: int, global_step: int) -> tuple[dict[str, Any], int]:
     """Steps `first_step..` of one epoch, then its report; returns the epoch entry and the global step."""
     job, session = run.job, run.session
     batches = _epoch_batches(run, epoch, first_step)
@@ -212,12 +167,12 @@ def _train_epoch(run: _Run, epoch: int, first_step: int, global_step: int) -> tu
         _log_step(run, epoch, global_step, loss, traffic, dt, seen)
         # the epoch's last step is checkpointed by `_end_epoch` (if at all)
         if every_steps and global_step % every_steps == 0 and step + 1 < run.steps_per_epoch:
-            _report(run, {"epoch": epoch, "step": global_step}, epoch, step + 1, global_step)
+            report_checkpoint(run, {"epoch": epoch, "step": global_step}, epoch, step + 1, global_step)
     entry = _end_epoch(run, epoch, global_step, totals, step_times, time.perf_counter() - t_epoch)
     return entry, global_step
 
 
-def _epoch_batches(run: _Run, epoch: int, first_step: int) -> Iterator[torch.Tensor]:
+def _epoch_batches(run: Run, epoch: int, first_step: int) -> Iterator[torch.Tensor]:
     """This rank's example indices for steps `first_step..` of `epoch`: Poisson samples under DP
     (sizes vary, may be empty; every rank still yields `steps_per_epoch`), else equal shuffled slices."""
     job, session = run.job, run.session
@@ -227,7 +182,7 @@ def _epoch_batches(run: _Run, epoch: int, first_step: int) -> Iterator[torch.Ten
     return (idx[s * job.batch_size : (s + 1) * job.batch_size] for s in range(first_step, run.steps_per_epoch))
 
 
-def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
+def _step(run: Run, x: torch.Tensor, y: torch.Tensor) -> float:
     """One optimisation step (gradient exchange included); returns this rank's mean batch loss
     (NaN for an empty Poisson batch, which still takes part in the exchange)."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -248,14 +203,14 @@ def _step(run: _Run, x: torch.Tensor, y: torch.Tensor) -> float:
     return loss
 
 
-def _precision(run: _Run) -> torch.autocast:
+def _precision(run: Run) -> torch.autocast:
     """The forward pass's precision: bf16 autocast under `precision: bf16`. The parameters stay fp32,
     so their gradients, and everything compressed and sent from them, are fp32 either way."""
     return torch.autocast(run.session.device.type, dtype=torch.bfloat16, enabled=run.job.precision == "bf16")
 
 
 def _log_step(
-    run: _Run, epoch: int, global_step: int, loss: float, traffic: StepTraffic, seconds: float, examples: int
+    run: Run, epoch: int, global_step: int, loss: float, traffic: StepTraffic, seconds: float, examples: int
 ) -> None:
     """Queue this rank's step event (loss, examples, bytes, ratio, time, lr) for the launcher: rank 0's
     drive the display and steps.jsonl, every rank's feed the per-rank training metrics. Under DP the
@@ -278,14 +233,14 @@ def _log_step(
     _flush(run.session)
 
 
-def _reports_unnoised(run: _Run) -> bool:
+def _reports_unnoised(run: Run) -> bool:
     """Whether losses and batch sizes computed from raw training data may leave the workers: always
     without DP; under DP only with `dp.unprotected_metrics` (they are outside the guarantee)."""
     return run.dp is None or run.dp.cfg.unprotected_metrics
 
 
 def _end_epoch(
-    run: _Run, epoch: int, global_step: int, totals: torch.Tensor, step_times: list[float], epoch_seconds: float
+    run: Run, epoch: int, global_step: int, totals: torch.Tensor, step_times: list[float], epoch_seconds: float
 ) -> dict[str, Any]:
     """Sum the epoch's bytes and steps (and loss and examples, where they may leave) over ranks,
     evaluate on rank 0, report (+ checkpoint)."""
@@ -322,7 +277,7 @@ def _end_epoch(
     every = job.checkpoint.every_epochs
     save = bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == job.epochs)
     if save:
-        _report(run, entry, epoch + 1, 0, global_step)
+        report_checkpoint(run, entry, epoch + 1, 0, global_step)
     # Without a checkpoint, metrics travel through `session.progress` only: a Ray Train
     # report is a barrier through the controller, too slow to pay every epoch.
     return entry
@@ -338,104 +293,6 @@ def _flush(session: Session, force: bool = False) -> None:
         events, session.events = session.events, []
         session.progress({"events": events})
         session.last_flush = now
-
-
-def _report(run: _Run, metrics: dict[str, Any], epoch: int, step_in_epoch: int, global_step: int) -> None:
-    """Write this rank's part of a checkpoint and report it (every rank, one barrier).
-
-    `epoch`/`step_in_epoch` say where a restored run resumes: the next step to take.
-    """
-    session, dp = run.session, run.dp
-    with tempfile.TemporaryDirectory(prefix="gradcomp-ckpt-") as tmp:
-        d = Path(tmp)
-        if session.rank == 0:
-            torch.save(
-                {
-                    "model": run.module.state_dict(),
-                    "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict(),
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "global_step": global_step,
-                    "world": session.world,
-                    "job": run.job.resume_key(),
-                    "release_bound": _release_bound(run, epoch, step_in_epoch, global_step),
-                },
-                d / STATE_FILE,
-            )
-        torch.save(
-            {"hook": run.hook_state.state_dict(), "dp": dp.state_dict() if dp is not None else None},
-            d / rank_file(session.rank),
-        )
-        session.report(metrics, d)
-
-
-def _release_bound(run: _Run, epoch: int, step_in_epoch: int, global_step: int) -> int:
-    """Steps this run may still release after a checkpoint at (epoch, step_in_epoch, global_step)
-    before it writes its next one or ends: an upper bound on the releases a resume from it loses."""
-    job, spe, every = run.job, run.steps_per_epoch, run.job.checkpoint
-    if epoch >= job.epochs:
-        return 0
-    epoch_end = global_step + spe - step_in_epoch  # the global step that ends the current epoch
-    end = epoch_end + (job.epochs - epoch - 1) * spe
-    nxt = end
-    if every.every_epochs:
-        e, at = epoch, epoch_end
-        while at < end and (e + 1) % every.every_epochs:
-            e, at = e + 1, at + spe
-        nxt = min(nxt, at)
-    if every.every_steps:
-        m = (global_step // every.every_steps + 1) * every.every_steps
-        while m < end and (m - epoch_end) % spe == 0:  # an epoch's last step is left to `_end_epoch`
-            m += every.every_steps
-        nxt = min(nxt, m)
-    return nxt - global_step
-
-
-def _restore(run: _Run, where: Path) -> tuple[int, int, int]:
-    """Load a checkpoint: shared state (and the DP ledgers) from rank 0's files, EF memory from ours.
-
-    With a different worker count than the checkpoint's, ranks without a file of their own
-    start with empty error-feedback memory (the model, optimizer and ledger still resume).
-    Under DP the steps released after the checkpoint are charged (see `_charge_lost_releases`).
-    Returns (epoch, step in epoch, global step) to resume from.
-    """
-    rank, dp = run.session.rank, run.dp
-    state = torch.load(where / STATE_FILE, map_location="cpu", weights_only=False)
-    run.module.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    own = where / rank_file(rank)
-    mine = torch.load(own, map_location="cpu", weights_only=False) if own.is_file() else None
-    if mine is not None and state.get("world") is not None:
-        run.hook_state.load_state_dict(mine["hook"])
-    at = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
-    if dp is not None:
-        # every rank's ledgers are the same; rank 0's file is always there, whatever the old world size
-        shared = (
-            mine
-            if rank == 0 and mine is not None
-            else torch.load(where / rank_file(0), map_location="cpu", weights_only=False)
-        )
-        dp.load_state_dict(shared["dp"])
-        lost = state.get("release_bound")
-        _charge_lost_releases(run, _release_bound(run, *at) if lost is None else int(lost), *at)
-    return at
-
-
-def _charge_lost_releases(run: _Run, lost: int, epoch: int, step_in_epoch: int, global_step: int) -> None:
-    """Charge the `lost` steps a run may have released after this checkpoint, then checkpoint at once.
-
-    Their noisy gradients left the workers before the failure, and their noise was secret and is gone
-    (never checkpointed: the resumed run draws new noise for the steps it redoes, which are charged
-    again as they happen). Checkpointing the charge right away keeps it when the run fails again
-    before its next scheduled checkpoint; it may carry the ledger past the budget, which then stops the run.
-    """
-    assert run.dp is not None
-    if lost <= 0:
-        return
-    run.dp.account(lost, force=True)
-    _report(run, {"epoch": epoch, "step": global_step, "charged_lost_steps": lost}, epoch, step_in_epoch, global_step)
 
 
 # --- Ray Train entry point -------------------------------------------------------------------

@@ -32,6 +32,7 @@ from gradcomp.compression import build, to_fields
 from gradcomp.config.fed import FedJob
 from gradcomp.protocol.channel import message_options
 from gradcomp.protocol.codec import fields_to_pb
+from gradcomp.protocol.messages import PROTOCOL_VERSION
 from gradcomp.server.app import round_loop, start
 
 
@@ -75,7 +76,12 @@ def run_case(spec: str, clients: int, num_params: int, rounds: int, tmp: Path) -
         md = (("authorization", f"Bearer {token}"),)
         ch = grpc.insecure_channel(f"127.0.0.1:{run.port}", options=message_options(job.limits.max_message_bytes))
         stub = fed_pb2_grpc.CoordinatorStub(ch)
-        stub.Join(fed_pb2.JoinRequest(protocol_version=1), metadata=md, timeout=60)
+        try:
+            stub.Join(fed_pb2.JoinRequest(protocol_version=PROTOCOL_VERSION), metadata=md, timeout=60)
+        except grpc.RpcError as err:
+            errors.append(f"{name}: join: {err.code().name} {err.details()}")
+            barrier.abort()  # else the driver waits for this client forever
+            return
         barrier.wait()
         req = fed_pb2.SubmitUpdateRequest()
         req.CopyFrom(template)
@@ -104,7 +110,12 @@ def run_case(spec: str, clients: int, num_params: int, rounds: int, tmp: Path) -
         t.start()
     accepted0 = metrics.value("gradcomp_fed_updates_accepted_total")
     agg0 = metrics.value("gradcomp_fed_aggregate_duration_seconds_sum")
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        stop.set()
+        run.stop(0)
+        raise SystemExit(f"a client could not join: {errors[0]}") from None
     t0 = time.perf_counter()
     for t in threads:
         t.join()

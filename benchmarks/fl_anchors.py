@@ -359,7 +359,10 @@ def accuracy_seeds(rounds: int, seeds: int = 3) -> dict[str, Any]:
     for seed in range(seeds):
         data = {"clients": 100, "per_round": 10, "rounds": rounds, "seed": seed, "task": "digits-mlp"}
         for mode in acc:
-            acc[mode].append(run_child(gradcomp_cmd(GRADCOMP_MODES[mode], data))["accuracy"])
+            res = run_child(gradcomp_cmd(GRADCOMP_MODES[mode], data))
+            if "error" in res:
+                raise SystemExit(f"{mode}, seed {seed}: {res['error']}")
+            acc[mode].append(res["accuracy"])
     means = {m: statistics.mean(v) for m, v in acc.items()}
     gap = abs(means["gradcomp-vectorised"] - means["gradcomp-sequential"]) * 100
     return {"per_seed": acc, "mean": means, "gap_points": round(gap, 3), "target_within_1_point": gap <= 1.0}
@@ -464,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--scale-rounds", type=int, default=20)
     parser.add_argument("--crossover-rounds", type=int, default=8)
+    parser.add_argument("--accuracy-seeds", type=int, default=3, help="seeds of the accuracy part")
     parser.add_argument("--anchors", nargs="*", default=["pfl", "flower"])
     parser.add_argument("--install-only", action="store_true")
     parser.add_argument("--out", default=None)
@@ -519,7 +523,7 @@ def run_parts(args: argparse.Namespace) -> dict[str, Any]:
     if "crossover" in args.parts:
         out["crossover"] = crossover(args.crossover_rounds)
     if "accuracy" in args.parts:
-        out["accuracy"] = accuracy_seeds(args.rounds)
+        out["accuracy"] = accuracy_seeds(args.rounds, args.accuracy_seeds)
     if "breakdown" in args.parts:
         out["breakdown"] = breakdown(args.rounds, args.scale_rounds)
     return out

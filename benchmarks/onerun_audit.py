@@ -37,10 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=len(RUNS), help="the first N configurations only (a smoke run)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = [one_run_audit(OneRunConfig(epochs=args.epochs, canaries=args.canaries, **run)) for run in RUNS]
+    configs = RUNS[: args.runs]
+    results = [one_run_audit(OneRunConfig(epochs=args.epochs, canaries=args.canaries, **run)) for run in configs]
     write_json(args.out, {"environment": environment(), "runs": results})
     rows = [
         [

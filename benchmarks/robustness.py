@@ -86,10 +86,10 @@ def final_accuracy(clients: int, aggregator: str, scenario: str, seed: int, roun
     return float(sim.coord.log[-1]["test_accuracy"])
 
 
-def measure(clients: list[int], seeds: list[int], rounds: int) -> list[dict[str, Any]]:
+def measure(clients: list[int], seeds: list[int], rounds: int, aggregators: list[str]) -> list[dict[str, Any]]:
     rows = []
     for n in clients:
-        for agg in AGGREGATORS:
+        for agg in aggregators:
             row: dict[str, Any] = {"clients": n, "aggregator": agg}
             for scenario in SCENARIOS:
                 accs = [final_accuracy(n, agg, scenario, s, rounds) for s in seeds]
@@ -115,11 +115,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[3, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=list(AGGREGATORS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    rows = measure(args.clients, args.seeds, args.rounds)
+    rows = measure(args.clients, args.seeds, args.rounds, args.aggregators)
     print(table(rows))
     robust_10 = [r for r in rows if r["clients"] == 10 and r["aggregator"] in ROBUST]
     worst = {r["aggregator"]: min(r[s]["change_points"] for s in list(SCENARIOS)[1:]) for r in robust_10}

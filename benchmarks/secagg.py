@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
 
 from gradcomp.compression import wire
-from gradcomp.compression.payload import Dense
+from gradcomp.compression.kinds import Dense
 from gradcomp.keyed_random import KeyedStream, new_key
 from gradcomp.secagg.params import settings_for
 from gradcomp.secagg.quantise import Quantiser, check_no_wrap

@@ -3,7 +3,7 @@
 Benchmarks are run rarely and by hand, so an import moved or a protocol bump in the package breaks
 them silently; this runs each `benchmarks/*.py` (not the `_` helpers) as its own process, the way
 a person would, with the smallest arguments its command line takes. The namespace benchmarks
-(bandwidth, scaling) need root and iproute2; elsewhere they are skipped with their own reason.
+(bandwidth, scaling, workloads image) need root and iproute2; elsewhere they are skipped with their own reason.
 fl_anchors runs a gradcomp-only part with no anchors, so nothing is installed (2 rounds: its
 throughput is measured after the first).
 """
@@ -38,11 +38,14 @@ SMALLEST: dict[str, tuple[str, list[pytest.MarkDecorator]]] = {
         "fed --size tiny --max-bytes 20000 --seeds 0 --clients 4 --per-round 2 --rounds 1 --only 'fedavg dense'",
         [],
     ),
+    "workloads.py image": (f"image {NETNS} --repeats 1 --depth 8 --width 4", []),
     "bandwidth.py": (NETNS, []),
     "scaling.py": (f"{NETNS} --ranks 2", []),
     "fl_anchors.py": ("--parts accuracy --accuracy-seeds 1 --rounds 2 --anchors", []),
     "fedsim.py": ("--clients 10 --updates 1 --actors 1", [pytest.mark.ray]),
 }
+# scripts whose smallest setting another test already runs (and checks more closely)
+COVERED_ELSEWHERE = {"ddp_utility.py": "tests/test_bench_ddp_utility.py"}
 
 
 def _netns_skip_reason() -> str | None:
@@ -56,7 +59,9 @@ def _netns_skip_reason() -> str | None:
 
 def test_every_benchmark_has_a_smallest_setting() -> None:
     scripts = {p.name for p in BENCH.glob("*.py") if not p.name.startswith("_")}
-    assert scripts == {key.split()[0] for key in SMALLEST}, "give a new benchmark its smallest setting here"
+    assert all((ROOT / test).exists() for test in COVERED_ELSEWHERE.values())
+    covered = {key.split()[0] for key in SMALLEST} | set(COVERED_ELSEWHERE)
+    assert scripts == covered, "give a new benchmark its smallest setting here"
 
 
 @pytest.mark.slow
@@ -65,7 +70,9 @@ def test_every_benchmark_has_a_smallest_setting() -> None:
 )
 def test_benchmark_runs_its_smallest_setting(key: str, tmp_path: Path) -> None:
     script, (args, _) = key.split()[0], SMALLEST[key]
-    if script in ("bandwidth.py", "scaling.py") and (reason := _netns_skip_reason()) is not None:
+    if (script in ("bandwidth.py", "scaling.py") or key == "workloads.py image") and (
+        reason := _netns_skip_reason()
+    ) is not None:
         pytest.skip(f"{script}: {reason}")
     out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}

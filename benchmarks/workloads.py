@@ -10,6 +10,9 @@ each table says which differences from its reference exceed two standard errors.
    (all-gather and leader), randomk+ef, unit and PowerSGD rank 1/2/4, at about 50x and 200x fewer
    bytes than dense; test loss and bits per byte. The defaults are the issue's configuration (`small`,
    2 and 4 ranks, 3 seeds); `--size`, `--max-bytes`, `--epochs`, `--world`, `--seeds`, `--only` shrink it.
+   `--schedules cosine step sigmoid` trains each spec under each learning-rate schedule (after the same
+   warm-up; `step` multiplies by 0.1 each epoch, `sigmoid` is the founding papers' sigmoid decay) and
+   compares every row against `dense [cosine]`.
 2. Federated LM on the natural partition (one client per stdlib module): FedAvg dense against
    compressed uploads and against central and local DP: test loss, bytes and epsilon.
 3. ResNet on synthetic CIFAR-shaped images: step time per spec over a 100 Mbit/s link
@@ -62,8 +65,19 @@ def _lm_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _dp_job(name: str, args: argparse.Namespace, seed: int) -> Any:
+SCHEDULES = ("cosine", "step", "sigmoid")
+
+
+def _row(spec: str, schedule: str, args: argparse.Namespace) -> str:
+    """A table row's name: the spec, and the schedule when the run compares several."""
+    return spec if len(args.schedules) == 1 else f"{spec} [{schedule}]"
+
+
+def _dp_job(row: str, args: argparse.Namespace, seed: int) -> Any:
     from gradcomp.config.train import TrainJob
+
+    name, _, schedule = row.partition(" [")
+    schedule = schedule.rstrip("]") or args.schedules[0]
 
     return TrainJob.model_validate(
         {
@@ -73,7 +87,7 @@ def _dp_job(name: str, args: argparse.Namespace, seed: int) -> Any:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "optimizer": {"name": "adam", "lr": args.lr},
-            "schedule": {"name": "cosine", "warmup_steps": args.warmup},
+            "schedule": {"name": schedule, "warmup_steps": args.warmup},
             "checkpoint": {"every_epochs": 0},
             "compression": DP_SPECS[name],
         }
@@ -115,7 +129,8 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     """Every (world, seed): one spawn of `world` gloo ranks training each spec in turn."""
     from gradcomp.worker.local_group import spawn_gloo_ranks
 
-    names = args.only or list(DP_SPECS)
+    names = [_row(spec, sched, args) for spec in args.only or list(DP_SPECS) for sched in args.schedules]
+    reference = _row("dense", args.schedules[0], args)
     raw: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for world in args.world:
         for seed in args.seeds:
@@ -127,11 +142,11 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
             print(f"dp: world {world} seed {seed} done", flush=True)
     tables = {}
     for world, runs in raw.items():
-        loss = compare({n: {s: r["test_loss"] for s, r in v.items()} for n, v in runs.items()}, "dense")
+        loss = compare({n: {s: r["test_loss"] for s, r in v.items()} for n, v in runs.items()}, reference)
         for name, row in loss.items():
             first = next(iter(runs[name].values()))
             row["fewer_bytes"] = first["dense_bytes"] / max(first["bytes_sent"], 1)
-            row["spec"] = DP_SPECS[name]
+            row["spec"] = DP_SPECS[name.partition(" [")[0]]
         tables[world] = loss
     return {"per_seed": raw, "tables": tables}
 
@@ -240,6 +255,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     dp.add_argument("--epochs", type=int, default=1)
     dp.add_argument("--warmup", type=int, default=50)
     dp.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    dp.add_argument("--schedules", nargs="+", default=["cosine"], choices=SCHEDULES, help="the first is the reference")
     fed = sub.choices["fed"]
     fed.add_argument("--clients", type=int, default=120)
     fed.add_argument("--per-round", type=int, default=12)

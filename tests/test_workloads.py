@@ -161,3 +161,27 @@ def test_audit_attacks_the_resnet_images() -> None:
     (entry,) = (a.entry for a in audit_specs(["none"], config))
     assert entry["verdict"] in ("leaks", "resists") and "token_recovery" not in entry
     assert entry["attacks"]["cosine-tv"]["by_batch_size"]["1"]["psnr_db"] is not None
+
+
+RESNET_FED = [
+    "rounds=1",
+    "task={name: resnet, args: {synthetic_examples: 256, width: 8}}",
+    "clients.expected=4",
+    "round.min_clients=1",
+    "simulation.partition=iid",
+    "simulation.dropout=0",
+    "simulation.stragglers.fraction=0",
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("example", "overrides"), [("lm-fedsim.yaml", ["rounds=1"]), ("fedsim-digits.yaml", RESNET_FED)]
+)
+def test_the_workloads_run_over_the_real_grpc_service(tmp_path: Path, example: str, overrides: list[str]) -> None:
+    """The coordinator service (what `gradcomp serve` runs) on 127.0.0.1 serves the new tasks' models in
+    chunks and accepts their updates: every update trained is accepted."""
+    job = load_fedsim_job(EXAMPLES / example, [*overrides, "simulation.grpc=true", "simulation.actors=0"])
+    assert simulate(job, tmp_path, show=False) == 0
+    final = json.loads((tmp_path / job.name / "results.json").read_text())["final"]
+    assert final["transport"] == "grpc" and final["updates_accepted"] == final["updates_trained"] > 0

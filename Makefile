@@ -25,6 +25,7 @@ demo: install
 test: install
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/python tools/archcheck.py --src src
+	$(BIN)/mypy src/gradcomp
 	$(BIN)/python -m pytest -q
 
 # The quick loop while editing: the tests that start neither Ray nor a server and are not slow (no ruff).
@@ -35,6 +36,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/python tools/archcheck.py --src src
+	$(BIN)/mypy src/gradcomp
 
 format: install
 	$(BIN)/ruff check --fix src tests benchmarks tools

@@ -264,7 +264,7 @@ def start(port: int, host: str = "127.0.0.1") -> Endpoint:
     """Expose REGISTRY at http://host:port/metrics in a daemon thread (port 0: any free port)."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     server_class = type("MetricsServer", (_BoundedServer,), {"address_family": family})
-    server = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Quiet)
+    server: _BoundedServer = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
 

@@ -73,7 +73,7 @@ def parse_partition(text: str | PartitionSpec) -> PartitionSpec:
         number = float(value) if kind == "dirichlet" else int(value)
     except ValueError:
         raise PartitionError(f"{kind}: {arg} must be a number, got {value!r}") from None
-    return PartitionSpec(kind, **{arg: number})
+    return PartitionSpec(kind, alpha=number) if kind == "dirichlet" else PartitionSpec(kind, k=int(number))
 
 
 def partition(
@@ -120,9 +120,9 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Gen
         for c, piece in enumerate(np.split(idx, cuts)):
             parts[c].extend(piece.tolist())
     sizes = np.array([len(p) for p in parts])
-    for c in np.flatnonzero(sizes == 0):
+    for empty in np.flatnonzero(sizes == 0):
         donor = int(np.argmax([len(p) for p in parts]))
-        parts[c].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
+        parts[empty].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
     return [np.asarray(p, dtype=np.int64) for p in parts]
 
 

@@ -7,6 +7,8 @@ one small problem's time instead of G of them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -25,7 +27,7 @@ class GroupGradients:
     def __init__(
         self,
         model: nn.Module,
-        params: dict[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
         labels: torch.Tensor,
         objective: Objective | None = None,
     ):

@@ -17,7 +17,7 @@ from torch import nn
 from gradcomp.audit.gradients import GroupGradients
 from gradcomp.compression import Payload, build, decode, encode
 from gradcomp.errors import UserError
-from gradcomp.tasks import Objective, Task, batch_of
+from gradcomp.tasks import Objective, Task, batch_of, dataset_len
 
 
 def as_images(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -91,7 +91,7 @@ def make_setting(task: Task, victims: int, seed: int) -> Setting:
     Inputs keep their dtype when they are not floating point (token ids: the text attack's setting)."""
     if task.test_set is None:
         raise UserError("the audit needs the task's test set: its victims come from it")
-    n_test, n_train = len(task.test_set), min(len(task.train_set), MEAN_EXAMPLES)  # type: ignore[arg-type]
+    n_test, n_train = dataset_len(task.test_set), min(dataset_len(task.train_set), MEAN_EXAMPLES)
     test_x, test_y = batch_of(task.test_set, torch.arange(n_test))
     train_x = batch_of(task.train_set, torch.arange(n_train))[0]
     if not 1 <= victims <= n_test:

@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from scipy.stats import binom
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from gradcomp.config.train import DPConfig
+from gradcomp.errors import UserError
 from gradcomp.tasks import load_task
 from gradcomp.worker.dp import ExampleDP
 from gradcomp.worker.sampling import PoissonPlan
@@ -81,7 +83,9 @@ def one_run_audit(cfg: OneRunConfig) -> dict[str, Any]:
     """Train once with canaries; the empirical epsilon lower bound next to the accountant's epsilon."""
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
-    x_all, y_all = task.train_set.tensors  # type: ignore[attr-defined]
+    if not isinstance(task.train_set, TensorDataset):
+        raise UserError(f"the one-run audit needs a task whose train set is in memory, not {cfg.task!r}")
+    x_all, y_all = task.train_set.tensors
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     included = torch.rand(cfg.canaries, generator=gen) < 0.5
     members = included.nonzero().flatten()  # canary i joins as example n + rank among the included

@@ -128,10 +128,10 @@ def _attack_setting(
             attacks[name]["by_batch_size"][str(batch)] = {**figures, "seconds": round(time.perf_counter() - t, 3)}
             matched = metrics.match(recon, truth.victims)
             images[(f"{scenario.name} {name}", batch)] = matched.reshape(-1, *obs.input_shape)
-    for figures in attacks.values():
-        _summarise(figures)
+    for per_attack in attacks.values():
+        _summarise(per_attack)
     reid, psnr, worst_attack = metrics.worst(attacks)
-    figures = {
+    result: dict[str, Any] = {
         "verdict": metrics.verdict(reid, psnr, base["psnr_db"]),
         "reidentification": reid,
         "psnr_db": psnr,
@@ -141,8 +141,8 @@ def _attack_setting(
         "gradient_cosine": cosines,
     }
     if scenario.chance_control:
-        figures["chance"] = _chance(seen, setting, config, span)
-    return figures
+        result["chance"] = _chance(seen, setting, config, span)
+    return result
 
 
 def _chance(

@@ -11,10 +11,9 @@ Its local-DP noise comes from a key only it holds (`--noise-key-file`, default
 the job seed the coordinator sends; keeping the file keeps a restarted client's redone round
 identical to the update it replaces (`fedclient/noisekey.py`).
 
-Transient gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff
-and jitter for up to --retry-seconds, which also rides out a coordinator restart (`gradcomp
-serve --resume`). A refused update (stale round, duplicate, ...) is logged and the client
-pulls the next task.
+Transient gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff and jitter
+for up to --retry-seconds, which also rides out a coordinator restart (`gradcomp serve --resume`).
+A refused update (stale round, duplicate, ...) is logged and the client pulls the next task.
 
 Two details keep a coordinator crash from taking the client down with it:
 - The channel's own reconnect backoff is capped at about a second (`RECONNECT_OPTIONS`). With
@@ -39,11 +38,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from gradcomp._proto import fed_pb2, fed_pb2_grpc
@@ -134,7 +134,8 @@ class FLClient:
         self.data: ClientData | None = None
         self.memory = ClientMemory()
         self.last_request: fed_pb2.SubmitUpdateRequest | None = None
-        self.last_secure, self.on_secure_phase = None, None  # secure input (resent if redone); test hook per phase
+        self.last_secure: np.ndarray | None = None  # secure input (resent if redone)
+        self.on_secure_phase: Callable[[int], None] | None = None  # test hook per phase
         self.rounds_done = 0
         self._stop = threading.Event()
         self._beat_lock = threading.Lock()

@@ -89,7 +89,7 @@ class SecureRound:
             return f"refused: {err}"
         return "sent"
 
-    def _request(self, phase: int, message: bytes) -> fed_pb2.SecAggResponse:
+    def _request(self, phase: fed_pb2.SecAggRequest.Phase, message: bytes) -> fed_pb2.SecAggResponse:
         req = fed_pb2.SecAggRequest(round=self.task.round, session=self.task.secure_session, phase=phase,
                                     message=message)  # fmt: skip
         try:
@@ -102,12 +102,12 @@ class SecureRound:
             raise RoundOver(f"{State.State.Name(resp.state).lower()}: {resp.detail[:200]}")
         return resp
 
-    def _send(self, phase: int, message: bytes) -> None:
+    def _send(self, phase: fed_pb2.SecAggRequest.Phase, message: bytes) -> None:
         self._request(phase, message)
         if self.on_phase is not None:
             self.on_phase(phase)
 
-    def _fetch(self, phase: int, limit: int) -> bytes:
+    def _fetch(self, phase: fed_pb2.SecAggRequest.Phase, limit: int) -> bytes:
         """The coordinator's request of `phase`, polled for until the give-up time."""
         while True:
             resp = self._request(phase, b"")

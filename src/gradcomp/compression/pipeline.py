@@ -15,6 +15,7 @@ from gradcomp.compression.payload import Payload, index_dtype_for
 from gradcomp.compression.spec import PrivacyOrderError, SpecError, split_stages
 from gradcomp.compression.stages import (
     DP,
+    Cast,
     Chooser,
     ErrorFeedback,
     NoneStage,
@@ -98,7 +99,8 @@ class Pipeline:
         # EF compensates every lossy stage after the privacy stage; memory is post-noise,
         # so keeping it is post-processing and costs no privacy.
         self._before_dp, self._post = work_stages[: max(dp_at, 0)], work_stages[dp_at + 1 :]
-        self._dp: DP | None = work_stages[dp_at] if dp_at >= 0 else None  # type: ignore[assignment]
+        dp = work_stages[dp_at] if dp_at >= 0 else None
+        self._dp: DP | None = dp if isinstance(dp, DP) else None
         self._memory: dict[str, torch.Tensor] = {}
         self._steps: dict[str, int] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -150,8 +152,8 @@ class Pipeline:
         return sel.kept(numel) if sel is not None else numel
 
     def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        cast = next((s for s in self.stages if s.role == "cast"), None)
-        return cast.target if cast is not None else dtype  # type: ignore[attr-defined]
+        cast = next((s for s in self.stages if isinstance(s, Cast)), None)
+        return cast.target if cast is not None else dtype
 
     # --- the work ---------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:

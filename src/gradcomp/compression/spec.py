@@ -71,7 +71,7 @@ def split_stages(spec: str | Sequence[Any] | None) -> list[tuple[str, list[Any],
             raise SpecError("empty compression spec list; use [none] for no compression")
     else:
         raise SpecError(f"compression spec must be a string or a list of stages, got {type(spec).__name__}")
-    out = []
+    out: list[tuple[str, list[Any], dict[str, Any]]] = []
     for item in items:
         if isinstance(item, Mapping):
             if len(item) != 1:

@@ -90,6 +90,10 @@ class PrivacyEntry(StrictModel):
         return self.stage is not None or bool(self.set)
 
 
+AuditSetting = Literal["init", "trained", "federated", "secagg"]
+DEFAULT_AUDIT_SETTINGS: tuple[AuditSetting, ...] = ("init", "trained", "federated")
+
+
 class LeakageConfig(StrictModel):
     """The optional leakage column: `gradcomp audit` on each distinct spec (see docs/privacy.md, Leakage audit)."""
 
@@ -98,8 +102,8 @@ class LeakageConfig(StrictModel):
         default_factory=lambda: [1, 4], min_length=1, description="images per sent gradient, each <= victims"
     )
     iterations: int = Field(200, ge=1, le=10_000, description="optimisation steps of each attack")
-    settings: list[Literal["init", "trained", "federated", "secagg"]] = Field(
-        default_factory=lambda: ["init", "trained", "federated"],
+    settings: list[AuditSetting] = Field(
+        default_factory=lambda: list(DEFAULT_AUDIT_SETTINGS),
         min_length=1,
         description="settings each spec is attacked in (model at init, trained model, federated update); worst counts",
     )

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from gradcomp.partition import partition
-from gradcomp.tasks import Task, batch_of
+from gradcomp.tasks import Task, batch_of, dataset_len
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ClientData:
         h = hashlib.sha256(b"gradcomp-client-data/v1")
         for t in self.batch(torch.arange(self.num_examples)):
             h.update(f"\x1f{t.dtype}\x1f{tuple(t.shape)}\x1f".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +66,7 @@ class ClientData:
 
 def dataset_view(dataset: Dataset) -> ClientData:
     """Every example of `dataset`, as a view."""
-    return ClientData(dataset, torch.arange(len(dataset)))  # type: ignore[arg-type]
+    return ClientData(dataset, torch.arange(dataset_len(dataset)))
 
 
 def iid_shard(task: Task, index: int, num_shards: int, seed: int) -> ClientData:

@@ -165,7 +165,7 @@ class ClientRuntime:
             state["memory"] = dict(memory.residuals)
         pipe.load_state_dict(state)
         payloads = pipe.compress_update({k: result.params[k].float() - self.global_params[k] for k in names})
-        state, extras = self._strategy_round(result, memory.strategy_state)
+        kept_state, extras = self._strategy_round(result, memory.strategy_state)
         payloads.update({k: Dense(v.reshape(-1).float(), tuple(v.shape), torch.float32) for k, v in extras.items()})
         num_examples, stats = _disclosed(pipe, result)
         request = update_request(
@@ -176,7 +176,7 @@ class ClientRuntime:
             payloads=payloads,
             metrics=stats,
         )
-        return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round, state)
+        return request, payloads, ClientMemory(_full_residuals(pipe, self.global_params), round, kept_state)
 
     def secure_input(
         self, client: str, round: int, model_version: int, payloads: Mapping[str, Payload], data: ClientData

@@ -100,10 +100,10 @@ def train_one(
     it stops with `RoundTooLong`."""
     model.train()
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    weights = [p for _, p in named]
+    weights: list[torch.Tensor] = [p for _, p in named]
     velocity = [torch.zeros_like(w) for w in weights] if cfg.momentum else []
     active = torch.ones(1)
-    losses = []
+    losses: list[torch.Tensor] = []
     end = None if max_seconds is None else time.monotonic() + max_seconds
     for batch in client_batches(data.num_examples, cfg, seed):
         if end is not None and time.monotonic() > end:

@@ -60,7 +60,7 @@ class _Driver:
         finally:
             self.report.server_seconds[phase] = time.process_time() - start
 
-    def clients_answer(self, phase: int, requests: Mapping[int, object], answer: Callable) -> list:
+    def clients_answer(self, phase: int, requests: Mapping[int, object] | None, answer: Callable) -> list:
         """Delivers each request to its live client and collects the decoded answers."""
         name, out = PHASES[phase], []
         for cid in self.alive(phase):

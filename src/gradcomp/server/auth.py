@@ -201,7 +201,7 @@ def cancel_with_status(context: grpc.ServicerContext, code: grpc.StatusCode, det
     the plain cancel stays as the fallback)."""
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
     try:
-        call.cancel(code.value[0], details)  # type: ignore[union-attr]
+        call.cancel(code.value[0], details)  # type: ignore[union-attr]  # None or no cancel: the except below
     except (AttributeError, TypeError):
         context.cancel()
 

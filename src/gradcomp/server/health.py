@@ -91,6 +91,7 @@ class Health:
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a server (`server.add_generic_rpc_handlers((h,))`)."""
+        # grpcio reads this flag off the handler function; typing knows no such attribute
         self._watch.__func__.experimental_non_blocking = True  # type: ignore[attr-defined]
         return grpc.method_handlers_generic_handler(
             SERVICE,

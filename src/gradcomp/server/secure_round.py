@@ -47,7 +47,8 @@ def sum_payloads(plan: SecurePlan, total: np.ndarray, template: Mapping[str, Pay
     out, at = {}, 0
     for name, p in template.items():
         n = int(p.values.numel())
-        out[name] = dataclasses.replace(p, values=values[at : at + n].to(p.values.dtype))
+        # every Payload kind is a frozen dataclass (compression/payload.py); the base class cannot say so
+        out[name] = dataclasses.replace(p, values=values[at : at + n].to(p.values.dtype))  # type: ignore[type-var]
         at += n
     return out
 

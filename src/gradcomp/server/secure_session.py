@@ -195,8 +195,12 @@ class SecureSession:
             if phase == UNMASK:
                 self._unmask(got)
                 return
-            step = {ADVERTISE: self.server.collect_advertise, SHARE_KEYS: self.server.collect_shares,
-                    MASKED_INPUT: self.server.collect_masked}[phase]  # fmt: skip
+            collectors: dict[int, Callable[[list[Any]], dict[int, Any]]] = {
+                ADVERTISE: self.server.collect_advertise,
+                SHARE_KEYS: self.server.collect_shares,
+                MASKED_INPUT: self.server.collect_masked,
+            }
+            step = collectors[phase]
             out = step(got)
         except RoundAborted as err:
             self.aborted = f"round {self.number} attempt {self.attempt}: {err}"

@@ -39,7 +39,7 @@ from gradcomp.server.updates import Rejected
 log = logging.getLogger("gradcomp.server")
 
 # The coordinator's task actions ("wait" | "train" | "done") as the wire enum.
-PULL_ACTIONS: dict[str, int] = {
+PULL_ACTIONS: dict[str, fed_pb2.PullTaskResponse.Action] = {
     "wait": fed_pb2.PullTaskResponse.WAIT,
     "train": fed_pb2.PullTaskResponse.TRAIN,
     "done": fed_pb2.PullTaskResponse.DONE,
@@ -64,7 +64,7 @@ STEP_CODES: dict[str, grpc.StatusCode] = {
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "exists": grpc.StatusCode.ALREADY_EXISTS,
 }
-SECAGG_STATES: dict[str, int] = {
+SECAGG_STATES: dict[str, fed_pb2.SecAggResponse.State] = {
     "wait": fed_pb2.SecAggResponse.WAIT,
     "ready": fed_pb2.SecAggResponse.READY,
     "dropped": fed_pb2.SecAggResponse.DROPPED,

@@ -227,9 +227,11 @@ class CohortTrainer:
     def _anchors(self, clients: Sequence[CohortClient], rows: int) -> list[torch.Tensor]:
         """Each trainable tensor's anchors stacked over the group's rows (padding rows repeat the last
         client's); none when the strategy adds no term."""
-        corrections = [c.correction for c in clients]
-        if corrections[0] is None:
+        if clients[0].correction is None:
             return []
+        corrections = [c.correction for c in clients if c.correction is not None]
+        if len(corrections) != len(clients):
+            raise ValueError("a cohort's clients either all carry a strategy correction or none does")
         padded = corrections + [corrections[-1]] * (rows - len(corrections))
         return [torch.stack([c.anchors[k] for c in padded]) for k in self.trainable]
 

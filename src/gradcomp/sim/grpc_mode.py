@@ -152,7 +152,7 @@ class GrpcDriver:
             self.sender.shutdown(wait=False, cancel_futures=True)  # after an error: drop updates not yet sent
 
     def _poll(self) -> tuple[list[tuple[str, fed_pb2.PullTaskResponse]], bool]:
-        batch = []
+        batch: list[tuple[str, fed_pb2.PullTaskResponse]] = []
         for name in self.names:
             task = self.clients.pull(name)
             if task.action == DONE:

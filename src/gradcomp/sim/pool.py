@@ -13,7 +13,7 @@ allows it. The pool size, not the number of clients, bounds memory and CPU.
 from __future__ import annotations
 
 import resource
-from typing import Protocol
+from typing import Any, Protocol
 
 from gradcomp.errors import UserError
 from gradcomp.fedclient.config import LocalTrainingConfig
@@ -31,8 +31,16 @@ def peak_rss_bytes() -> int:
 
 class ClientPool(Protocol):
     size: int
-    vectorized: bool  # cohorts are trained with torch.func (sim/cohort.py), not one client at a time
-    fallback: str | None  # why clients train one at a time (None when vectorized)
+
+    @property
+    def vectorized(self) -> bool:
+        """Cohorts are trained with torch.func (sim/cohort.py), not one client at a time."""
+        ...
+
+    @property
+    def fallback(self) -> str | None:
+        """Why clients train one at a time (None when vectorized)."""
+        ...
 
     def run(self, jobs: list[ClientJob], model: bytes, version: int) -> list[ClientResult]:
         """Train every job on the model of `version`; results in job order."""
@@ -117,7 +125,8 @@ class RayPool:
         if actors < 1:
             raise UserError(f"a Ray pool needs at least one actor, got {actors}")
         remote = ray.remote(num_cpus=1)(_Runner)
-        self.actors = [remote.remote(cfg, secret, vectorize) for _ in range(actors)]
+        # Actor handles: their methods gain `.remote` at run time, which Ray's type hints cannot express.
+        self.actors: list[Any] = [remote.remote(cfg, secret, vectorize) for _ in range(actors)]
         self.size = actors
         self.timings = timings
         self._model_ref: tuple[int, object] | None = None

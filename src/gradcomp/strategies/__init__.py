@@ -21,7 +21,7 @@ import importlib
 import operator
 import pkgutil
 from collections.abc import Mapping
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeAlias
 
 from pydantic import BeforeValidator, Field
 
@@ -44,11 +44,14 @@ def _shorthand(value: Any) -> Any:
     return value
 
 
-StrategySection = Annotated[
-    functools.reduce(operator.or_, [cls.Config for _, cls in sorted(REGISTRY.items())]),  # type: ignore[valid-type]
-    Field(discriminator="name"),
-    BeforeValidator(_shorthand),
-]
+if TYPE_CHECKING:  # the union below is built from the registry at import time; each member is a StrategyConfig
+    StrategySection: TypeAlias = StrategyConfig
+else:
+    StrategySection = Annotated[
+        functools.reduce(operator.or_, [cls.Config for _, cls in sorted(REGISTRY.items())]),
+        Field(discriminator="name"),
+        BeforeValidator(_shorthand),
+    ]
 
 
 def strategy_names() -> list[str]:
@@ -63,7 +66,7 @@ def strategy_class(name: str) -> type[Strategy]:
 
 
 def default_config() -> StrategyConfig:
-    return REGISTRY[DEFAULT].Config()
+    return REGISTRY[DEFAULT].Config()  # type: ignore[call-arg]  # every registered Config defaults `name`
 
 
 def client_half(name: str, settings: Mapping[str, float]) -> ClientHalf:
@@ -81,22 +84,30 @@ def build_strategy(config: StrategyConfig, *, key: bytes | None = None) -> Strat
 
 
 class _Privacy(Protocol):
-    mode: str
-    clip: float | None
-    noise_multiplier: float | None
+    @property
+    def mode(self) -> str: ...
+    @property
+    def clip(self) -> float | None: ...
+    @property
+    def noise_multiplier(self) -> float | None: ...
 
 
 class _Clients(Protocol):
-    expected: int
+    @property
+    def expected(self) -> int: ...
 
 
 class JobView(Protocol):
-    """What of a federated job picks and wraps its strategy."""
+    """What of a federated job picks and wraps its strategy (read-only, so a job's own section types fit)."""
 
-    strategy: StrategyConfig
-    privacy: _Privacy
-    clients: _Clients
-    clients_per_round: int
+    @property
+    def strategy(self) -> StrategyConfig: ...
+    @property
+    def privacy(self) -> _Privacy: ...
+    @property
+    def clients(self) -> _Clients: ...
+    @property
+    def clients_per_round(self) -> int: ...
 
 
 def strategy_for_job(job: JobView, secret: bytes | None = None) -> Strategy:

@@ -76,7 +76,7 @@ class Strategy:
     client_half: ClassVar[type[ClientHalf]] = ClientHalf
 
     def __init__(self, config: StrategyConfig | None = None, *, key: bytes | None = None):
-        self.config = config if config is not None else self.Config()
+        self.config = config if config is not None else self.Config()  # type: ignore[call-arg]  # each Config defaults `name`
         # The secret client sampling is drawn from (the coordinator's, `server.core`); fresh when not given.
         self.key = check_key(key, "strategy key") if key is not None else new_key()
         self.population = 1  # the job's expected number of clients (`strategy_for_job` sets it)

@@ -15,8 +15,10 @@ train with a setting it does not understand or an extreme value.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -70,6 +72,11 @@ class ClientHalf:
     def update_extras(self, old_state: Params, new_state: Params) -> Params:
         """The tensors named by `update_names`, from the state before and after this round."""
         return {}
+
+
+def tensor_sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """t1 + t2 + ... of at least one tensor (the builtin sum's start of 0 types as int | Tensor)."""
+    return functools.reduce(operator.add, terms)
 
 
 def check_settings(bounds: Mapping[str, tuple[float, float]], settings: Mapping[str, float]) -> dict[str, float]:

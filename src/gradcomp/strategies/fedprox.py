@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from gradcomp.strategies.base import StrategyConfig, register
-from gradcomp.strategies.client_half import ClientHalf, Params
+from gradcomp.strategies.client_half import ClientHalf, Params, tensor_sum
 from gradcomp.strategies.fedavg import FedAvg, FedAvgConfig
 
 MAX_MU = 100.0
@@ -32,7 +32,7 @@ class FedProxClient(ClientHalf):
 
     def penalty(self, params: Params, anchors: Params) -> torch.Tensor:
         mu = self.settings.get("mu", 0.0)
-        return 0.5 * mu * sum(((params[k] - anchors[k]) ** 2).sum() for k in params)
+        return 0.5 * mu * tensor_sum(((params[k] - anchors[k]) ** 2).sum() for k in params)
 
 
 @register

@@ -17,7 +17,7 @@ from gradcomp.strategies.fedavg import FedAvg, FedAvgConfig
 
 
 class KrumConfig(FedAvgConfig):
-    name: Literal["krum"] = "krum"  # type: ignore[assignment]
+    name: Literal["krum"] = "krum"  # type: ignore[assignment]  # each strategy's Config narrows `name`
     byzantine: int = Field(1, ge=0, description="f: malicious clients tolerated (scores use n - f - 2 neighbours)")
     multi: int = Field(1, ge=1, description="updates averaged: 1 is Krum, more is Multi-Krum")
 
@@ -36,7 +36,7 @@ def krum_scores(rows: torch.Tensor, byzantine: int) -> torch.Tensor:
 class Krum(FedAvg):
     """Picks rather than averages: the result is the mean of `multi` whole client updates."""
 
-    Config = KrumConfig  # type: ignore[assignment]
+    Config = KrumConfig
     config: KrumConfig
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:

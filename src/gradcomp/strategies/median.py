@@ -14,12 +14,12 @@ from gradcomp.strategies.fedavg import FedAvg, FedAvgConfig
 
 
 class MedianConfig(FedAvgConfig):
-    name: Literal["median"] = "median"  # type: ignore[assignment]
+    name: Literal["median"] = "median"  # type: ignore[assignment]  # each strategy's Config narrows `name`
 
 
 @register
 class Median(FedAvg):
-    Config = MedianConfig  # type: ignore[assignment]
+    Config = MedianConfig
     config: MedianConfig
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:

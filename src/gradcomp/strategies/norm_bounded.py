@@ -17,7 +17,7 @@ from gradcomp.strategies.fedavg import FedAvg, FedAvgConfig
 
 
 class NormBoundedConfig(FedAvgConfig):
-    name: Literal["norm_bounded"] = "norm_bounded"  # type: ignore[assignment]
+    name: Literal["norm_bounded"] = "norm_bounded"  # type: ignore[assignment]  # each strategy's Config narrows `name`
     clip: float | None = Field(
         None, gt=0, description="L2 bound on each update; unset: the median of the round's update norms"
     )
@@ -25,7 +25,7 @@ class NormBoundedConfig(FedAvgConfig):
 
 @register
 class NormBounded(FedAvg):
-    Config = NormBoundedConfig  # type: ignore[assignment]
+    Config = NormBoundedConfig
     config: NormBoundedConfig
 
     def bound(self, updates: Sequence[ClientUpdate]) -> float:

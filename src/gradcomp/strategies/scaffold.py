@@ -22,7 +22,7 @@ import torch
 
 from gradcomp.strategies.aggregate import weighted_average
 from gradcomp.strategies.base import ClientUpdate, StrategyState, register
-from gradcomp.strategies.client_half import ClientHalf, Params
+from gradcomp.strategies.client_half import ClientHalf, Params, tensor_sum
 from gradcomp.strategies.fedavg import FedAvg, FedAvgConfig
 
 CONTROL = "scaffold.c/"  # served beside the model: the server's control variate
@@ -54,7 +54,7 @@ class ScaffoldClient(ClientHalf):
         return {k: global_params[CONTROL + k] - state.get(k, torch.zeros_like(global_params[k])) for k in names}
 
     def penalty(self, params: Params, anchors: Params) -> torch.Tensor:
-        return sum((params[k] * anchors[k]).sum() for k in params)
+        return tensor_sum((params[k] * anchors[k]).sum() for k in params)
 
     def after_round(self, global_params: Params, local_params: Params, steps: int, lr: float, state: Params) -> Params:
         """c_i+ = c_i - c + (x - y) / (K lr)."""

@@ -16,7 +16,7 @@ from gradcomp.strategies.fedavg import FedAvg, FedAvgConfig
 
 
 class TrimmedMeanConfig(FedAvgConfig):
-    name: Literal["trimmed_mean"] = "trimmed_mean"  # type: ignore[assignment]
+    name: Literal["trimmed_mean"] = "trimmed_mean"  # type: ignore[assignment]  # each strategy's Config narrows `name`
     trim: float = Field(
         0.2,
         ge=0,
@@ -27,7 +27,7 @@ class TrimmedMeanConfig(FedAvgConfig):
 
 @register
 class TrimmedMean(FedAvg):
-    Config = TrimmedMeanConfig  # type: ignore[assignment]
+    Config = TrimmedMeanConfig
     config: TrimmedMeanConfig
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Params:

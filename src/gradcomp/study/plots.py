@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt
 
 from gradcomp.study.analysis import Curve
 
-BASELINE_STYLE = {"color": "black", "linestyle": "--", "linewidth": 2.5, "zorder": 5}
+BASELINE_STYLE: dict[str, Any] = {"color": "black", "linestyle": "--", "linewidth": 2.5, "zorder": 5}
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Group:
         k = len(self.curves)
         eps = []
         for i in range(n):
-            vals = [c.epsilon[i] for c in self.curves if c.epsilon[i] is not None]
+            vals = [e for e in (c.epsilon[i] for c in self.curves) if e is not None]
             eps.append(sum(vals) / len(vals) if vals else None)
         return Curve(
             steps=self.curves[0].steps[:n],

@@ -194,9 +194,10 @@ def _baseline_bytes(stats: list[SettingStats], target: float | None, baseline_se
     if baseline_setting is None or target is None:
         return None
     base = next((s for s in stats if s.setting == baseline_setting), None)
-    reached = [d.bytes_to_target for d in base.done()] if base else []
-    if reached and all(b is not None for b in reached):
-        return sum(reached) / len(reached)  # type: ignore[arg-type]
+    bytes_to_target = [d.bytes_to_target for d in base.done()] if base else []
+    reached = [b for b in bytes_to_target if b is not None]
+    if reached and len(reached) == len(bytes_to_target):
+        return sum(reached) / len(reached)
     return None
 
 
@@ -207,8 +208,8 @@ def _to_target(done: list[CellSummary], target: float | None, base_bytes: float 
         return "-", "-", "-"
     if len(reached) < len(done):
         return f"not reached ({len(reached)}/{len(done)} seeds)", "-", "-"
-    mean_r = sum(d.steps_to_target for d in reached) / len(reached)  # type: ignore[misc]
-    mean_b = sum(d.bytes_to_target for d in reached) / len(reached)  # type: ignore[misc]
+    mean_r = sum(d.steps_to_target or 0 for d in reached) / len(reached)  # all reached: none is None
+    mean_b = sum(d.bytes_to_target or 0 for d in reached) / len(reached)
     steps = f"{mean_r:.1f}" if len(reached) > 1 else f"{mean_r:.0f}"
     saved = f"{base_bytes / mean_b:.1f}x" if base_bytes and mean_b else "-"
     return steps, human_bytes(mean_b), saved

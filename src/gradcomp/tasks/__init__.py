@@ -6,7 +6,7 @@ Nothing is downloaded: digits ship with scikit-learn and the synthetic task is g
 """
 
 from gradcomp.tasks.base import Task, TaskError, evaluate
-from gradcomp.tasks.batches import batch_of, index_batches
+from gradcomp.tasks.batches import batch_of, dataset_len, index_batches
 from gradcomp.tasks.objective import Classification, NextToken, Objective
 from gradcomp.tasks.registry import load_task, task_names
 
@@ -17,6 +17,7 @@ __all__ = [
     "Task",
     "TaskError",
     "batch_of",
+    "dataset_len",
     "evaluate",
     "index_batches",
     "load_task",

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradcomp.errors import GradcompError
-from gradcomp.tasks.batches import batch_of, index_batches
+from gradcomp.tasks.batches import batch_of, dataset_len, index_batches
 from gradcomp.tasks.objective import Classification, Objective
 
 
@@ -40,7 +40,7 @@ class Task:
     def labels(self) -> torch.Tensor:
         """Train labels as one tensor (for partitioners). A task whose targets are not class labels
         (regression, next-token) has one class: every partition by label sees a single label."""
-        n = len(self.train_set)  # type: ignore[arg-type]
+        n = dataset_len(self.train_set)
         if not self.objective.class_labels:
             return torch.zeros(n, dtype=torch.long)
         # a chunk at a time: only the targets are kept, never the whole set's inputs at once

@@ -9,10 +9,16 @@ so a client of a large corpus costs its indices, not its examples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+
+
+def dataset_len(dataset: Dataset) -> int:
+    """len() of a map-style dataset: every task's has one, though torch's `Dataset` type declares none."""
+    return len(cast(Sized, dataset))
 
 
 def batch_of(
@@ -25,8 +31,8 @@ def batch_of(
         dataset = dataset.dataset
     if isinstance(dataset, TensorDataset):
         x, y = dataset.tensors[0][idx], dataset.tensors[1][idx]
-    elif callable(getattr(dataset, "gather", None)):  # a dataset that builds whole batches itself
-        x, y = dataset.gather(idx)  # type: ignore[attr-defined]
+    elif callable(gather := getattr(dataset, "gather", None)):  # a dataset that builds whole batches itself
+        x, y = gather(idx)
     else:
         x, y = default_collate([dataset[int(i)] for i in idx])
     if device is not None:

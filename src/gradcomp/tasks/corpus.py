@@ -130,7 +130,9 @@ def build_corpus(root: Path | None = None, max_bytes: int | None = None, test_pe
     groups = tuple(sorted({f.group for f in files}))
     index = {g: i for i, g in enumerate(groups)}
     digest = hashlib.sha256(f"{RULE}|test_percent={test_percent:g}|max_bytes={max_bytes}".encode())
-    chunks, segments, offset = [], [], 0
+    chunks: list[bytes] = []
+    segments: list[list[int]] = []
+    offset = 0
     for f in files:
         text = (root / f.rel).read_bytes() + bytes([SEPARATOR])
         digest.update(f"{f.rel}|{int(f.held_out)}|{len(text)}|".encode())
@@ -143,13 +145,14 @@ def build_corpus(root: Path | None = None, max_bytes: int | None = None, test_pe
         offset += len(text)
     data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
     held = sum(f.size + 1 for f in files if f.held_out)
-    info = {
+    hexdigest = digest.hexdigest()
+    info: dict[str, object] = {
         "corpus": RULE,
-        "corpus_digest": digest.hexdigest(),
+        "corpus_digest": hexdigest,
         "corpus_files": len(files),
         "corpus_groups": len(groups),
         "corpus_train_bytes": offset - held,
         "corpus_test_bytes": held,
         "corpus_test_percent": test_percent,
     }
-    return Corpus(data, np.asarray(segments, dtype=np.int64), groups, info["corpus_digest"], info)
+    return Corpus(data, np.asarray(segments, dtype=np.int64), groups, hexdigest, info)

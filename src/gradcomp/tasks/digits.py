@@ -48,11 +48,12 @@ def _arrays() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, **arrays)
+            np.savez(tmp, x_tr=arrays["x_tr"], y_tr=arrays["y_tr"], x_te=arrays["x_te"], y_te=arrays["y_te"])
             os.replace(tmp, path)
         except OSError:
             pass  # a read-only home: load from scikit-learn every time
-    return tuple(torch.from_numpy(arrays[k]) for k in ("x_tr", "y_tr", "x_te", "y_te"))  # type: ignore[return-value]
+    x_tr, y_tr, x_te, y_te = (torch.from_numpy(arrays[k]) for k in ("x_tr", "y_tr", "x_te", "y_te"))
+    return x_tr, y_tr, x_te, y_te
 
 
 def _datasets(image: bool) -> tuple[TensorDataset, TensorDataset]:

@@ -105,7 +105,9 @@ def load_cifar10(data_dir: str | Path) -> tuple[ImageSet, ImageSet]:
 
 
 def _read_leaf(files: list[Path], max_users: int | None) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    users, xs, ys = [], [], []
+    users: list[str] = []
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
     for path in files:
         try:
             doc = json.loads(path.read_text())

@@ -35,6 +35,14 @@ def _sized(size: str, overrides: dict[str, int | None]) -> dict[str, int | None]
     return fields
 
 
+def _dim(fields: dict[str, int | None], key: str) -> int:
+    """A model dimension: every size sets it (only max_bytes may be left open)."""
+    value = fields[key]
+    if value is None:
+        raise TaskError(f"lm: {key} is not set")
+    return int(value)
+
+
 def _synthetic_sets(block_size: int, examples: int, seed: int) -> tuple[TokenWindows, TokenWindows, dict]:
     """Uniform random bytes: train and test windows over one tensor, one group per 64 windows."""
     n_test = max(examples // 10, 1)
@@ -81,8 +89,8 @@ def lm(
     if max_bytes is not None:
         fields["max_bytes"] = max_bytes
     try:
-        cfg = GPTConfig(VOCAB, int(fields["block_size"]), int(fields["n_layer"]), int(fields["n_head"]),
-                        int(fields["n_embd"]), bool(tie_weights))  # fmt: skip
+        cfg = GPTConfig(VOCAB, _dim(fields, "block_size"), _dim(fields, "n_layer"), _dim(fields, "n_head"),
+                        _dim(fields, "n_embd"), bool(tie_weights))  # fmt: skip
     except ValueError as err:
         raise TaskError(f"lm: {err}") from err
     if corpus == "stdlib":

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from gradcomp.tasks.batches import batch_of, index_batches
+from gradcomp.tasks.batches import batch_of, dataset_len, index_batches
 
 
 class Objective:
@@ -54,7 +54,7 @@ class Objective:
         model.eval()
         sums: dict[str, float] = {}
         try:
-            for idx in index_batches(len(dataset), batch_size):  # type: ignore[arg-type]
+            for idx in index_batches(dataset_len(dataset), batch_size):
                 x, y = batch_of(dataset, idx, device)
                 for key, value in self.batch_sums(model(x), y).items():
                     sums[key] = sums.get(key, 0.0) + value

@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,11 @@ def load_train_job(path: str, overrides: list[str] | None = None, workers: int |
 
 def describe(job: TrainJob) -> dict[str, Any]:
     """Load the task once on the driver: catches bad task arguments before Ray starts."""
-    from gradcomp.tasks import load_task
+    from gradcomp.tasks import dataset_len, load_task
     from gradcomp.worker.dp import refuse_unclippable
 
     task = load_task(job.task.name, **job.task.args)
-    n_train = len(task.train_set)  # type: ignore[arg-type]
+    n_train = dataset_len(task.train_set)
     world = job.scaling.num_workers
     steps = (n_train // world) // job.batch_size
     if steps < 1:
@@ -156,8 +157,10 @@ class Display:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        self.progress.__exit__(kind, err, tb)
 
     def step(self, e: dict[str, Any]) -> None:
         loss = f"loss {e['loss']:.3f}  " if "loss" in e else ""  # DP keeps it in unless told otherwise
@@ -258,7 +261,8 @@ def _make_trainer(job: TrainJob, run_dir: Path, queue: Any, before_step: Callabl
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # ray.train exports Train v2's RunConfig (which has logging_config) when v2 is enabled; mypy reads v1's
+            logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
     )
 

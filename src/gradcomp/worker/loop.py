@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradcomp.config.train import TrainJob
-from gradcomp.tasks import Objective, batch_of, load_task
+from gradcomp.tasks import Objective, batch_of, dataset_len, load_task
 from gradcomp.worker.checkpoint import report_checkpoint, restore_checkpoint
 from gradcomp.worker.dp import ExampleDP, linear_aggregation, refuse_unclippable
 from gradcomp.worker.hook import CompressionState, StepTraffic, compression_hook
@@ -77,7 +77,7 @@ def _setup(job: TrainJob, session: Session) -> Run:
     task = load_task(job.task.name, **job.task.args)
     module = task.make_model().to(session.device)
     refuse_unclippable(job.dp, module)
-    n_train = len(task.train_set)  # type: ignore[arg-type]
+    n_train = dataset_len(task.train_set)
     steps_per_epoch = (n_train // session.world) // job.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -153,7 +153,7 @@ def _train_epoch(run: Run, epoch: int, first_step: int, global_step: int) -> tup
         if session.before_step is not None:
             session.before_step(global_step, session.rank)
         if run.dp is not None and run.dp.would_exceed_budget():
-            raise StopTraining(f"epsilon budget {job.dp.epsilon_budget} reached")  # type: ignore[union-attr]
+            raise StopTraining(f"epsilon budget {run.dp.cfg.epsilon_budget} reached")
         x, y = batch_of(run.task.train_set, next(batches), session.device)
         t0 = time.perf_counter()
         loss = _step(run, x, y)

@@ -81,6 +81,7 @@ class Stage:
         """Refuse (SpecError) a pipeline this stage cannot work in; `stages` includes this one."""
 
     def to_spec(self) -> str:
+        # every stage is a dataclass (registered with @register_stage); the Stage base cannot say so
         fields = [f for f in dataclasses.fields(self) if not self._is_quiet(f)]  # type: ignore[arg-type]
         if not fields:
             return self.name

@@ -35,7 +35,7 @@ def make_stage(name: str, args: list[Any], kwargs: dict[str, Any]) -> Stage:
     cls = STAGES.get(name)
     if cls is None:
         raise SpecError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
-    fields = [f for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = list(dataclasses.fields(cls))  # type: ignore[arg-type]  # every registered stage is a dataclass
     names = [f.name for f in fields]
     if len(args) > len(names):
         raise SpecError(

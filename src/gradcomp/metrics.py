@@ -123,6 +123,7 @@ FED_RPCS = Counter(
     registry=REGISTRY,
 )  # fmt: skip
 # Secure aggregation over gRPC (server/secure_session.py): phase = advertise | share | masked | unmask.
+SECAGG_PHASES = ("advertise", "share", "masked", "unmask")
 FED_SECAGG_PHASE_SECONDS = Histogram(
     "gradcomp_fed_secagg_phase_duration_seconds",
     "Time a SecAgg+ phase of a secure round stayed open (advertise includes local training)",
@@ -198,6 +199,8 @@ TRAIN_RESTORES = _per_run(Counter, "gradcomp_train_restores", "Times the workers
 
 for _reason in REJECT_REASONS:  # export every reason at 0 so dashboards and rate() see them from the start
     FED_UPDATES_REJECTED.labels(reason=_reason)
+for _phase in SECAGG_PHASES:  # likewise every SecAgg+ phase, before any secure round ran
+    FED_SECAGG_PHASE_SECONDS.labels(phase=_phase)
 
 
 def value(name: str, labels: dict[str, str] | None = None) -> float:

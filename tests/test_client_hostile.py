@@ -104,8 +104,8 @@ class FakeCoordinator(fed_pb2_grpc.CoordinatorServicer):
         return fed_pb2.LeaveResponse()
 
 
-@pytest.fixture(scope="module")
-def coordinator() -> Iterator[tuple[FakeCoordinator, int]]:
+def serve_fake() -> Iterator[tuple[FakeCoordinator, int]]:
+    """A `FakeCoordinator` on a real gRPC server on 127.0.0.1: (the fake, its port) until closed."""
     fake = FakeCoordinator()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     fed_pb2_grpc.add_CoordinatorServicer_to_server(fake, server)
@@ -113,6 +113,11 @@ def coordinator() -> Iterator[tuple[FakeCoordinator, int]]:
     server.start()
     yield fake, port
     server.stop(None).wait()
+
+
+@pytest.fixture(scope="module")
+def coordinator() -> Iterator[tuple[FakeCoordinator, int]]:
+    yield from serve_fake()
 
 
 def run_client(coordinator: tuple[FakeCoordinator, int], scenario: Scenario) -> int:

@@ -17,14 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
-from test_client_hostile import CHILD, FakeCoordinator, Scenario, train_task
+from test_client_hostile import CHILD, FakeCoordinator, Scenario, serve_fake, train_task
 
-from gradcomp._proto import fed_pb2_grpc
 from gradcomp.cli import build_parser
 from gradcomp.client.grpc_client import ClientError, FLClient
 from gradcomp.fedclient.config import LocalTrainingConfig, TaskRefused
@@ -102,13 +99,7 @@ def test_local_steps_and_limits_flags() -> None:
 # --- over gRPC, from a hostile coordinator -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def coordinator() -> Iterator[tuple[FakeCoordinator, int]]:
-    fake = FakeCoordinator()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    fed_pb2_grpc.add_CoordinatorServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield fake, port
-    server.stop(None).wait()
+    yield from serve_fake()
 
 
 def client_args(port: int, **kw: object) -> argparse.Namespace:

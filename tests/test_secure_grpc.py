@@ -144,10 +144,8 @@ def _check_release(fleet: Fleet, start: dict[str, torch.Tensor], survivors: list
     assert float(mean.abs().max()) > 10 / plan.encoding.scale  # the update is far larger than a rounding step
 
 
-@pytest.mark.parametrize("spec", ["none", "randomk(ratio=0.25, seed=3)"])
-def test_secure_round_over_grpc_releases_the_survivors_mean(tmp_path: Path, spec: str) -> None:
-    n = 5
-    job = make_job(tmp_path, n, {"clip": 5.0, "degree": 4, "threshold": 3, "min_survivors": 4}, compression=spec)
+def run_honest(job, tmp_path: Path, n: int):  # type: ignore[no-untyped-def]
+    """Serve `job` and run its n clients to the end, none killed: (the run, the fleet, the model before)."""
     run = start(job, tmp_path / "r")
     fleet, begin = Fleet(run, n), {k: v.clone() for k, v in run.coord.params.items()}
     try:
@@ -156,6 +154,14 @@ def test_secure_round_over_grpc_releases_the_survivors_mean(tmp_path: Path, spec
         fleet.join()
     finally:
         fleet.close()
+    return run, fleet, begin
+
+
+@pytest.mark.parametrize("spec", ["none", "randomk(ratio=0.25, seed=3)"])
+def test_secure_round_over_grpc_releases_the_survivors_mean(tmp_path: Path, spec: str) -> None:
+    n = 5
+    job = make_job(tmp_path, n, {"clip": 5.0, "degree": 4, "threshold": 3, "min_survivors": 4}, compression=spec)
+    run, fleet, begin = run_honest(job, tmp_path, n)
     coord = run.coord
     assert coord.status == "finished" and coord.version == 1, coord.reason
     assert coord.log[0]["clients"] == n
@@ -333,14 +339,7 @@ def test_distributed_dp_over_grpc_charges_the_survivors_and_reports_delta(tmp_pa
     n = 5
     privacy = {"mode": "distributed", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
     job = make_job(tmp_path, n, {"degree": 4, "threshold": 3, "min_survivors": 4}, privacy=privacy)
-    run = start(job, tmp_path / "r")
-    fleet, begin = Fleet(run, n), {k: v.clone() for k, v in run.coord.params.items()}
-    try:
-        for i, (name, tok) in enumerate(tokens(n).items()):
-            fleet.add(name, tok, i)
-        fleet.join()
-    finally:
-        fleet.close()
+    run, fleet, begin = run_honest(job, tmp_path, n)
     coord, plan = run.coord, run.coord.secure_plan
     assert coord.status == "finished" and plan is not None, coord.reason
     _check_release(fleet, begin, sorted(tokens(n)), plain=False)  # noise and all, bit for bit

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 from argparse import SUPPRESS
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from _common import write_json
@@ -62,6 +64,14 @@ def lo_tx_bytes() -> int:
             if name.strip() == "lo":
                 return int(rest.split()[8])
     raise RuntimeError("no lo in /proc/net/dev")
+
+
+def worker_result(what: str, procs: Sequence[subprocess.Popen], result: Path, timeout: float) -> Any:
+    """Wait for the rank processes of one measurement; their JSON result (RuntimeError naming `what` if any failed)."""
+    codes = [p.wait(timeout=timeout) for p in procs]
+    if any(codes):
+        raise RuntimeError(f"{what}: workers exited with {codes}")
+    return json.loads(result.read_text())
 
 
 def benchmark_parser(

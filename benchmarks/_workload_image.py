@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
-from _netns import SHAPES, benchmark_parser, driver_args, namespace
+from _netns import SHAPES, benchmark_parser, driver_args, namespace, worker_result
 from _stats import compare, fmt, fmt_diff, mean_se, noise_note
 
 SPECS = {
@@ -91,10 +91,7 @@ def run_link(link: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
         common += ["--depth", str(args.depth), "--width", str(args.width), "--specs", *args.specs]
         run = [*inside, sys.executable, __file__, "--worker"]
         procs = [subprocess.Popen([*run, "--rank", str(r), *common]) for r in range(2)]
-        codes = [p.wait(timeout=args.timeout) for p in procs]
-        if any(codes):
-            raise RuntimeError(f"{link}: workers exited with {codes}")
-        return json.loads(result.read_text())
+        return worker_result(link, procs, result, args.timeout)
 
 
 def main() -> None:

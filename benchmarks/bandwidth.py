@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
-from _netns import SHAPES, benchmark_parser, driver_args, namespace
+from _netns import SHAPES, benchmark_parser, driver_args, namespace, worker_result
 
 SPECS = {"dense": "none", "rtopk(0.01)+ef": "rtopk(ratio=0.01, r=0.05) | ef"}
 LINKS = SHAPES
@@ -124,10 +124,7 @@ def run_link(link: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
                 )
                 for rank in range(2)
             ]
-            codes = [p.wait(timeout=args.timeout) for p in procs]
-            if any(codes):
-                raise RuntimeError(f"{link}: workers exited with {codes}")
-            return json.loads(result.read_text())
+            return worker_result(link, procs, result, args.timeout)
 
 
 def main() -> None:

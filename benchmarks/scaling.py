@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, write_json
-from _netns import benchmark_parser, driver_args, lo_tx_bytes, namespace
+from _netns import benchmark_parser, driver_args, lo_tx_bytes, namespace, worker_result
 
 SPECS = {
     "dense": "none",
@@ -144,10 +144,7 @@ def run_cell(link: str, world: int, args: argparse.Namespace, port: int) -> dict
         common += ["--steps", str(steps), "--warmup", str(args.warmup), "--result", str(result)]
         common += ["--specs", *args.specs, *(["--interleave"] if link == "loopback" else [])]
         procs = [subprocess.Popen([*inside, sys.executable, __file__, *common, "--rank", str(r)]) for r in range(world)]
-        codes = [p.wait(timeout=args.timeout) for p in procs]
-        if any(codes):
-            raise RuntimeError(f"{link}, P={world}: workers exited with {codes}")
-        return json.loads(result.read_text())
+        return worker_result(f"{link}, P={world}", procs, result, args.timeout)
 
 
 def _rounds(kind: str, world: int) -> int:
